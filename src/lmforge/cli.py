@@ -1,0 +1,277 @@
+"""The `lmforge` command: a thin layer that parses arguments and calls lmforge.pipeline functions.
+
+Every recipe value can be overridden after the subcommand's own options: `--model.n_layer 4`,
+`--pretrain.lr=1e-3`, `--data.sources.tinystories.weight 2`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+log = logging.getLogger("lmforge")
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[lmforge] %(levelname)s %(message)s" if verbose else "[lmforge] %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def parse_overrides(extra: list[str]) -> dict[str, str]:
+    """['--a.b', '1', '--c.d=x'] -> {'a.b': '1', 'c.d': 'x'}; anything else is an error."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise LmforgeError(f"unrecognised argument '{arg}' (recipe overrides look like --section.key value)")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if i + 1 >= len(extra):
+                raise LmforgeError(f"override --{key} needs a value")
+            value = extra[i + 1]
+            i += 1
+        out[key] = value
+        i += 1
+    return out
+
+
+def resolve_recipe_path(name: str) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.toml"):
+        if candidate.is_file():
+            return candidate
+    raise LmforgeError(f"recipe not found: {name} (give a TOML path or one of: "
+                       f"{', '.join(sorted(p.stem for p in RECIPES_DIR.glob('*.toml')))})")
+
+
+def load_recipe_for(args, overrides: dict[str, str]):
+    """The recipe named on the command line, else the run directory's resolved config.toml."""
+    from lmforge.config import load_recipe
+
+    if getattr(args, "recipe", None):
+        return load_recipe(resolve_recipe_path(args.recipe), overrides)
+    if args.run_dir and (Path(args.run_dir) / "config.toml").is_file():
+        return load_recipe(Path(args.run_dir) / "config.toml", overrides)
+    raise LmforgeError("give a RECIPE, or a --run-dir that already holds a config.toml")
+
+
+def _stage_run(args, recipe, fresh: bool = False):
+    from lmforge.pipeline import open_run
+
+    if not args.run_dir and not getattr(args, "recipe", None):
+        raise LmforgeError("--run-dir is required")
+    return open_run(recipe, args.run_dir, fresh=fresh)
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def cmd_tokenizer_train(args, overrides) -> int:
+    from lmforge.pipeline import train_tokenizer_stage
+
+    recipe = load_recipe_for(args, overrides)
+    run = _stage_run(args, recipe)
+    tok = train_tokenizer_stage(recipe, run, args.data_dir)
+    print(f"tokenizer: {tok.vocab_size} tokens -> {run.tokenizer}")
+    return 0
+
+
+def cmd_prepare(args, overrides) -> int:
+    from lmforge.pipeline import prepare_stage
+
+    recipe = load_recipe_for(args, overrides)
+    run = _stage_run(args, recipe)
+    manifest = prepare_stage(recipe, run, args.data_dir)
+    for src in manifest["sources"]:
+        print(f"{src['name']}: {src['docs']} docs, {src['train_tokens']:,} train / {src['val_tokens']:,} val tokens")
+    return 0
+
+
+def cmd_pretrain(args, overrides) -> int:
+    from lmforge.pipeline import pretrain_stage
+
+    recipe = load_recipe_for(args, overrides)
+    result = pretrain_stage(recipe, _stage_run(args, recipe), resume=args.resume)
+    print(f"pretrain: {result.steps} steps, best val loss {result.best_val_loss:.4f} ({result.stop_reason})")
+    return 0 if result.stop_reason != "interrupted" else 130
+
+
+def cmd_finetune(args, overrides) -> int:
+    from lmforge.pipeline import finetune_stage
+
+    recipe = load_recipe_for(args, overrides)
+    result = finetune_stage(recipe, _stage_run(args, recipe), args.data_dir, resume=args.resume)
+    print(f"finetune: {result.steps} steps, best val loss {result.best_val_loss:.4f} ({result.stop_reason})")
+    return 0 if result.stop_reason != "interrupted" else 130
+
+
+def _print_report(report: dict) -> None:
+    squad = report["squad"]
+    print(f"val loss {report['val_loss']:.4f} | perplexity {report['perplexity']:.2f} | bpb {report['bpb']:.4f} | "
+          f"SQuAD EM {squad['em']:.2f} F1 {squad['f1']:.2f} on {squad['n']} questions ({squad['mode']})")
+
+
+def cmd_eval(args, overrides) -> int:
+    from lmforge.pipeline import eval_stage
+
+    recipe = load_recipe_for(args, overrides)
+    run = _stage_run(args, recipe)
+    report = eval_stage(recipe, run, args.data_dir, args.checkpoint)
+    _print_report(report)
+    print(f"report: {run.eval / 'report.md'}")
+    return 0
+
+
+def cmd_generate(args, overrides) -> int:
+    from lmforge.config import GenerateConfig
+    from lmforge.generate import SamplingParams, generate_stream
+    from lmforge.pipeline import answer_question, load
+
+    if overrides:
+        raise LmforgeError(f"generate takes no recipe overrides (got --{next(iter(overrides))})")
+    model, tok = load(args.run_dir, args.checkpoint)
+    if args.question:
+        print(answer_question(model, tok, args.question, args.context, args.max_new_tokens))
+        return 0
+    if not args.prompt:
+        raise LmforgeError("give a PROMPT, or --question (with optional --context)")
+    d = GenerateConfig()
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=d.temperature if args.temperature is None else args.temperature,
+        top_k=d.top_k if args.top_k is None else args.top_k,
+        top_p=d.top_p if args.top_p is None else args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop_ids={tok.eot_id},
+    )
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise LmforgeError("empty prompt")
+    sys.stdout.write(args.prompt)
+    generated: list[int] = []
+    printed = ""
+    for token in generate_stream(model, ids, params):
+        generated.append(token)
+        text = tok.decode(generated)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    sys.stdout.write(tok.decode(generated)[len(printed):] + "\n")
+    return 0
+
+
+def cmd_run(args, overrides) -> int:
+    from lmforge.config import load_recipe
+    from lmforge.pipeline import run_recipe
+
+    if args.resume and not args.recipe:
+        if not args.run_dir:
+            raise LmforgeError("--resume needs --run-dir")
+        recipe = load_recipe(Path(args.run_dir) / "config.toml", overrides)
+    else:
+        recipe = load_recipe(resolve_recipe_path(args.recipe), overrides)
+    report = run_recipe(recipe, args.run_dir, args.data_dir, resume=args.resume)
+    print()
+    _print_report(report)
+    sample = report["sample"]
+    if sample["context"]:
+        print(f"context:  {sample['context']}")
+    print(f"question: {sample['question']}")
+    print(f"answer:   {sample['answer']}")
+    print(f"run directory: {report['run_dir']}  (report: {report['run_dir']}/eval/report.md)")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Train a small GPT-style language model from raw text to a question answerer.",
+        epilog="Recipe values can be overridden after the options, e.g. --model.n_layer 4 --pretrain.lr 1e-3.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def stage(name: str, help_text: str, func, recipe: bool = True, data: bool = True, resume: bool = False):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if recipe:
+            p.add_argument("recipe", nargs="?", help="recipe TOML path or name (default: RUN_DIR/config.toml)")
+        p.add_argument("--run-dir", help="run directory (default for `run`: runs/<recipe>-<timestamp>)")
+        if data:
+            p.add_argument("--data-dir", help="local copies of datasets, used before the Hub (env LMFORGE_DATA_DIR)")
+        if resume:
+            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        p.set_defaults(func=func)
+        return p
+
+    tok = sub.add_parser("tokenizer", help="tokenizer commands")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    p = tok_sub.add_parser("train", help="train the byte-level BPE tokenizer on the recipe's sources",
+                           description="Train the byte-level BPE tokenizer on a sample of the recipe's sources.")
+    p.add_argument("recipe", nargs="?", help="recipe TOML path or name (default: RUN_DIR/config.toml)")
+    p.add_argument("--run-dir", help="run directory")
+    p.add_argument("--data-dir", help="local copies of datasets, used before the Hub (env LMFORGE_DATA_DIR)")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    stage("prepare", "tokenize the recipe's sources into token shards (RUN/data)", cmd_prepare)
+    stage("pretrain", "pretrain the language model on the token shards", cmd_pretrain, data=False, resume=True)
+    stage("finetune", "fine-tune the pretrained model on SQuAD-style question answering", cmd_finetune, resume=True)
+    p = stage("eval", "evaluate: loss, perplexity, bits-per-byte, SQuAD EM/F1; writes RUN/eval/report.{json,md}",
+              cmd_eval)
+    p.add_argument("--checkpoint", default="best", help="best | last | pretrained | PATH (default: best)")
+    p = stage("run", "run every stage of a recipe: tokenizer, prepare, pretrain, finetune, eval, sample answer",
+              cmd_run, resume=True)
+
+    p = sub.add_parser("generate", help="generate text or answer a question with a trained model",
+                       description="Generate a continuation of PROMPT, or answer --question (with --context).")
+    p.add_argument("prompt", nargs="?", help="text to continue")
+    p.add_argument("--run-dir", required=True, help="run directory")
+    p.add_argument("--checkpoint", default="best", help="best | last | pretrained | PATH (default: best)")
+    p.add_argument("--question", help="answer this question in the fine-tuned QA format (greedy)")
+    p.add_argument("--context", help="optional context passage for --question")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens; 0 = off (default 50)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        overrides = parse_overrides(extra)
+        return args.func(args, overrides)
+    except LmforgeError as exc:
+        print(f"lmforge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""Typed recipe configuration: TOML in, validated dataclasses out, command-line overrides.
+
+A recipe is one TOML file whose tables mirror the dataclasses below. Loading is strict: an unknown
+key, a value of the wrong type or an impossible value raises ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from lmforge.errors import ConfigError
+
+
+@dataclass
+class SourceConfig:
+    """One text source: a local glob under the data dir and/or a Hugging Face Hub dataset."""
+
+    name: str = ""
+    local: str = ""  # glob relative to the data dir (or absolute); used first when it matches
+    hub: str = ""  # Hub dataset id, e.g. "HuggingFaceFW/fineweb-edu"; the fallback
+    hub_config: str = ""  # Hub config name, e.g. "sample-10BT"
+    split: str = "train"
+    format: str = "auto"  # auto | txt | jsonl | json | parquet | csv | squad
+    text_field: str = "text"
+    weight: float = 1.0
+    max_docs: int = 0  # 0 = no cap
+    optional: bool = False  # skip (with a warning) when neither a local copy nor the Hub is available
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    val_fraction: float = 0.02  # share of documents held out for validation (by document)
+    min_val_docs: int = 1
+
+
+@dataclass
+class QAConfig:
+    mode: str = "context"  # context (reading comprehension) | closed_book (question -> answer)
+    train: SourceConfig = field(
+        default_factory=lambda: SourceConfig(name="squad-train", hub="rajpurkar/squad", split="train", format="squad")
+    )
+    dev: SourceConfig = field(
+        default_factory=lambda: SourceConfig(name="squad-dev", hub="rajpurkar/squad", split="validation", format="squad")
+    )
+    max_train_examples: int = 0  # 0 = all
+    max_dev_examples: int = 500  # dev examples used for the fine-tuning validation loss
+    max_answer_tokens: int = 32
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 8192
+    sample_chars: int = 20_000_000  # characters of training text the BPE is trained on
+    min_frequency: int = 2
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256
+    vocab_size: int = 0  # 0 = take it from the trained tokenizer
+    dropout: float = 0.0
+    mlp_hidden: int = 0  # 0 = SwiGLU default (8/3 * n_embd rounded up to a multiple of 64)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps (pretraining); an upper bound when epochs > 0
+    epochs: float = 0.0  # > 0: train this many passes over the examples (fine-tuning)
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    dropout: float = -1.0  # < 0 = keep the model's dropout
+    eval_interval: int = 100
+    eval_batches: int = 20
+    patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    checkpoint_interval: int = 100
+    log_interval: int = 10
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16
+
+
+@dataclass
+class EvalConfig:
+    val_batches: int = 50
+    squad_questions: int = 200  # dev questions for EM/F1; 0 = all
+    max_new_tokens: int = 24
+    batch_size: int = 16
+    n_examples: int = 20  # examples listed in the report
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_concurrent: int = 4
+    max_tokens: int = 512
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    seed: int = 1337
+    sample_question: str = "What is the capital of France?"
+    sample_context: str = ""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    finetune: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=1e-4, epochs=1.0, warmup_steps=20, weight_decay=0.0, patience=2)
+    )
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+# --------------------------------------------------------------------------- typed loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check (and where lossless, convert) one TOML value against a field's annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(value, options[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got a boolean {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown key '{full}' (known keys here: {known})")
+        kwargs[key] = _convert(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate_train(cfg: TrainConfig, key: str) -> None:
+    _check(cfg.max_steps > 0, f"{key}.max_steps", "must be > 0")
+    _check(cfg.epochs >= 0, f"{key}.epochs", "must be >= 0")
+    _check(cfg.batch_size > 0, f"{key}.batch_size", "must be > 0")
+    _check(cfg.grad_accum > 0, f"{key}.grad_accum", "must be > 0")
+    _check(cfg.lr > 0, f"{key}.lr", "must be > 0")
+    _check(0 <= cfg.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "must be in [0, 1]")
+    _check(cfg.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+    _check(cfg.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+    _check(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"{key}.beta1/beta2", "must be in [0, 1)")
+    _check(cfg.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0")
+    _check(cfg.dropout < 1, f"{key}.dropout", "must be < 1")
+    _check(cfg.eval_interval > 0, f"{key}.eval_interval", "must be > 0")
+    _check(cfg.eval_batches > 0, f"{key}.eval_batches", "must be > 0")
+    _check(cfg.patience >= 0, f"{key}.patience", "must be >= 0")
+    _check(cfg.checkpoint_interval > 0, f"{key}.checkpoint_interval", "must be > 0")
+    _check(cfg.log_interval > 0, f"{key}.log_interval", "must be > 0")
+    _check(cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:"), f"{key}.device",
+           "must be auto, cpu, cuda[:N] or mps")
+    _check(cfg.dtype in ("auto", "float32", "bfloat16"), f"{key}.dtype", "must be auto, float32 or bfloat16")
+
+
+def validate_source(src: SourceConfig, key: str) -> None:
+    _check(bool(src.local or src.hub), key, "names neither a local glob ('local') nor a Hub dataset ('hub')")
+    formats = ("auto", "txt", "jsonl", "json", "parquet", "csv", "squad")
+    _check(src.format in formats, f"{key}.format", f"must be one of {', '.join(formats)}")
+    _check(src.weight > 0, f"{key}.weight", "must be > 0")
+    _check(src.max_docs >= 0, f"{key}.max_docs", "must be >= 0")
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Reject impossible values, naming the key. Returns the recipe for chaining."""
+    m = recipe.model
+    _check(m.n_layer > 0, "model.n_layer", "must be > 0")
+    _check(m.n_head > 0, "model.n_head", "must be > 0")
+    _check(m.n_embd > 0, "model.n_embd", "must be > 0")
+    _check(m.n_embd % m.n_head == 0, "model.n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}")
+    _check((m.n_embd // m.n_head) % 2 == 0, "model.n_embd", "head size (n_embd / n_head) must be even for RoPE")
+    _check(m.block_size > 0, "model.block_size", "must be > 0")
+    _check(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the tokenizer)")
+    _check(0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)")
+    _check(m.mlp_hidden >= 0, "model.mlp_hidden", "must be >= 0")
+    _check(recipe.tokenizer.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 bytes + specials)")
+    _check(recipe.tokenizer.sample_chars > 0, "tokenizer.sample_chars", "must be > 0")
+    _check(0 < recipe.data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
+    for i, src in enumerate(recipe.data.sources):
+        validate_source(src, f"data.sources[{i}]")
+    names = [s.name for s in recipe.data.sources]
+    _check(len(names) == len(set(names)), "data.sources", "source names must be unique")
+    _check(recipe.qa.mode in ("context", "closed_book"), "qa.mode", "must be 'context' or 'closed_book'")
+    validate_source(recipe.qa.train, "qa.train")
+    validate_source(recipe.qa.dev, "qa.dev")
+    _check(recipe.qa.max_answer_tokens > 0, "qa.max_answer_tokens", "must be > 0")
+    validate_train(recipe.pretrain, "pretrain")
+    validate_train(recipe.finetune, "finetune")
+    _check(recipe.eval.val_batches > 0, "eval.val_batches", "must be > 0")
+    _check(recipe.eval.squad_questions >= 0, "eval.squad_questions", "must be >= 0")
+    _check(recipe.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
+    _check(recipe.eval.batch_size > 0, "eval.batch_size", "must be > 0")
+    g = recipe.generate
+    _check(g.temperature >= 0, "generate.temperature", "must be >= 0")
+    _check(0 < g.top_p <= 1, "generate.top_p", "must be in (0, 1]")
+    _check(g.top_k >= 0, "generate.top_k", "must be >= 0")
+    _check(g.repetition_penalty > 0, "generate.repetition_penalty", "must be > 0")
+    _check(0 < recipe.serve.port < 65536, "serve.port", "must be in 1..65535")
+    return recipe
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _field_type(cls: type, key: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    if key not in hints:
+        raise ConfigError(f"unknown key '{key}'")
+    return hints[key]
+
+
+def _parse_scalar(text: str, tp: Any, key: str) -> Any:
+    if tp is str:
+        return text
+    if tp is bool:
+        low = text.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {text!r}")
+    if tp in (int, float):
+        try:
+            return tp(text.replace("_", "")) if tp is float else int(text.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {text!r}") from None
+    try:  # lists and tables: TOML syntax
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        raise ConfigError(f"{key}: could not parse {text!r} as TOML") from None
+
+
+def apply_override(data: dict[str, Any], dotted: str, text: str) -> None:
+    """Set `dotted` (e.g. "model.n_layer" or "data.sources.squad.weight") in raw recipe dict `data`."""
+    parts = dotted.split(".")
+    cls: Any = Recipe
+    node: Any = data
+    path = []
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        path.append(part)
+        key = ".".join(path)
+        tp = _field_type(cls, part) if dataclasses.is_dataclass(cls) else None
+        if tp is None:
+            raise ConfigError(f"unknown key '{dotted}'")
+        last = i == len(parts) - 1
+        if typing.get_origin(tp) is list and not last:
+            (item_cls,) = typing.get_args(tp)
+            items = node.setdefault(part, [])
+            selector = parts[i + 1]
+            if selector.isdigit() and int(selector) < len(items):
+                node = items[int(selector)]
+            else:
+                matches = [it for it in items if isinstance(it, dict) and it.get("name") == selector]
+                if not matches:
+                    raise ConfigError(f"{key}: no entry with index or name '{selector}'")
+                node = matches[0]
+            cls = item_cls
+            path.append(selector)
+            i += 2
+            continue
+        if last:
+            node[part] = _parse_scalar(text, tp, key)
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"unknown key '{dotted}' ('{key}' is not a table)")
+        node = node.setdefault(part, {})
+        cls = tp
+        i += 1
+
+
+# --------------------------------------------------------------------------- files
+
+
+def load_recipe(path: str | Path, overrides: dict[str, str] | None = None) -> Recipe:
+    """Read a recipe TOML, apply command-line overrides, validate, return a Recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    data.setdefault("name", path.stem)
+    return recipe_from_dict(data, overrides, origin=str(path))
+
+
+def recipe_from_dict(data: dict[str, Any], overrides: dict[str, str] | None = None, origin: str = "recipe") -> Recipe:
+    for dotted, text in (overrides or {}).items():
+        try:
+            apply_override(data, dotted, text)
+        except ConfigError as exc:
+            raise ConfigError(f"override --{dotted}: {exc}") from None
+    try:
+        return validate(from_dict(Recipe, data))
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    from lmforge.io import atomic_write_text
+
+    atomic_write_text(path, tomli_w.dumps(recipe_to_dict(recipe)))

@@ -1,0 +1,1 @@
+"""Data: text sources, token shards, and SQuAD-style question answering examples."""

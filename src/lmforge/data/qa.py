@@ -1,0 +1,158 @@
+"""SQuAD-style question answering as language modelling.
+
+Prompt format (special tokens from lmforge.tokenizer):
+  with context:  <|context|>{context}<|question|>{question}<|answer|>{answer}<|endoftext|>
+  closed-book:                      <|question|>{question}<|answer|>{answer}<|endoftext|>
+The loss is on the answer and its end-of-text only; prompt and padding positions are masked (-100).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.data.sources import QAExample
+from lmforge.tokenizer import Tokenizer
+
+log = logging.getLogger("lmforge")
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EncodedQA:
+    ids: list[int]  # prompt followed by answer + end-of-text (training) or the prompt alone (inference)
+    prompt_len: int
+    context_truncated: bool = False
+
+
+def _context_window(tokenizer: Tokenizer, context: str, budget: int, answer_start: int | None) -> tuple[list[int], bool]:
+    """Context tokens cut to `budget`; when the answer position is known, the window keeps the answer."""
+    enc = tokenizer.hf.encode(context, add_special_tokens=False)
+    ids = enc.ids
+    if len(ids) <= budget:
+        return ids, False
+    if budget <= 0:
+        return [], True
+    start = 0
+    if answer_start is not None and answer_start >= 0:
+        answer_tok = next((i for i, (a, b) in enumerate(enc.offsets) if b > answer_start), len(ids) - 1)
+        start = min(max(0, answer_tok - budget // 2), len(ids) - budget)
+    return ids[start : start + budget], True
+
+
+def build_prompt(tokenizer: Tokenizer, question: str, context: str | None, budget: int,
+                 answer_start: int | None = None) -> tuple[list[int], bool] | None:
+    """Prompt ids fitting `budget` tokens, or None when even the question does not fit."""
+    q_ids = [tokenizer.question_id] + tokenizer.encode(question) + [tokenizer.answer_id]
+    if len(q_ids) > budget:
+        return None
+    if context is None:
+        return q_ids, False
+    ctx_ids, truncated = _context_window(tokenizer, context, budget - len(q_ids) - 1, answer_start)
+    return [tokenizer.context_id] + ctx_ids + q_ids, truncated
+
+
+def encode_for_training(tokenizer: Tokenizer, ex: QAExample, mode: str, block_size: int,
+                        max_answer_tokens: int) -> EncodedQA | None:
+    answer_ids = tokenizer.encode(ex.answers[0].strip()) + [tokenizer.eot_id]
+    if len(answer_ids) - 1 > max_answer_tokens or len(answer_ids) == 1:
+        return None
+    budget = block_size + 1 - len(answer_ids)
+    context = ex.context if mode == "context" else None
+    built = build_prompt(tokenizer, ex.question, context, budget, ex.answer_starts[0] if ex.answer_starts else None)
+    if built is None:
+        return None
+    prompt, truncated = built
+    return EncodedQA(prompt + answer_ids, len(prompt), truncated)
+
+
+def encode_for_inference(tokenizer: Tokenizer, question: str, context: str | None, block_size: int,
+                         max_new_tokens: int) -> EncodedQA | None:
+    built = build_prompt(tokenizer, question, context, block_size - max_new_tokens)
+    if built is None:
+        return None
+    return EncodedQA(built[0], len(built[0]), built[1])
+
+
+def encode_examples(tokenizer: Tokenizer, examples: list[QAExample], mode: str, block_size: int,
+                    max_answer_tokens: int, what: str) -> list[EncodedQA]:
+    encoded = []
+    for ex in examples:
+        item = encode_for_training(tokenizer, ex, mode, block_size, max_answer_tokens)
+        if item is not None:
+            encoded.append(item)
+    skipped = len(examples) - len(encoded)
+    if skipped:
+        log.warning("%s: %d of %d QA examples skipped (empty/too-long answer or question longer than the block)",
+                    what, skipped, len(examples))
+    truncated = sum(e.context_truncated for e in encoded)
+    if truncated:
+        log.info("%s: %d contexts truncated to a window around the answer to fit block_size=%d", what, truncated,
+                 block_size)
+    return encoded
+
+
+def collate(items: list[EncodedQA], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest item; targets are -100 except on answer tokens."""
+    width = max(len(it.ids) for it in items) - 1
+    x = torch.full((len(items), width), pad_id, dtype=torch.long)
+    y = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    for row, it in enumerate(items):
+        ids = torch.tensor(it.ids, dtype=torch.long)
+        n = len(it.ids) - 1
+        x[row, :n] = ids[:-1]
+        y[row, it.prompt_len - 1 : n] = ids[it.prompt_len :]
+    return x, y
+
+
+class QABatcher:
+    """Epoch-based shuffled batches of encoded QA examples. Position = (epoch, cursor)."""
+
+    def __init__(self, items: list[EncodedQA], batch_size: int, pad_id: int, seed: int):
+        if not items:
+            raise ValueError("no QA examples")
+        self.items = items
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.seed = seed
+        self.epoch = 0
+        self.cursor = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.items), generator=g).tolist()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.items) // self.batch_size)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cursor >= len(self.items):
+            self.epoch += 1
+            self.cursor = 0
+            self._order = self._permutation(self.epoch)
+        idx = self._order[self.cursor : self.cursor + self.batch_size]
+        self.cursor += len(idx)
+        return collate([self.items[i] for i in idx], self.pad_id)
+
+    def fixed_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first `n` batches in file order: a fixed evaluation set."""
+        out = []
+        for b in range(n):
+            chunk = self.items[b * self.batch_size : (b + 1) * self.batch_size]
+            if not chunk:
+                break
+            out.append(collate(chunk, self.pad_id))
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.cursor = int(state["cursor"])
+        self._order = self._permutation(self.epoch)

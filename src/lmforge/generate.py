@@ -1,0 +1,127 @@
+"""Text generation with the KV cache: sampling (temperature, top-k, top-p, repetition penalty) and
+batched greedy decoding with left padding (used by evaluation)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.model import GPT
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the text
+    seed: int | None = None
+    stop_ids: set[int] = field(default_factory=set)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on tokens already present: positive logits divided, negative multiplied."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits.gather(-1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(-1, seen, picked)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) everything outside the top-k and the top-p nucleus. logits: (B, V)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Pick the next token for each row of logits (B, V) given the ids so far (B, T)."""
+    logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@torch.inference_mode()
+def generate_stream(model: GPT, prompt_ids: list[int], params: SamplingParams,
+                    use_cache: bool = True) -> Iterator[int]:
+    """Yield new token ids one at a time (batch 1). Stops at a stop id (not yielded) or max_new_tokens.
+
+    The prompt is cut from the left so that prompt + new tokens fit in the model's block.
+    """
+    model.eval()
+    device = model.tok_emb.weight.device
+    block = model.cfg.block_size
+    max_new = min(params.max_new_tokens, block - 1)
+    prompt_ids = prompt_ids[-(block - max_new):] if prompt_ids else []
+    if not prompt_ids:
+        raise ValueError("empty prompt")
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    gen = _generator(params.seed, device)
+    cache = model.new_cache(1) if use_cache else None
+    logits = model(ids, cache=cache, last_only=True)[:, -1]
+    for _ in range(max_new):
+        nxt = sample_next(logits, params, ids, gen)
+        token = int(nxt)
+        if token in params.stop_ids:
+            return
+        yield token
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        if ids.shape[1] >= block:
+            return
+        step_in = nxt[:, None] if use_cache else ids
+        logits = model(step_in, cache=cache, last_only=True)[:, -1]
+
+
+def generate(model: GPT, prompt_ids: list[int], params: SamplingParams, use_cache: bool = True) -> list[int]:
+    return list(generate_stream(model, prompt_ids, params, use_cache=use_cache))
+
+
+@torch.inference_mode()
+def greedy_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop_id: int, pad_id: int) -> list[list[int]]:
+    """Greedy continuations of several prompts at once: left-padded, one shared KV cache.
+
+    Each returned list stops before the first `stop_id`.
+    """
+    model.eval()
+    device = model.tok_emb.weight.device
+    width = max(len(p) for p in prompts)
+    max_new = min(max_new_tokens, model.cfg.block_size - width)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    cache = model.new_cache(len(prompts), width + max_new)
+    logits = model(ids, cache=cache, attention_mask=mask, last_only=True)[:, -1]
+    out: list[list[int]] = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for _ in range(max_new):
+        nxt = logits.argmax(-1)
+        done |= nxt == stop_id
+        for row in (~done).nonzero().flatten().tolist():
+            out[row].append(int(nxt[row]))
+        if bool(done.all()):
+            break
+        logits = model(nxt[:, None], cache=cache, last_only=True)[:, -1]
+    return out

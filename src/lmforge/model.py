@@ -1,0 +1,278 @@
+"""The lmforge transformer: a decoder-only language model, readable in one sitting.
+
+Architecture (the Llama family's, so it exports to Hugging Face `LlamaForCausalLM` by renaming):
+token embedding -> n_layer x [RMSNorm -> causal self-attention with rotary positions (RoPE) -> residual,
+RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> output projection tied to the token embedding.
+
+Extras: a KV cache for generation (with left-padding support for batched decoding) and an opt-in
+path that returns the attention probabilities of every layer and head, for the attention explorer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("lmforge")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256
+    dropout: float = 0.0
+    mlp_hidden: int = 0  # 0 = 8/3 * n_embd rounded up to a multiple of 64 (the SwiGLU convention)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+
+# --------------------------------------------------------------------------- rotary positions
+
+
+def rope_tables(cfg: GPTConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for integer `positions` of shape (B, T) -> each (B, 1, T, head_dim)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, d/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, d): same layout as Hugging Face Llama
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Keys and values of past positions for every layer, plus per-row padding and positions.
+
+    `valid[b, j]` is False where key j of row b is left padding; `next_pos[b]` is the rotary position
+    the next token of row b takes (padding does not advance it).
+    """
+
+    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+        self.max_len = max_len
+        self.has_padding = False
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.attn_dropout_p = cfg.dropout
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.cfg.n_head, self.cfg.head_dim).transpose(1, 2)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, capture: list | None):
+        b, t, c = x.shape
+        q = apply_rope(self._heads(self.q_proj(x)), cos, sin)
+        k = apply_rope(self._heads(self.k_proj(x)), cos, sin)
+        v = self._heads(self.v_proj(x))
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start : start + t] = k
+            cache.v[layer, :, :, start : start + t] = v
+            k = cache.k[layer, :, :, : start + t]
+            v = cache.v[layer, :, :, : start + t]
+        dropout_p = self.attn_dropout_p if self.training else 0.0
+        if capture is not None:  # explicit softmax so the probabilities can be returned
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.cfg.head_dim)
+            if mask is None:
+                mask = torch.ones(t, k.shape[-2], dtype=torch.bool, device=x.device).tril(k.shape[-2] - t)
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            capture.append(probs.detach())
+            y = F.dropout(probs, dropout_p, self.training) @ v
+        elif mask is None:
+            # no explicit mask means plain causal attention over exactly these t positions (or one new token)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=t > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).reshape(b, t, c)
+        return self.resid_dropout(self.o_proj(y))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.n_embd, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer, capture):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, capture)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied input/output embeddings
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: shrink residual-path projections with depth
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def set_dropout(self, p: float) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            if isinstance(m, Attention):
+                m.attn_dropout_p = p
+        self.cfg.dropout = p
+
+    def _positions_and_mask(self, idx, cache: KVCache | None, attention_mask: torch.Tensor | None):
+        """Rotary positions (B, T) and a boolean attention mask (B, 1, T, Tk) or None for plain causal."""
+        b, t = idx.shape
+        start = cache.length if cache is not None else 0
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(torch.bool)
+            offset = cache.next_pos[:, None] if cache is not None else 0
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
+        elif cache is not None:
+            positions = cache.next_pos[:, None] + torch.arange(t, device=idx.device)
+        else:
+            positions = torch.arange(t, device=idx.device).expand(b, t)
+        if cache is not None:
+            if attention_mask is not None:
+                cache.valid[:, start : start + t] = attention_mask
+                cache.has_padding = cache.has_padding or not bool(attention_mask.all())
+            cache.next_pos = positions[:, -1] + 1
+        needs_mask = attention_mask is not None and not bool(attention_mask.all())
+        needs_mask = needs_mask or (cache is not None and (cache.has_padding or (start > 0 and t > 1)))
+        if not needs_mask:
+            return positions, None
+        tk = start + t
+        causal = torch.ones(t, tk, dtype=torch.bool, device=idx.device).tril(start)
+        valid = cache.valid[:, :tk] if cache is not None else attention_mask
+        mask = causal[None] & valid[:, None, :]
+        # every query may see itself, so a padding row never has an all-masked (NaN) softmax
+        diag = torch.zeros(t, tk, dtype=torch.bool, device=idx.device)
+        diag[torch.arange(t), start + torch.arange(t)] = True
+        return positions, (mask | diag)[:, None]
+
+    def _run(self, idx, cache, attention_mask, capture, last_only):
+        if idx.shape[1] + (cache.length if cache is not None else 0) > (cache.max_len if cache else self.cfg.block_size):
+            raise ValueError(f"sequence of {idx.shape[1]} tokens exceeds the model's block size {self.cfg.block_size}")
+        positions, mask = self._positions_and_mask(idx, cache, attention_mask)
+        x = self.emb_dropout(self.tok_emb(idx))
+        cos, sin = rope_tables(self.cfg, positions, x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, cache, i, capture)
+        if cache is not None:
+            cache.length += idx.shape[1]
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T); (B, 1, vocab) with last_only.
+
+        `attention_mask` (B, T) marks real tokens (1) vs left padding (0).
+        """
+        return self._run(idx, cache, attention_mask, None, last_only)
+
+    def forward_with_attention(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and, per layer, attention probabilities of shape (B, n_head, T, T)."""
+        capture: list[torch.Tensor] = []
+        logits = self._run(idx, None, None, capture, False)
+        return logits, capture
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.cfg, batch, max_len or self.cfg.block_size, p.device, p.dtype)
+
+    def resize_vocab(self, new_size: int) -> None:
+        """Grow or shrink the (tied) embedding to `new_size` rows, keeping the learned rows.
+
+        New rows start at the mean of the old embeddings, so new tokens start as an 'average' token
+        instead of noise.
+        """
+        old = self.tok_emb.weight.data
+        keep = min(old.shape[0], new_size)
+        new = old.mean(0, keepdim=True).repeat(new_size, 1)
+        new[:keep] = old[:keep]
+        self.tok_emb = nn.Embedding(new_size, self.cfg.n_embd, device=old.device, dtype=old.dtype)
+        self.tok_emb.weight.data.copy_(new)
+        self.lm_head = nn.Linear(self.cfg.n_embd, new_size, bias=False, device=old.device, dtype=old.dtype)
+        self.lm_head.weight = self.tok_emb.weight
+        self.cfg.vocab_size = new_size
+
+
+def build_model(cfg: GPTConfig) -> GPT:
+    model = GPT(cfg)
+    log.info("model: %s parameters (%d layers, %d heads, n_embd %d, block %d, vocab %d)",
+             f"{model.num_parameters() / 1e6:.2f}M", cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size,
+             cfg.vocab_size)
+    return model

@@ -1,0 +1,286 @@
+"""The stages of the pipeline as plain functions (the CLI is a thin layer over these).
+
+tokenizer -> prepare (token shards) -> pretrain -> finetune (QA) -> evaluate, plus generate and
+`run_recipe`, which chains all of them and can resume an interrupted run where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+from lmforge.config import Recipe, save_recipe
+from lmforge.data.qa import QABatcher, encode_examples, encode_for_inference
+from lmforge.data.shards import TokenBatcher, load_manifest, prepare_shards, tokenizer_hash
+from lmforge.data.sources import QAExample, data_dir_from_env, iter_documents, iter_qa_examples
+from lmforge.errors import LmforgeError
+from lmforge.evaluate import report_markdown, squad_eval, text_metrics
+from lmforge.generate import SamplingParams, generate
+from lmforge.io import atomic_write_json, atomic_write_text
+from lmforge.model import GPT, GPTConfig, build_model
+from lmforge.rundir import RunDir
+from lmforge.tokenizer import Tokenizer, train_tokenizer
+from lmforge.train.checkpoint import checkpoint_dir, copy_checkpoint, load_weights, model_from_checkpoint, read_state
+from lmforge.train.loop import StageResult, resolve_device, train_stage
+
+log = logging.getLogger("lmforge")
+
+PRETRAINED = "pretrained"  # frozen copy of the best pretraining checkpoint, the start of fine-tuning
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def open_run(recipe: Recipe, run_dir: str | Path | None, fresh: bool = False) -> RunDir:
+    """Create (or reuse) the run directory and write the resolved config.toml.
+
+    With fresh=True an existing non-empty directory is refused, so a new run never overwrites
+    what an earlier one wrote.
+    """
+    run = RunDir(Path(run_dir) if run_dir else default_run_dir(recipe))
+    if fresh and run.root.is_dir() and any(run.root.iterdir()):
+        raise LmforgeError(f"run directory {run.root} already exists and is not empty (use --resume to continue it, "
+                           "or choose another --run-dir)")
+    run.root.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, run.config)
+    return run
+
+
+def _progress(run: RunDir) -> dict:
+    path = run.root / "progress.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def mark_done(run: RunDir, stage: str, **info) -> None:
+    progress = _progress(run)
+    progress[stage] = {"done": True, **info}
+    atomic_write_json(run.root / "progress.json", progress)
+
+
+def is_done(run: RunDir, stage: str) -> bool:
+    return bool(_progress(run).get(stage, {}).get("done"))
+
+
+# --------------------------------------------------------------------------- tokenizer and shards
+
+
+def _all_texts(recipe: Recipe, data_dir: Path | None) -> Iterator[str]:
+    """Documents of every source, interleaved round-robin so the tokenizer sample sees all of them."""
+    iterators = [iter_documents(src, data_dir) for src in recipe.data.sources]
+    while iterators:
+        for it in list(iterators):
+            try:
+                yield next(it)
+            except StopIteration:
+                iterators.remove(it)
+
+
+def train_tokenizer_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None) -> Tokenizer:
+    if not recipe.data.sources:
+        raise LmforgeError("recipe has no [[data.sources]] to train the tokenizer on")
+    tok = train_tokenizer(_all_texts(recipe, data_dir_from_env(data_dir)), recipe.tokenizer.vocab_size,
+                          recipe.tokenizer.sample_chars, recipe.tokenizer.min_frequency)
+    tok.save(run.tokenizer)
+    log.info("tokenizer: %d tokens -> %s", tok.vocab_size, run.tokenizer)
+    mark_done(run, "tokenizer", vocab_size=tok.vocab_size)
+    return tok
+
+
+def prepare_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None) -> dict:
+    tok = Tokenizer.load(run.tokenizer)
+    manifest = prepare_shards(recipe.data, tok, data_dir_from_env(data_dir), run.data)
+    mark_done(run, "prepare", train_tokens=sum(s["train_tokens"] for s in manifest["sources"]))
+    return manifest
+
+
+# --------------------------------------------------------------------------- models
+
+
+def model_config(recipe: Recipe, tokenizer: Tokenizer) -> GPTConfig:
+    m = recipe.model
+    vocab = m.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise LmforgeError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens")
+    return GPTConfig(vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
+                     dropout=m.dropout, mlp_hidden=m.mlp_hidden, rope_theta=m.rope_theta, norm_eps=m.norm_eps)
+
+
+def _check_resume_shape(run: RunDir, cfg: GPTConfig) -> None:
+    saved = read_state(run.checkpoint("last"))["model_config"]
+    ours = {k: v for k, v in cfg.__dict__.items() if k != "dropout"}
+    diff = [f"{k}: checkpoint {saved.get(k)} vs recipe {v}" for k, v in ours.items() if saved.get(k) != v]
+    if diff:
+        raise LmforgeError(f"cannot resume {run.checkpoint('last')}: model shape differs ({'; '.join(diff)})")
+
+
+def _can_resume(run: RunDir, stage: str) -> bool:
+    try:
+        return read_state(run.checkpoint("last")).get("stage") == stage
+    except LmforgeError:
+        return False
+
+
+# --------------------------------------------------------------------------- pretraining
+
+
+def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageResult:
+    tok = Tokenizer.load(run.tokenizer)
+    manifest = load_manifest(run.data)
+    if manifest["tokenizer_hash"] != tokenizer_hash(tok):
+        raise LmforgeError(f"{run.data}: shards were made with another tokenizer (run `lmforge prepare` again)")
+    cfg = model_config(recipe, tok)
+    resume = resume and _can_resume(run, "pretrain")
+    if resume:
+        _check_resume_shape(run, cfg)
+    model = build_model(cfg)
+    p = recipe.pretrain
+    train = TokenBatcher(run.data, "train", cfg.block_size, p.batch_size, seed=recipe.seed)
+    val = TokenBatcher(run.data, "val", cfg.block_size, p.batch_size, seed=recipe.seed + 1)
+    result = train_stage(model, train, val, p, run, "pretrain", p.max_steps, resume=resume, seed=recipe.seed)
+    copy_checkpoint(run.checkpoint("best"), run.checkpoint(PRETRAINED))
+    mark_done(run, "pretrain", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
+    return result
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def load_qa_splits(recipe: Recipe, data_dir: Path | None) -> tuple[list[QAExample], list[QAExample], list[QAExample]]:
+    """(train examples, dev examples for the fine-tuning validation loss, dev examples for EM/F1).
+
+    The validation-loss examples come from the end of the dev file and the EM/F1 questions from its
+    start, so that early stopping does not select on the questions it is scored on.
+    """
+    qa = recipe.qa
+    train = list(islice(iter_qa_examples(qa.train, data_dir), qa.max_train_examples or None))
+    dev = list(iter_qa_examples(qa.dev, data_dir))
+    n_eval = recipe.eval.squad_questions or len(dev)
+    n_val = min(qa.max_dev_examples, max(len(dev) - n_eval, 0)) if qa.max_dev_examples else 0
+    val = dev[len(dev) - n_val :] if n_val else dev[:1]
+    return train, val, dev[:n_eval]
+
+
+def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, resume: bool = False) -> StageResult:
+    tok = Tokenizer.load(run.tokenizer)
+    resume = resume and _can_resume(run, "finetune")
+    if not resume:
+        start = run.checkpoint(PRETRAINED)
+        if not (start / "model.safetensors").is_file():
+            raise LmforgeError(f"no pretrained model in {run.root} (run `lmforge pretrain` first)")
+        model = model_from_checkpoint(start)
+    else:
+        model = GPT(GPTConfig(**read_state(run.checkpoint("last"))["model_config"]))
+    cfg = model.cfg
+    f = recipe.finetune
+    train_ex, val_ex, _ = load_qa_splits(recipe, data_dir_from_env(data_dir))
+    mode, max_ans = recipe.qa.mode, recipe.qa.max_answer_tokens
+    train_items = encode_examples(tok, train_ex, mode, cfg.block_size, max_ans, "fine-tuning train")
+    val_items = encode_examples(tok, val_ex, mode, cfg.block_size, max_ans, "fine-tuning validation")
+    if not train_items:
+        raise LmforgeError("no usable QA training examples (all too long for the block or without answers)")
+    if not val_items:
+        raise LmforgeError("no usable QA validation examples")
+    train = QABatcher(train_items, f.batch_size, tok.pad_id, seed=recipe.seed)
+    val = QABatcher(val_items, f.batch_size, tok.pad_id, seed=recipe.seed)
+    total = f.max_steps
+    if f.epochs > 0:
+        total = min(f.max_steps, math.ceil(f.epochs * train.steps_per_epoch / f.grad_accum))
+    log.info("fine-tuning (%s): %d examples, %d steps", mode, len(train_items), total)
+    result = train_stage(model, train, val, f, run, "finetune", total, resume=resume, seed=recipe.seed)
+    mark_done(run, "finetune", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
+    return result
+
+
+# --------------------------------------------------------------------------- loading, evaluation, generation
+
+
+def resolve_checkpoint(run: RunDir, checkpoint: str) -> Path:
+    """'best', 'last', 'pretrained' or a path to a checkpoint directory."""
+    candidate = Path(checkpoint)
+    if candidate.is_dir() and (candidate / "model.safetensors").is_file():
+        return candidate
+    return checkpoint_dir(run.checkpoint(checkpoint))
+
+
+def load(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> tuple[GPT, Tokenizer]:
+    """The model (eval mode) and tokenizer of a run: `model(input_ids)` returns (B, T, vocab) logits."""
+    run = RunDir(Path(run_dir))
+    if not run.root.is_dir():
+        raise LmforgeError(f"run directory not found: {run.root}")
+    tok = Tokenizer.load(run.tokenizer)
+    model = model_from_checkpoint(resolve_checkpoint(run, checkpoint))
+    return model.to(device).eval(), tok
+
+
+def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, checkpoint: str = "best") -> dict:
+    model, tok = load(run.root, checkpoint, device=str(resolve_device(recipe.pretrain.device)))
+    e = recipe.eval
+    val = TokenBatcher(run.data, "val", model.cfg.block_size, recipe.pretrain.batch_size, seed=recipe.seed + 1)
+    report: dict = {"run": str(run.root), "checkpoint": str(resolve_checkpoint(run, checkpoint)),
+                    "stage": read_state(resolve_checkpoint(run, checkpoint)).get("stage")}
+    report.update(text_metrics(model, val.fixed_batches(e.val_batches), tok.token_byte_lengths()))
+    _, _, questions = load_qa_splits(recipe, data_dir_from_env(data_dir))
+    report["squad"] = squad_eval(model, tok, questions, recipe.qa.mode, e.max_new_tokens, e.batch_size, e.n_examples)
+    atomic_write_json(run.eval / "report.json", report)
+    atomic_write_text(run.eval / "report.md", report_markdown(report))
+    mark_done(run, "eval", em=report["squad"]["em"], f1=report["squad"]["f1"])
+    return report
+
+
+def answer_question(model: GPT, tok: Tokenizer, question: str, context: str | None = None,
+                    max_new_tokens: int = 32) -> str:
+    """Greedy answer in the fine-tuning prompt format."""
+    enc = encode_for_inference(tok, question, context or None, model.cfg.block_size, max_new_tokens)
+    if enc is None:
+        raise LmforgeError("question is longer than the model's block size")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids={tok.eot_id})
+    return tok.decode(generate(model, enc.ids, params)).strip()
+
+
+def generate_text(run_dir: str | Path, prompt: str, params: SamplingParams, checkpoint: str = "best",
+                  device: str = "cpu") -> str:
+    model, tok = load(run_dir, checkpoint, device)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise LmforgeError("empty prompt")
+    params.stop_ids = params.stop_ids or {tok.eot_id}
+    return tok.decode(generate(model, ids, params))
+
+
+# --------------------------------------------------------------------------- everything
+
+
+def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, data_dir: str | Path | None = None,
+               resume: bool = False) -> dict:
+    """All stages in order; with resume=True, finished stages are skipped and an interrupted one continues."""
+    run = open_run(recipe, run_dir, fresh=not resume)
+    log.info("run directory: %s", run.root)
+    if not (resume and is_done(run, "tokenizer")):
+        train_tokenizer_stage(recipe, run, data_dir)
+    if not (resume and is_done(run, "prepare")):
+        prepare_stage(recipe, run, data_dir)
+    if not (resume and is_done(run, "pretrain")):
+        result = pretrain_stage(recipe, run, resume=resume)
+        if result.stop_reason == "interrupted":
+            raise LmforgeError(f"interrupted during pretraining; continue with: lmforge run --resume --run-dir {run.root}")
+    if not (resume and is_done(run, "finetune")):
+        result = finetune_stage(recipe, run, data_dir, resume=resume)
+        if result.stop_reason == "interrupted":
+            raise LmforgeError(f"interrupted during fine-tuning; continue with: lmforge run --resume --run-dir {run.root}")
+    report = eval_stage(recipe, run, data_dir)
+    model, tok = load(run.root, "best")
+    context = recipe.sample_context or None
+    report["sample"] = {"question": recipe.sample_question, "context": context,
+                        "answer": answer_question(model, tok, recipe.sample_question, context)}
+    report["run_dir"] = str(run.root)
+    return report
+

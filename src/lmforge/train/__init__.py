@@ -1,0 +1,1 @@
+"""The one training loop shared by pretraining and fine-tuning, with checkpoints and metrics."""

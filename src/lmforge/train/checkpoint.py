@@ -1,0 +1,155 @@
+"""Checkpoints: safetensors tensors + JSON state, never pickle; written atomically.
+
+A checkpoint directory `checkpoints/<name>/` holds
+  model.safetensors    the weights (the tied output matrix is stored once, as the embedding)
+  trainer.safetensors  optimizer moments, RNG states and tensor-valued data positions (resume only)
+  state.json           stage, step, tokens, model config, optimizer hyper-parameters, data position,
+                       early-stopping state
+The directory is written under a staging name and swapped into place, so a crash mid-write leaves
+the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.errors import LmforgeError
+from lmforge.io import atomic_write_json, existing_dir, replace_dir
+from lmforge.model import GPT, GPTConfig
+
+TIED_KEY = "lm_head.weight"
+
+
+def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Move every tensor in a nested dict/list into `tensors` (keyed by path), leaving JSON-able data."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {str(k): _split_tensors(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_weights(model: GPT) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED_KEY}
+
+
+def save_checkpoint(path: Path, model: GPT, state: dict[str, Any], trainer: dict[str, Any] | None = None) -> None:
+    """Write checkpoint `path` atomically. `state` must be JSON-able apart from tensors inside `trainer`."""
+    staging = path.with_name(f".staging-{path.name}-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        save_file(model_weights(model), staging / "model.safetensors")
+        full_state = dict(state)
+        full_state["model_config"] = dataclasses.asdict(model.cfg)
+        if trainer is not None:
+            tensors: dict[str, torch.Tensor] = {}
+            full_state["trainer"] = _split_tensors(trainer, "trainer", tensors)
+            save_file(tensors, staging / "trainer.safetensors")
+        atomic_write_json(staging / "state.json", full_state)
+        for f in staging.iterdir():  # make the data durable before the rename publishes it
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        replace_dir(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def checkpoint_dir(path: Path) -> Path:
+    found = existing_dir(path)
+    if found is None or not (found / "model.safetensors").is_file():
+        raise LmforgeError(f"no checkpoint at {path}")
+    return found
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    path = checkpoint_dir(path)
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LmforgeError(f"{path / 'state.json'}: unreadable checkpoint state ({exc})") from None
+
+
+def load_trainer_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    path = checkpoint_dir(path)
+    try:
+        tensors = load_file(path / "trainer.safetensors")
+    except (OSError, SafetensorError) as exc:
+        raise LmforgeError(f"{path / 'trainer.safetensors'}: unreadable ({exc})") from None
+    return _join_tensors(state["trainer"], tensors)
+
+
+def load_weights(model: GPT, path: Path) -> None:
+    """Load checkpoint weights into `model`, refusing a checkpoint of another shape with one clear line."""
+    path = checkpoint_dir(path)
+    file = path / "model.safetensors"
+    try:
+        weights = load_file(file)
+    except (OSError, SafetensorError) as exc:
+        raise LmforgeError(f"{file}: unreadable weights ({exc})") from None
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED_KEY}
+    for key, shape in expected.items():
+        if key not in weights:
+            raise LmforgeError(f"{file}: missing tensor '{key}' (checkpoint from another model shape?)")
+        if tuple(weights[key].shape) != tuple(shape):
+            raise LmforgeError(f"{file}: tensor '{key}' has shape {tuple(weights[key].shape)}, the model expects "
+                               f"{tuple(shape)} (checkpoint from another model shape)")
+    extra = set(weights) - set(expected)
+    if extra:
+        raise LmforgeError(f"{file}: unexpected tensors {sorted(extra)[:3]} (checkpoint from another model shape)")
+    model.load_state_dict(weights, strict=False)
+
+
+def model_from_checkpoint(path: Path) -> GPT:
+    state = read_state(path)
+    cfg = GPTConfig(**state["model_config"])
+    model = GPT(cfg)
+    load_weights(model, path)
+    return model.eval()
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """Copy checkpoint `src` to `dst` atomically (weights and state)."""
+    src = checkpoint_dir(src)
+    staging = dst.with_name(f".staging-{dst.name}-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(src, staging)
+    replace_dir(staging, dst)

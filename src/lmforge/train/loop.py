@@ -1,0 +1,292 @@
+"""The training loop, one for pretraining and fine-tuning.
+
+AdamW with decoupled weight decay on matrices only, linear warmup + cosine decay, gradient
+accumulation and clipping, periodic evaluation on a fixed validation set, early stopping, best/last
+checkpoints, exact resume, and a graceful stop on Ctrl-C, SIGTERM or a STOP file in the run dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lmforge.config import TrainConfig
+from lmforge.errors import LmforgeError
+from lmforge.model import GPT
+from lmforge.rundir import RunDir
+from lmforge.train.checkpoint import (
+    load_trainer_state,
+    load_weights,
+    read_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from lmforge.train.metrics import MetricsLogger, plot_losses
+from lmforge.train.schedule import lr_at
+
+log = logging.getLogger("lmforge")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class BatchSource(Protocol):
+    def next_batch(self) -> Batch: ...
+    def fixed_batches(self, n: int) -> list[Batch]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class StageResult:
+    stage: str
+    steps: int
+    tokens: int
+    best_val_loss: float
+    last_val_loss: float
+    stop_reason: str  # completed | early_stopping | interrupted | stop_file
+
+
+# --------------------------------------------------------------------------- devices and precision
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LmforgeError(f"device '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Autocast dtype: bf16 on GPUs that support it, else fp32 (explicit choices are honoured)."""
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- pieces of a step
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose target is not -100."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay only on the 2-D hidden matrices (not on norms or the embedding)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "tok_emb" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+@torch.no_grad()
+def validation_loss(model: GPT, batches: list[Batch], device: torch.device, dtype: torch.dtype) -> float:
+    """Token-weighted mean loss over a fixed list of batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast(device, dtype):
+            logits = model(x)
+        n = int((y != -100).sum())
+        total += float(lm_loss(logits, y)) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM and the run's STOP file into a request to stop after the current step.
+
+    A second Ctrl-C aborts at once.
+    """
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.reason == "interrupted":
+            raise KeyboardInterrupt
+        self.reason = "interrupted"
+        log.warning("stop requested (%s): finishing this step and saving a checkpoint; press Ctrl-C again to abort",
+                    signal.Signals(signum).name)
+
+    def check(self) -> str | None:
+        if self.reason is None and self.run.stop_file.exists():
+            self.run.stop_file.unlink(missing_ok=True)  # consumed: the next stage starts normally
+            self.reason = "stop_file"
+            log.warning("STOP file found: finishing this stage after saving a checkpoint")
+        return self.reason
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_stage(
+    model: GPT,
+    train_data: BatchSource,
+    val_data: BatchSource,
+    cfg: TrainConfig,
+    run: RunDir,
+    stage: str,
+    total_steps: int,
+    resume: bool = False,
+    seed: int = 0,
+) -> StageResult:
+    """Train `model` for `total_steps` optimizer steps (or until early stopping / a stop request)."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.dropout >= 0:
+        model.set_dropout(cfg.dropout)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    step, tokens, best, bad_evals, last_val = 0, 0, math.inf, 0, math.nan
+    torch.manual_seed(seed)
+
+    last_ckpt = run.checkpoint("last")
+    if resume:
+        state = read_state(last_ckpt)
+        if state.get("stage") != stage:
+            raise LmforgeError(f"{last_ckpt}: last checkpoint is from stage '{state.get('stage')}', not '{stage}'")
+        load_weights(model, last_ckpt)
+        trainer = load_trainer_state(last_ckpt, state)
+        opt_state = trainer["optimizer"]
+        opt_state["state"] = {int(k): v for k, v in opt_state["state"].items()}
+        optimizer.load_state_dict(opt_state)
+        set_rng_state(trainer["rng"])
+        train_data.load_state_dict(trainer["data"])
+        step, tokens = state["step"], state["tokens"]
+        best, bad_evals = state["best_val_loss"], state["bad_evals"]
+        log.info("%s: resumed from %s at step %d", stage, last_ckpt, step)
+
+    val_batches = val_data.fixed_batches(cfg.eval_batches)
+    metrics = MetricsLogger(run.metrics, run.tensorboard)
+    if step == 0:
+        metrics.log({"event": f"{stage}_start", "stage": stage, "step": 0, "label": f"{stage} start"})
+
+    def checkpoint(name: str, with_trainer: bool) -> None:
+        state = {"stage": stage, "step": step, "tokens": tokens, "best_val_loss": best, "bad_evals": bad_evals,
+                 "total_steps": total_steps, "val_loss": last_val}
+        trainer = None
+        if with_trainer:
+            trainer = {"optimizer": optimizer.state_dict(), "rng": rng_state(), "data": train_data.state_dict()}
+        save_checkpoint(run.checkpoint(name), model, state, trainer)
+
+    def evaluate_now() -> bool:
+        """Evaluate, keep the best checkpoint, return True when patience is exhausted."""
+        nonlocal best, bad_evals, last_val
+        last_val = validation_loss(model, val_batches, device, dtype)
+        improved = last_val < best
+        if improved:
+            best, bad_evals = last_val, 0
+            checkpoint("best", with_trainer=False)
+        else:
+            bad_evals += 1
+        metrics.log({"stage": stage, "step": step, "split": "val", "loss": last_val, "tokens": tokens,
+                     "perplexity": math.exp(min(last_val, 50)), "best": best})
+        return cfg.patience > 0 and bad_evals >= cfg.patience
+
+    model.train()
+    stop_reason = "completed"
+    bar = tqdm(total=total_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True)
+    window_tokens, window_start = 0, time.time()
+    try:
+        with StopRequest(run) as stop:
+            if step == 0:
+                evaluate_now()
+            while step < total_steps:
+                lr = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for _ in range(cfg.grad_accum):
+                    x, y = train_data.next_batch()
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with autocast(device, dtype):
+                        logits = model(x)
+                    loss = lm_loss(logits, y) / cfg.grad_accum
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                    tokens += x.numel()
+                    window_tokens += x.numel()
+                grad_norm = None
+                if cfg.grad_clip > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if not math.isfinite(loss_sum):
+                    raise LmforgeError(f"{stage}: loss became {loss_sum} at step {step} (lower the learning rate)")
+                if step % cfg.log_interval == 0 or step == total_steps:
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    tok_s = window_tokens / elapsed
+                    record = {"stage": stage, "step": step, "split": "train", "loss": loss_sum, "tokens": tokens,
+                              "lr": lr, "tokens_per_s": round(tok_s, 1)}
+                    if grad_norm is not None:
+                        record["grad_norm"] = grad_norm
+                    metrics.log(record)
+                    bar.set_postfix(loss=f"{loss_sum:.3f}", val=f"{last_val:.3f}", lr=f"{lr:.1e}",
+                                    tok_s=f"{tok_s:,.0f}")
+                    window_tokens, window_start = 0, time.time()
+                bar.update(1)
+                if step % cfg.eval_interval == 0 or step == total_steps:
+                    if evaluate_now():
+                        stop_reason = "early_stopping"
+                        log.info("%s: early stopping at step %d (no improvement in %d evaluations)", stage, step,
+                                 cfg.patience)
+                if step % cfg.checkpoint_interval == 0:
+                    checkpoint("last", with_trainer=True)
+                if stop_reason == "completed" and stop.check():
+                    stop_reason = stop.reason or "interrupted"
+                if stop_reason != "completed":
+                    break
+            checkpoint("last", with_trainer=True)
+    finally:
+        bar.close()
+        metrics.log({"event": f"{stage}_end", "stage": stage, "step": step, "label": f"{stage} end: {stop_reason}"})
+        metrics.close()
+        plot_losses(run.metrics, run.plots / "loss.png", title=run.root.name)
+    return StageResult(stage, step, tokens, best, last_val, stop_reason)

@@ -1,0 +1,109 @@
+"""Metrics: one JSON object per line in metrics.jsonl, mirrored to TensorBoard, drawn as loss plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("lmforge")
+
+
+class MetricsLogger:
+    """Appends records to metrics.jsonl (flushed per line, so a crash loses nothing written) and
+    mirrors numeric fields to TensorBoard as `<stage>/<split>/<name>`."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(path, "a", encoding="utf-8")
+        self.writer = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(tensorboard_dir))
+            except ImportError:  # TensorBoard is optional at run time; metrics.jsonl is the record
+                log.warning("tensorboard is not installed; writing metrics.jsonl only")
+
+    def log(self, record: dict[str, Any]) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+        if self.writer is not None and "step" in record:
+            prefix = f"{record.get('stage', 'run')}/{record.get('split', record.get('event', 'event'))}"
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a crash: skip it
+            continue
+    return records
+
+
+def _stage_offsets(records: list[dict[str, Any]]) -> dict[str, int]:
+    """x-axis offset per stage so that fine-tuning is drawn after pretraining."""
+    offsets: dict[str, int] = {}
+    end = 0
+    for rec in records:
+        stage = rec.get("stage")
+        if stage is None or "step" not in rec:
+            continue
+        if stage not in offsets:
+            offsets[stage] = end
+        end = max(end, offsets[stage] + rec["step"])
+    return offsets
+
+
+def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> Path | None:
+    """Train/val loss against optimizer steps, stages side by side, with event markers. Returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    if not any("loss" in r for r in records):
+        return None
+    offsets = _stage_offsets(records)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for stage, offset in offsets.items():
+        for split, style in (("train", "-"), ("val", "o-")):
+            pts = [(offset + r["step"], r["loss"]) for r in records
+                   if r.get("stage") == stage and r.get("split") == split and "loss" in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, style, label=f"{stage} {split}", markersize=3, linewidth=1.2)
+    for rec in records:
+        event = rec.get("event")
+        if event and rec.get("stage") in offsets:
+            x = offsets[rec["stage"]] + rec.get("step", 0)
+            ax.axvline(x, color="gray", linestyle="--", linewidth=0.8)
+            ax.annotate(rec.get("label", event), (x, 1), xycoords=("data", "axes fraction"), rotation=90,
+                        va="top", ha="right", fontsize=8, color="gray")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(title or "loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(out_path)
+    return out_path
