@@ -177,6 +177,16 @@ def cmd_generate(args, overrides) -> int:
     return 0
 
 
+def cmd_serve(args, overrides) -> int:
+    from lmforge.serve import serve
+
+    run_dir = args.run or args.run_dir
+    if not run_dir:
+        raise LmforgeError("give the RUN directory to serve")
+    serve(run_dir, args.checkpoint, args.host, args.port, overrides, args.device)
+    return 0
+
+
 def cmd_run(args, overrides) -> int:
     from lmforge.config import load_recipe
     from lmforge.pipeline import run_recipe
@@ -255,6 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a run: OpenAI-compatible API, web UI, attention explorer",
+                       description="Serve a trained run over HTTP: /v1/completions, /v1/chat/completions, "
+                                   "/api/attention, /api/memory and the web page at /. Limits come from the "
+                                   "run's [serve] section (override e.g. --serve.max_concurrent 8).")
+    p.add_argument("run", nargs="?", help="run directory")
+    p.add_argument("--run-dir", help="run directory (same as RUN)")
+    p.add_argument("--checkpoint", help="best | last | pretrained | PATH (default: serve.checkpoint, best)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default cpu)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

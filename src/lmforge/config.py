@@ -122,8 +122,12 @@ class GenerateConfig:
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    max_concurrent: int = 4
-    max_tokens: int = 512
+    checkpoint: str = "best"  # best | last | pretrained | PATH
+    max_concurrent: int = 4  # requests generating at once
+    max_queue: int = 32  # requests waiting for a slot; beyond that the server answers 429
+    max_tokens: int = 512  # upper bound on a request's max_tokens
+    max_request_bytes: int = 65536  # larger request bodies get 413
+    max_attention_tokens: int = 256  # longest text /api/attention analyses
 
 
 @dataclass
@@ -260,6 +264,9 @@ def validate(recipe: Recipe) -> Recipe:
     _check(g.top_k >= 0, "generate.top_k", "must be >= 0")
     _check(g.repetition_penalty > 0, "generate.repetition_penalty", "must be > 0")
     _check(0 < recipe.serve.port < 65536, "serve.port", "must be in 1..65535")
+    for key in ("max_concurrent", "max_tokens", "max_request_bytes", "max_attention_tokens"):
+        _check(getattr(recipe.serve, key) > 0, f"serve.{key}", "must be > 0")
+    _check(recipe.serve.max_queue >= 0, "serve.max_queue", "must be >= 0")
     return recipe
 
 

@@ -3,7 +3,7 @@ batched greedy decoding with left padding (used by evaluation)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -125,3 +125,46 @@ def greedy_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop
             break
         logits = model(nxt[:, None], cache=cache, last_only=True)[:, -1]
     return out
+
+
+def _held_back(text: str, stop: list[str]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-n:]):
+                best = n
+                break
+    return best
+
+
+def stream_text(decode: Callable[[list[int]], str], tokens: Iterable[int],
+                stop: Sequence[str] = ()) -> Iterator[tuple[str, int, bool]]:
+    """Turn a stream of token ids into text pieces, ending before the first stop string.
+
+    Yields (new text, tokens consumed so far, hit_stop) once per token; a piece is empty while a
+    multi-byte character is incomplete or while the text might be the start of a stop string (that
+    text is released once it cannot be). hit_stop is True on the last piece when a stop string ended it.
+    """
+    stop = [s for s in stop if s]
+    ids: list[int] = []
+    sent = 0
+    for token in tokens:
+        ids.append(token)
+        text = decode(ids)
+        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            yield "", len(ids), False
+            continue
+        hits = [i for i in (text.find(s, max(0, sent - len(s))) for s in stop) if i >= 0]
+        if hits:
+            yield text[sent : min(hits)], len(ids), True
+            return
+        safe = len(text) - _held_back(text, stop)
+        if safe > sent:
+            yield text[sent:safe], len(ids), False
+            sent = safe
+        else:
+            yield "", len(ids), False
+    text = decode(ids)
+    if len(text) > sent:
+        yield text[sent:], len(ids), False

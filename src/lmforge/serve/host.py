@@ -1,0 +1,208 @@
+"""The models a server holds: one run directory's tokenizer and its checkpoints, loaded on first use.
+
+Every request gets its own KV cache (generate_stream makes a fresh one per call) and only reads the
+shared weights, so requests can run in parallel threads without touching each other's state.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.attention import (
+    Word,
+    discount_first_token,
+    display,
+    input_focus,
+    most_attended,
+    to_words,
+    token_attention,
+    tokenize_words,
+)
+from lmforge.data.qa import build_prompt
+from lmforge.errors import LmforgeError
+from lmforge.generate import SamplingParams, generate_stream, stream_text
+from lmforge.model import GPT
+from lmforge.pipeline import resolve_checkpoint
+from lmforge.rundir import RunDir
+from lmforge.serve.schemas import RequestError
+from lmforge.tokenizer import ANSWER, CONTEXT, QUESTION, Tokenizer
+from lmforge.train.checkpoint import model_from_checkpoint, read_state
+
+KNOWN_CHECKPOINTS = ("best", "last", "pretrained")
+
+
+@dataclass
+class Piece:
+    text: str
+    tokens: int  # completion tokens so far
+    finish_reason: str | None = None  # set on the last piece: "stop" or "length"
+
+
+def qa_prompt_text(question: str, context: str | None) -> str:
+    """The fine-tuning prompt as text (the tokenizer maps the marker strings to their special ids)."""
+    return (f"{CONTEXT}{context}" if context else "") + f"{QUESTION}{question}{ANSWER}"
+
+
+class ModelHost:
+    def __init__(self, run_dir: str | Path, checkpoint: str = "best", device: str = "cpu"):
+        self.run = RunDir(Path(run_dir))
+        if not self.run.root.is_dir():
+            raise LmforgeError(f"run directory not found: {self.run.root}")
+        self.name = self.run.root.name
+        self.device = device
+        self.tokenizer = Tokenizer.load(self.run.tokenizer)
+        self._models: dict[str, GPT] = {}
+        self._paths: dict[str, Path] = {}
+        self._lock = threading.Lock()
+        self.active = self._register(checkpoint)
+        self.model(self.active)  # fail at startup, not on the first request
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def _register(self, checkpoint: str) -> str:
+        path = resolve_checkpoint(self.run, checkpoint)
+        name = checkpoint if checkpoint in KNOWN_CHECKPOINTS else path.name
+        self._paths[name] = path
+        return name
+
+    def checkpoints(self) -> list[dict]:
+        """The checkpoints that can be served: the run's best/last/pretrained plus any PATH given."""
+        for name in KNOWN_CHECKPOINTS:
+            if name not in self._paths:
+                try:
+                    self._register(name)
+                except LmforgeError:
+                    pass
+        out = []
+        for name, path in self._paths.items():
+            stage = None
+            try:
+                stage = read_state(path).get("stage")
+            except LmforgeError:
+                pass
+            out.append({"id": name, "stage": stage, "loaded": name in self._models, "active": name == self.active})
+        return out
+
+    def model(self, name: str | None = None) -> GPT:
+        name = name or self.active
+        if name not in self._paths:
+            self.checkpoints()
+        if name not in self._paths:
+            raise RequestError(f"unknown model '{name}' (available: {', '.join(self._paths)})", "model", 404)
+        with self._lock:  # one load per checkpoint even when requests arrive together
+            if name not in self._models:
+                self._models[name] = model_from_checkpoint(self._paths[name]).to(self.device).eval()
+            return self._models[name]
+
+    def resolve_model_name(self, requested: str | None) -> str:
+        """A request's `model`: a checkpoint id, or the run's name / empty for the active checkpoint."""
+        if not requested or requested in (self.name, "lmforge"):
+            return self.active
+        self.model(requested)  # raises a 404 RequestError for an unknown name
+        return requested
+
+    def switch(self, name: str) -> str:
+        self.model(name)
+        self.active = name
+        return name
+
+    def free_inactive(self) -> list[str]:
+        """Forget loaded checkpoints other than the active one (they reload on demand)."""
+        with self._lock:
+            dropped = [n for n in self._models if n != self.active]
+            for n in dropped:
+                del self._models[n]
+        return dropped
+
+    def loaded_models(self) -> dict[str, GPT]:
+        return dict(self._models)
+
+    # ----------------------------------------------------------------- prompts
+
+    def completion_ids(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise RequestError("prompt is empty", "prompt")
+        return ids
+
+    def chat_ids(self, model: GPT, question: str, context: str | None, max_tokens: int) -> list[int]:
+        built = build_prompt(self.tokenizer, question, context or None, model.cfg.block_size - max_tokens)
+        if built is None:
+            raise RequestError(f"the question does not fit the model's {model.cfg.block_size}-token block with "
+                               f"max_tokens={max_tokens}", "messages")
+        return built[0]
+
+    # ----------------------------------------------------------------- generation
+
+    def stream(self, model: GPT, prompt_ids: list[int], params: SamplingParams, stop: list[str]) -> Iterator[Piece]:
+        """Text pieces of one completion; the last one carries the finish reason."""
+        params.stop_ids = {self.tokenizer.eot_id}
+        block = model.cfg.block_size
+        limit = min(params.max_new_tokens, block - 1)
+        prompt_len = min(len(prompt_ids), block - limit)
+        count = 0
+        for text, count, hit_stop in stream_text(self.tokenizer.decode, generate_stream(model, prompt_ids, params),
+                                                 stop):
+            if hit_stop:
+                yield Piece(text, count, "stop")
+                return
+            if text:
+                yield Piece(text, count)
+        full = count >= limit or prompt_len + count >= block
+        yield Piece("", count, "length" if full else "stop")
+
+    # ----------------------------------------------------------------- attention
+
+    def attention(self, model: GPT, text: str, completion: str | None, max_tokens: int, discount_first: bool,
+                  log: bool, normalize: bool) -> dict:
+        """Word attention of `text` (all layers and heads) and, with a completion, its input focus."""
+        ids, words = tokenize_words(self.tokenizer, text)
+        if not ids:
+            raise RequestError("text is empty", "text")
+        new_ids = self.tokenizer.encode(completion) if completion else []
+        total = len(ids) + len(new_ids)
+        limit = min(max_tokens, model.cfg.block_size)
+        if total > limit:
+            raise RequestError(f"text is {total} tokens; at most {limit} can be analysed", "text")
+        attn = token_attention(model, ids + new_ids)
+        prompt_attn = attn[..., : len(ids), : len(ids)]
+        if discount_first:
+            prompt_attn = discount_first_token(prompt_attn)
+        per_head = to_words(prompt_attn, words)
+        mean = per_head.mean(1)
+        layers_mean = mean.mean(0)
+        out = {
+            "words": [w.text for w in words],
+            "tokens": [self.tokenizer.id_to_token(i) for i in ids],
+            "n_layer": model.cfg.n_layer,
+            "n_head": model.cfg.n_head,
+            "per_head": _rounded(display(per_head, log, normalize)),
+            "mean": _rounded(display(mean, log, normalize)),
+            "layers_mean": _rounded(display(layers_mean, log, normalize)),
+            "top": {
+                "per_head": [[most_attended(h) for h in layer] for layer in per_head],
+                "mean": [most_attended(layer) for layer in mean],
+                "layers_mean": most_attended(layers_mean),
+            },
+        }
+        if new_ids:
+            out["focus"] = self._focus(attn, words, len(ids), new_ids, discount_first)
+        return out
+
+    def _focus(self, attn: torch.Tensor, words: list[Word], prompt_len: int, new_ids: list[int],
+               discount_first: bool) -> dict:
+        focus = input_focus(attn, words, prompt_len, len(new_ids), discount_first).mean(1)  # mean over heads
+        return {
+            "tokens": [self.tokenizer.decode([i]) for i in new_ids],
+            "per_layer": _rounded(focus),  # (layers, new tokens, prompt words)
+            "mean": _rounded(focus.mean(0).mean(0)),  # (prompt words,): over layers and new tokens
+        }
+
+
+def _rounded(x: torch.Tensor) -> list:
+    return torch.round(x.float(), decimals=5).tolist()

@@ -1,0 +1,141 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions (QA prompt format), /v1/models.
+
+Streaming responses are server-sent events: one `data: {chunk}` per piece of text, then `data: [DONE]`.
+Generation runs in worker threads so the event loop keeps answering other requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from lmforge.config import GenerateConfig, ServeConfig
+from lmforge.generate import SamplingParams
+from lmforge.model import GPT
+from lmforge.serve.host import ModelHost, Piece
+from lmforge.serve.limits import Admission, Ticket
+from lmforge.serve.schemas import ChatRequest, CompletionRequest, RequestError, SamplingFields
+
+
+def sampling_params(req: SamplingFields, max_tokens: int | None, defaults: GenerateConfig, cfg: ServeConfig,
+                    model: GPT) -> SamplingParams:
+    """The request's sampling settings; unset ones come from the run's [generate] recipe section."""
+    max_new = max_tokens or defaults.max_new_tokens
+    if max_new > cfg.max_tokens:
+        raise RequestError(f"max_tokens: at most {cfg.max_tokens} (serve.max_tokens)", "max_tokens")
+    if max_new >= model.cfg.block_size:
+        raise RequestError(f"max_tokens: at most {model.cfg.block_size - 1} for this model's block", "max_tokens")
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=pick(req.temperature, defaults.temperature),
+        top_k=pick(req.top_k, defaults.top_k),
+        top_p=pick(req.top_p, defaults.top_p),
+        repetition_penalty=pick(req.repetition_penalty, defaults.repetition_penalty),
+        seed=req.seed,
+    )
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _pieces(ticket: Ticket, host: ModelHost, model: GPT, ids: list[int], params: SamplingParams,
+                  stop: list[str]) -> AsyncIterator[Piece]:
+    """Generate in a worker thread, one piece at a time, holding a generation slot throughout."""
+    try:
+        async with ticket.slot():
+            it = host.stream(model, ids, params, stop)
+            while (piece := await anyio.to_thread.run_sync(next, it, None)) is not None:
+                yield piece
+    finally:
+        ticket.release()
+
+
+def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, admission: Admission) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+
+    async def respond(req: SamplingFields, model_name: str, ids: list[int], params: SamplingParams,
+                      kind: str, chunk: Callable[[str, str | None, dict], dict], whole: Callable[[str, str, dict], dict]):
+        model = host.model(model_name)
+        ticket = admission.admit()
+        pieces = _pieces(ticket, host, model, ids, params, req.stop_list())
+        meta = {"id": f"{kind}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
+        if not req.stream:
+            text, last = [], None
+            async for last in pieces:
+                text.append(last.text)
+            return whole("".join(text), last.finish_reason, {**meta, "usage": _usage(len(ids), last.tokens)})
+
+        async def events():
+            first = True
+            try:
+                async for piece in pieces:
+                    if piece.text or first or piece.finish_reason:
+                        yield _sse(chunk(piece.text, piece.finish_reason, meta, first=first))
+                        first = False
+                    if piece.finish_reason and req.include_usage():
+                        yield _sse({**meta, "object": chunk("", None, meta)["object"], "choices": [],
+                                    "usage": _usage(len(ids), piece.tokens)})
+                yield _sse("[DONE]")
+            except Exception as exc:  # noqa: BLE001 - the response has started: report in-band, as OpenAI does
+                yield _sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
+            finally:  # a client that hung up frees its slot now, not at garbage collection
+                await pieces.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @router.get("/models")
+    async def models():
+        created = int(time.time())
+        return {"object": "list", "data": [{"id": c["id"], "object": "model", "created": created, "owned_by": "lmforge",
+                                            "stage": c["stage"], "active": c["active"]} for c in host.checkpoints()]}
+
+    @router.post("/completions")
+    async def completions(req: CompletionRequest):
+        name = host.resolve_model_name(req.model)
+        model = host.model(name)
+        params = sampling_params(req, req.max_tokens, defaults, cfg, model)
+        ids = host.completion_ids(req.prompt)
+
+        def chunk(text, finish, meta, first=False):
+            return {**meta, "object": "text_completion",
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+        def whole(text, finish, meta):
+            return {**meta, "object": "text_completion",
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+        return await respond(req, name, ids, params, "cmpl", chunk, whole)
+
+    @router.post("/chat/completions")
+    async def chat_completions(req: ChatRequest):
+        name = host.resolve_model_name(req.model)
+        model = host.model(name)
+        params = sampling_params(req, req.max_completion_tokens or req.max_tokens, defaults, cfg, model)
+        ids = host.chat_ids(model, req.question(), req.context_text(), params.max_new_tokens)
+
+        def chunk(text, finish, meta, first=False):
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            return {**meta, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        def whole(text, finish, meta):
+            return {**meta, "object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
+                                 "logprobs": None, "finish_reason": finish}]}
+
+        return await respond(req, name, ids, params, "chatcmpl", chunk, whole)
+
+    return router

@@ -1,0 +1,324 @@
+"""The HTTP API through a real uvicorn server on 127.0.0.1 (a free port), with the tiny trained run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from lmforge.attention import word_attention
+from lmforge.config import ServeConfig
+from lmforge.generate import stream_text
+from lmforge.pipeline import answer_question, load
+from lmforge.serve import ServerThread, build_app
+
+CONTEXT = "Paris is the capital and most populous city of France."
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    with ServerThread(build_app(tiny_run)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+def sse_lines(response: httpx.Response) -> list[str]:
+    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def stream_completion(client: httpx.Client, path: str, body: dict) -> tuple[str, list[dict]]:
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        data = sse_lines(r)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    key = "delta" if path.endswith("chat/completions") else None
+    text = "".join((c["choices"][0]["delta"].get("content", "") if key else c["choices"][0]["text"])
+                   for c in chunks if c["choices"])
+    return text, chunks
+
+
+# --------------------------------------------------------------------------- text streaming helper
+
+
+def test_stream_text_stops_before_stop_strings_split_across_tokens():
+    pieces = ["Hel", "lo, wo", "rld", "!!", " more"]
+    decode = lambda ids: "".join(pieces[i] for i in ids)  # noqa: E731
+    out = list(stream_text(decode, range(len(pieces)), stop=["world!"]))
+    assert "".join(p for p, _, _ in out) == "Hello, "
+    assert out[-1][2] is True and out[-1][1] == 4  # stopped on the 4th token
+    # text that only looked like the start of a stop string is released once it cannot be one
+    out = list(stream_text(decode, range(len(pieces)), stop=["wonder"]))
+    assert "".join(p for p, _, _ in out) == "Hello, world!! more" and not out[-1][2]
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_health_models_and_info(client):
+    assert client.get("/health").json()["status"] == "ok"
+    models = client.get("/v1/models").json()
+    ids = {m["id"] for m in models["data"]}
+    assert {"best", "last", "pretrained"} <= ids
+    info = client.get("/api/info").json()
+    assert info["active"] == "best" and info["model"]["n_layer"] == 2
+    page = client.get("/")
+    assert page.status_code == 200 and "Attention explorer" in page.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_chat_answer_matches_the_pipeline(client, tiny_run):
+    model, tok = load(tiny_run, "best")
+    expected = answer_question(model, tok, QUESTION, CONTEXT, max_new_tokens=16)
+    r = client.post("/v1/chat/completions", json={
+        "model": "best", "temperature": 0, "max_tokens": 16, "context": CONTEXT,
+        "messages": [{"role": "user", "content": QUESTION}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["content"] == expected
+    # the context may also come as a system message
+    r2 = client.post("/v1/chat/completions", json={
+        "temperature": 0, "max_tokens": 16,
+        "messages": [{"role": "system", "content": CONTEXT}, {"role": "user", "content": QUESTION}]})
+    assert r2.json()["choices"][0]["message"]["content"] == expected
+    streamed, chunks = stream_completion(client, "/v1/chat/completions", {
+        "temperature": 0, "max_tokens": 16, "context": CONTEXT, "messages": [{"role": "user", "content": QUESTION}]})
+    assert streamed.strip() == expected
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_completion_streaming_matches_non_streaming(client):
+    body = {"model": "pretrained", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0.9, "seed": 7}
+    whole = client.post("/v1/completions", json=body).json()
+    text = whole["choices"][0]["text"]
+    assert whole["usage"]["completion_tokens"] > 0 and text
+    streamed, chunks = stream_completion(client, "/v1/completions",
+                                         {**body, "stream_options": {"include_usage": True}})
+    assert streamed == text
+    assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["text"]) > 1  # really streamed in pieces
+    assert chunks[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+    other = client.post("/v1/completions", json={**body, "seed": 8}).json()["choices"][0]["text"]
+    assert other != text  # the seed matters
+
+
+def test_stop_strings_cut_the_text(client):
+    body = {"model": "pretrained", "prompt": "The", "max_tokens": 40, "temperature": 0}
+    text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert len(text) > 6
+    stop = text[3:6]
+    cut = client.post("/v1/completions", json={**body, "stop": [stop]}).json()
+    assert cut["choices"][0]["text"] == text[: text.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    streamed, _ = stream_completion(client, "/v1/completions", {**body, "stop": stop})
+    assert streamed == text[: text.index(stop)]
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_requests_do_not_corrupt_each_other(client):
+    bodies = [{"model": "pretrained", "prompt": p, "max_tokens": 30, "temperature": 0.8, "seed": s}
+              for s, p in enumerate(["Once upon a time", "The president said", "In 1850, the city", "She opened the",
+                                     "The river", "A small dog", "Science is", "They walked"])]
+    sequential = [client.post("/v1/completions", json=b).json()["choices"][0]["text"] for b in bodies]
+
+    def run(i: int) -> str:
+        if i % 2:
+            return stream_completion(client, "/v1/completions", bodies[i])[0]
+        return client.post("/v1/completions", json=bodies[i]).json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(len(bodies)) as pool:  # more requests than generation slots (4): some queue
+        concurrent = list(pool.map(run, range(len(bodies))))
+    assert concurrent == sequential
+
+
+def test_overload_gets_429(tiny_run):
+    app = build_app(tiny_run, "pretrained", ServeConfig(max_concurrent=1, max_queue=1))
+    body = {"prompt": "Once upon a time", "max_tokens": 120, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda _: c.post("/v1/completions", json=body), range(12)))
+        codes = [r.status_code for r in responses]
+        assert 429 in codes and codes.count(200) >= 2, codes
+        busy = next(r for r in responses if r.status_code == 429)
+        assert busy.json()["error"]["type"] == "rate_limit_error" and busy.headers["retry-after"]
+        assert c.get("/health").json()["running"] == 0  # every slot was given back
+
+
+# --------------------------------------------------------------------------- malformed requests
+
+
+@pytest.mark.parametrize(("body", "param", "fragment"), [
+    ('{"prompt": "x", ', "body", "invalid JSON"),
+    ('{"prompt": "x", "temperature": -1}', "temperature", "greater than or equal to 0"),
+    ('{"prompt": "x", "temprature": 1}', "temprature", "unknown field"),
+    ('{"prompt": "x", "top_p": "high"}', "top_p", "valid number"),
+    ('{"prompt": "x", "max_tokens": 0}', "max_tokens", "greater than or equal to 1"),
+    ('{"prompt": "x", "max_tokens": 100000}', "max_tokens", "at most"),
+    ('{"prompt": "x", "n": 2}', "n", "only n=1"),
+    ('{"prompt": ""}', "prompt", "empty"),
+    ('{"temperature": 1}', "prompt", "Field required"),
+    ('[1, 2]', None, "valid dictionary"),
+    ("", "body", "JSON body is required"),
+])
+def test_malformed_completion_requests_name_the_field(client, body, param, fragment):
+    r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and fragment in err["message"]
+
+
+def test_malformed_chat_and_other_errors(client):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "only context"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = client.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    r = client.post("/v1/completions", content=b'{"prompt": "' + b"a" * 70_000 + b'"}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+    assert client.get("/v1/completions").status_code == 405
+    assert client.get("/no/such/page").json()["error"]["message"] == "Not Found"
+
+
+# --------------------------------------------------------------------------- attention, memory, checkpoints
+
+
+def test_attention_endpoint_matches_the_library(client, tiny_run):
+    text = "Sarah lost her keys, so John lent her his spare set."
+    r = client.post("/api/attention", json={"text": text})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    model, tok = load(tiny_run, "best")
+    ref = word_attention(model, tok, text)
+    assert data["words"] == [w.text for w in ref.words]
+    torch.testing.assert_close(torch.tensor(data["per_head"]), ref.per_head, atol=1e-4, rtol=0)
+    assert data["top"]["mean"] == ref.top
+    n = len(data["words"])
+    assert torch.tensor(data["mean"]).shape == (2, n, n)
+    torch.testing.assert_close(torch.tensor(data["layers_mean"]).sum(-1), torch.ones(n), atol=1e-3, rtol=0)
+
+    probe = "The ball rolled. It stopped."  # "The" is one token: discounting the first token removes its column
+    disc = client.post("/api/attention", json={"text": probe, "discount_first": True, "normalize": True}).json()
+    assert disc["tokens"][0] == "The"
+    assert all(row[0] == 0 for row in disc["layers_mean"][1:])
+    assert all(max(row) == pytest.approx(1.0) for row in disc["layers_mean"][1:])
+    plain = client.post("/api/attention", json={"text": probe}).json()
+    assert all(row[0] > 0 for row in plain["layers_mean"])
+
+
+def test_attention_input_focus_and_limits(client):
+    r = client.post("/api/attention", json={"question": QUESTION, "context": CONTEXT, "completion": " Paris"})
+    data = r.json()
+    assert data["words"][0] == "<|context|>" and data["words"][-1] == "<|answer|>"
+    focus = data["focus"]
+    n_new = len(focus["tokens"])
+    assert torch.tensor(focus["per_layer"]).shape == (2, n_new, len(data["words"]))
+    assert sum(focus["mean"]) == pytest.approx(1.0, abs=1e-3)  # all attention lands on the prompt here
+    r = client.post("/api/attention", json={"text": "word " * 400})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text" and "at most 128" in r.json()["error"]["message"]
+    r = client.post("/api/attention", json={"text": "a", "question": "b"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text"
+
+
+def test_memory_report_and_free(client):
+    mem = client.get("/api/memory").json()
+    assert mem["process"]["rss_bytes"] > 0 and mem["system"]["total_bytes"] > 0
+    assert mem["models"]["best"]["parameters"] == client.get("/api/info").json()["model"]["parameters"]
+    assert mem["torch"]["tensors"]["bytes"] >= mem["models"]["best"]["bytes"]
+    # a request for another checkpoint loads it; freeing memory unloads what is not active
+    assert client.post("/v1/completions", json={"model": "last", "prompt": "The", "max_tokens": 2}).status_code == 200
+    assert "last" in client.get("/api/memory").json()["models"]
+    freed = client.post("/api/memory/free").json()
+    assert "last" in freed["unloaded_checkpoints"] and freed["rss_after_bytes"] > 0
+    assert "last" not in client.get("/api/memory").json()["models"]
+
+
+def test_checkpoint_switch(client):
+    try:
+        r = client.post("/api/checkpoint", json={"checkpoint": "pretrained"})
+        assert r.json()["active"] == "pretrained"
+        assert client.get("/health").json()["model"] == "pretrained"
+        r = client.post("/v1/completions", json={"prompt": "The", "max_tokens": 3})
+        assert r.json()["model"] == "pretrained"
+        assert client.post("/api/checkpoint", json={"checkpoint": "nope"}).status_code == 404
+    finally:
+        client.post("/api/checkpoint", json={"checkpoint": "best"})
+    assert client.get("/health").json()["model"] == "best"
+
+
+# --------------------------------------------------------------------------- the official OpenAI client
+
+
+def test_openai_client(server, tiny_run):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    assert {"best", "pretrained"} <= {m.id for m in client.models.list()}
+    chat = client.chat.completions.create(model="best", temperature=0, max_tokens=16,
+                                          messages=[{"role": "system", "content": CONTEXT},
+                                                    {"role": "user", "content": QUESTION}])
+    model, tok = load(tiny_run, "best")
+    assert chat.choices[0].message.content == answer_question(model, tok, QUESTION, CONTEXT, max_new_tokens=16)
+    stream = client.chat.completions.create(model="best", temperature=0, max_tokens=16, stream=True,
+                                            messages=[{"role": "user", "content": QUESTION}],
+                                            extra_body={"context": CONTEXT, "top_k": 5})
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces).strip() == chat.choices[0].message.content
+    comp = client.completions.create(model="pretrained", prompt="Once upon a time", max_tokens=12, seed=3,
+                                     extra_body={"repetition_penalty": 1.2})
+    assert comp.usage.completion_tokens > 0
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="pretrained", prompt="x", temperature=5)
+    assert "temperature" in str(info.value)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_serve_command_binds_localhost(tiny_run):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(tiny_run), "--port", str(port),
+                             "--checkpoint", "pretrained"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+                time.sleep(0.2)
+        assert health["model"] == "pretrained"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert f"at http://127.0.0.1:{port}/" in err
+    bad = subprocess.run([sys.executable, "-m", "lmforge.cli", "serve", str(tiny_run / "nope")], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "nope" in bad.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
