@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/install-browser.sh
 export LMFORGE_TEST_DATA="${LMFORGE_TEST_DATA:-$(cd .. && pwd)/shared/data}"
 exec .venv/bin/python -m pytest "$@"
