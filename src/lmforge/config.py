@@ -6,6 +6,7 @@ key, a value of the wrong type or an impossible value raises ConfigError naming 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import tomllib
 import types
@@ -30,16 +31,40 @@ class SourceConfig:
     split: str = "train"
     format: str = "auto"  # auto | txt | jsonl | json | parquet | csv | squad
     text_field: str = "text"
+    template: str = ""  # joins record fields instead of text_field, e.g. "{title}\n\n{text}"
     weight: float = 1.0
-    max_docs: int = 0  # 0 = no cap
+    max_docs: int = 0  # 0 = no cap (counted after the filters)
+    max_tokens: int = 0  # 0 = no cap; documents past this many tokens are not sharded
+    min_chars: int = 0  # drop documents shorter than this
+    max_chars: int = 0  # drop documents longer than this; 0 = no limit
+    score_field: str = ""  # a numeric quality column, e.g. FineWeb-Edu's "int_score"
+    min_score: float = 0.0  # keep records whose score_field >= this (records without the column are kept)
+    language_field: str = ""  # a language column, e.g. "language"
+    languages: list[str] = field(default_factory=list)  # keep only these values of language_field
     optional: bool = False  # skip (with a warning) when neither a local copy nor the Hub is available
+
+
+@dataclass
+class PhaseConfig:
+    """One stretch of pretraining with its own source mixture, e.g. FineWeb-Edu alone, then a mix."""
+
+    name: str = ""
+    tokens: int = 0  # token budget of this phase; 0 = until training ends (last phase only)
+    weights: dict[str, float] = field(default_factory=dict)  # source name -> weight; empty = the sources' weights
 
 
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
+    phases: list[PhaseConfig] = field(default_factory=list)  # empty = one phase with the sources' weights
     val_fraction: float = 0.02  # share of documents held out for validation (by document)
     min_val_docs: int = 1
+    shard_tokens: int = 16_777_216  # tokens per shard file (shards end at a document boundary past this)
+    workers: int = 0  # tokenizer worker processes; 0 = all cores, 1 = encode in-process
+    dedup: bool = True  # drop exact duplicate documents (by hash), across all sources
+    shuffle_buffer: int = 1024  # windows per source held in the loader's shuffle buffer
+    prefetch: int = 4  # batches the loader prepares ahead in a background thread; 0 = off
+    delete_consumed: bool = False  # delete train shards once fully consumed (frees disk; no second epoch)
 
 
 @dataclass
@@ -162,6 +187,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
         return _convert(value, options[0], key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
+        _, value_tp = typing.get_args(tp)
+        return {str(k): _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
@@ -227,6 +257,37 @@ def validate_source(src: SourceConfig, key: str) -> None:
     _check(src.format in formats, f"{key}.format", f"must be one of {', '.join(formats)}")
     _check(src.weight > 0, f"{key}.weight", "must be > 0")
     _check(src.max_docs >= 0, f"{key}.max_docs", "must be >= 0")
+    _check(src.max_tokens >= 0, f"{key}.max_tokens", "must be >= 0")
+    _check(src.min_chars >= 0, f"{key}.min_chars", "must be >= 0")
+    _check(src.max_chars >= 0, f"{key}.max_chars", "must be >= 0 (0 = no limit)")
+    _check(not src.max_chars or src.max_chars >= src.min_chars, f"{key}.max_chars", "must be >= min_chars")
+    _check(not src.languages or bool(src.language_field), f"{key}.languages", "needs language_field")
+    if src.template:
+        try:
+            src.template.format_map(collections.defaultdict(str))
+        except (ValueError, IndexError) as exc:
+            raise ConfigError(f"{key}.template: not a valid template ({exc})") from None
+
+
+def validate_data(data: DataConfig) -> None:
+    _check(0 < data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
+    _check(data.shard_tokens >= 1024, "data.shard_tokens", "must be >= 1024")
+    _check(data.workers >= 0, "data.workers", "must be >= 0 (0 = all cores)")
+    _check(data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    _check(data.prefetch >= 0, "data.prefetch", "must be >= 0")
+    for i, src in enumerate(data.sources):
+        validate_source(src, f"data.sources[{i}]")
+    names = [s.name for s in data.sources]
+    _check(len(names) == len(set(names)), "data.sources", "source names must be unique")
+    for i, phase in enumerate(data.phases):
+        key = f"data.phases[{i}]"
+        _check(phase.tokens >= 0, f"{key}.tokens", "must be >= 0")
+        _check(phase.tokens > 0 or i == len(data.phases) - 1, f"{key}.tokens",
+               "only the last phase may run until the end (tokens = 0)")
+        for source, weight in phase.weights.items():
+            _check(source in names, f"{key}.weights.{source}", f"no such source (sources: {', '.join(names)})")
+            _check(weight >= 0, f"{key}.weights.{source}", "must be >= 0")
+        _check(not phase.weights or sum(phase.weights.values()) > 0, f"{key}.weights", "must not all be 0")
 
 
 def validate(recipe: Recipe) -> Recipe:
@@ -243,11 +304,7 @@ def validate(recipe: Recipe) -> Recipe:
     _check(m.mlp_hidden >= 0, "model.mlp_hidden", "must be >= 0")
     _check(recipe.tokenizer.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 bytes + specials)")
     _check(recipe.tokenizer.sample_chars > 0, "tokenizer.sample_chars", "must be > 0")
-    _check(0 < recipe.data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
-    for i, src in enumerate(recipe.data.sources):
-        validate_source(src, f"data.sources[{i}]")
-    names = [s.name for s in recipe.data.sources]
-    _check(len(names) == len(set(names)), "data.sources", "source names must be unique")
+    validate_data(recipe.data)
     _check(recipe.qa.mode in ("context", "closed_book"), "qa.mode", "must be 'context' or 'closed_book'")
     validate_source(recipe.qa.train, "qa.train")
     validate_source(recipe.qa.dev, "qa.dev")
@@ -333,6 +390,10 @@ def apply_override(data: dict[str, Any], dotted: str, text: str) -> None:
             continue
         if last:
             node[part] = _parse_scalar(text, tp, key)
+            return
+        if typing.get_origin(tp) is dict and i == len(parts) - 2:  # e.g. data.phases.0.weights.<source>
+            _, value_tp = typing.get_args(tp)
+            node.setdefault(part, {})[parts[-1]] = _parse_scalar(text, value_tp, f"{key}.{parts[-1]}")
             return
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"unknown key '{dotted}' ('{key}' is not a table)")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from lmforge.config import Recipe, save_recipe
 from lmforge.data.qa import QABatcher, encode_examples, encode_for_inference
-from lmforge.data.shards import TokenBatcher, load_manifest, prepare_shards, tokenizer_hash
+from lmforge.data.loader import TokenBatcher, resolve_phases
+from lmforge.data.shards import load_manifest, prepare_shards, tokenizer_hash
 from lmforge.data.sources import QAExample, data_dir_from_env, iter_documents, iter_qa_examples
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import report_markdown, squad_eval, text_metrics
@@ -143,7 +144,10 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
         _check_resume_shape(run, cfg)
     model = build_model(cfg)
     p = recipe.pretrain
-    train = TokenBatcher(run.data, "train", cfg.block_size, p.batch_size, seed=recipe.seed)
+    d = recipe.data
+    train = TokenBatcher(run.data, "train", cfg.block_size, p.batch_size, seed=recipe.seed,
+                         phases=resolve_phases(d), shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch,
+                         delete_consumed=d.delete_consumed)
     val = TokenBatcher(run.data, "val", cfg.block_size, p.batch_size, seed=recipe.seed + 1)
     result = train_stage(model, train, val, p, run, "pretrain", p.max_steps, resume=resume, seed=recipe.seed)
     copy_checkpoint(run.checkpoint("best"), run.checkpoint(PRETRAINED))

@@ -1,34 +1,49 @@
-"""Token shards: documents tokenized once into flat memmapped arrays, and batches sampled from them.
+"""Token shards: every source tokenized once, in parallel, into fixed-size memmappable shard files.
 
-Layout of `RUN/data/`: `<source>.train.bin` and `<source>.val.bin` (uint16 when the vocabulary fits,
-else uint32; documents separated by end-of-text) and `manifest.json` (dtype, counts, tokenizer hash).
-The validation split is held out by document, so no validation text is ever trained on.
+Layout of `RUN/data/`:
+  manifest.json                 dtype, vocabulary size, tokenizer hash, shard size, and per source: counts,
+                                records dropped by reason, exact duplicates removed, and its shard files
+  <source>/train-00000.bin      token ids (uint16, or uint32 for vocabularies over 65,536), each document
+  <source>/train-00000.idx.npy  followed by end-of-text; a shard ends at the first document boundary past
+  <source>/val-00000.bin ...    `data.shard_tokens`. The index holds per document: offset, length, source id
+                                and content hash.
+  <source>/progress.json        the resume point while a source is being prepared
+The validation split is held out by document, so no validation text is ever trained on. Memory stays bounded
+whatever the corpus size: documents stream through a fixed number of in-flight batches, and shards are
+written as they fill.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from array import array
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from lmforge.config import DataConfig, SourceConfig
-from lmforge.data.sources import iter_documents
+from lmforge.data.encode import EncodedBatch, default_workers, encode_batches
+from lmforge.data.sources import DROP_REASONS, iter_documents, local_files
 from lmforge.errors import LmforgeError
-from lmforge.io import atomic_write_json
+from lmforge.io import atomic_write, atomic_write_json
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger("lmforge")
 
-ENCODE_BATCH_DOCS = 64
-EVAL_SEED = 0x5EED
+FORMAT = 2
+SPLITS = ("train", "val")
+INDEX_DTYPE = np.dtype([("offset", "<i8"), ("length", "<i8"), ("source", "<i4"), ("hash", "<u8")])
+BATCH_CHARS = 1 << 20  # text per worker task: large enough to amortise the hand-off, small enough to bound memory
+BATCH_DOCS = 4096
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -45,100 +60,235 @@ def tokenizer_hash(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.hf.to_str().encode()).hexdigest()[:16]
 
 
-@dataclass
-class SplitWriter:
-    """Append token arrays to a .bin file through a temporary name; `close` renames it into place."""
+def read_index(path: Path) -> np.ndarray:
+    return np.load(path, allow_pickle=False)
 
-    path: Path
-    dtype: np.dtype
-    tokens: int = 0
-    docs: int = 0
 
-    def __post_init__(self) -> None:
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.fh = open(self.tmp, "wb")
+class ShardWriter:
+    """Writes one split of one source as numbered shards; a shard file appears under its final name only
+    once complete (index first, then the tokens)."""
 
-    def write(self, ids: list[int], eot: int) -> None:
-        arr = np.asarray(ids + [eot], dtype=self.dtype)
-        self.fh.write(arr.tobytes())
-        self.tokens += arr.size
-        self.docs += 1
+    def __init__(self, folder: Path, split: str, source_id: int, dtype: np.dtype, number: int):
+        self.folder, self.split, self.source_id, self.dtype = folder, split, source_id, dtype
+        self.number = number
+        self.fh = None
+        self._reset()
 
-    def close(self) -> None:
+    def _reset(self) -> None:
+        self.tokens = 0
+        self.offsets, self.lengths, self.hashes = array("q"), array("q"), array("Q")
+
+    def name(self, suffix: str) -> str:
+        return f"{self.split}-{self.number:05d}{suffix}"
+
+    def add(self, ids: np.ndarray, content_hash: int) -> None:
+        if self.fh is None:
+            self.fh = open(self.folder / self.name(".bin.tmp"), "wb")
+        self.offsets.append(self.tokens)
+        self.lengths.append(len(ids))
+        self.hashes.append(content_hash)
+        self.fh.write(ids.tobytes())
+        self.tokens += len(ids)
+
+    def close_shard(self) -> dict | None:
+        """Finish the current shard; returns its manifest entry (None when it is empty)."""
+        if self.fh is None:
+            return None
         self.fh.close()
-        self.tmp.replace(self.path)
+        self.fh = None
+        index = np.zeros(len(self.offsets), dtype=INDEX_DTYPE)
+        index["offset"], index["length"], index["hash"] = self.offsets, self.lengths, self.hashes
+        index["source"] = self.source_id
+        atomic_write(self.folder / self.name(".idx.npy"), lambda p: np.save(open(p, "wb"), index, allow_pickle=False))
+        (self.folder / self.name(".bin.tmp")).replace(self.folder / self.name(".bin"))
+        entry = {"file": f"{self.folder.name}/{self.name('.bin')}", "index": f"{self.folder.name}/{self.name('.idx.npy')}",
+                 "tokens": self.tokens, "docs": len(self.offsets)}
+        self.number += 1
+        self._reset()
+        return entry
 
     def abort(self) -> None:
-        self.fh.close()
-        self.tmp.unlink(missing_ok=True)
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+            (self.folder / self.name(".bin.tmp")).unlink(missing_ok=True)
 
 
-def _batched(items: Iterable[str], n: int) -> Iterable[list[str]]:
+def _batched(docs: Iterable[str]) -> Iterator[list[str]]:
     batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
 
-def tokenize_source(src: SourceConfig, data: DataConfig, tokenizer: Tokenizer, data_dir: Path | None,
-                    out_dir: Path) -> dict:
-    """Tokenize one source into `<name>.train.bin` / `<name>.val.bin`; returns its manifest entry."""
+def _source_key(src: SourceConfig, data: DataConfig, data_dir: Path | None, tok_hash: str, previous: str) -> str:
+    """Changes whenever the source's shards would: its config and local files, the split, the tokenizer, and
+    (through deduplication) every source before it."""
+    cfg = {k: v for k, v in dataclasses.asdict(src).items() if k not in ("weight", "optional")}
+    files = [(str(f), f.stat().st_size) for f in local_files(src, data_dir)]
+    parts = [cfg, files, data.val_fraction, data.shard_tokens, data.dedup, tok_hash, previous, FORMAT]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fresh_progress(key: str) -> dict:
+    return {"key": key, "done": False, "stream_pos": 0, "next_index": 0, "duplicates": 0, "bytes": 0,
+            "shards": {s: [] for s in SPLITS}, "entry": None}
+
+
+def _load_progress(folder: Path, key: str) -> dict:
+    """The saved resume point of this source, or a fresh start (removing a stale or foreign folder)."""
+    path = folder / "progress.json"
+    progress = None
+    if path.is_file():
+        try:
+            progress = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            progress = None
+    if progress is None or progress.get("key") != key:
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        return _fresh_progress(key)
+    keep = {"progress.json"} | {Path(s[f]).name for split in SPLITS for s in progress["shards"][split]
+                                for f in ("file", "index")}
+    for f in folder.iterdir():  # an unfinished shard from the interrupted run
+        if f.name not in keep:
+            f.unlink()
+    return progress
+
+
+def _seen_hashes(out_dir: Path, progress: dict) -> Iterator[int]:
+    for split in SPLITS:
+        for shard in progress["shards"][split]:
+            yield from read_index(out_dir / shard["index"])["hash"].tolist()
+
+
+def _source_entry(src: SourceConfig, source_id: int, progress: dict, stats: Counter) -> dict:
+    shards = progress["shards"]
+    entry = {"name": src.name, "id": source_id, "weight": src.weight,
+             "docs": sum(s["docs"] for split in SPLITS for s in shards[split]),
+             "bytes": progress["bytes"], "duplicates": progress["duplicates"],
+             "dropped": {k: stats[k] for k in DROP_REASONS if stats.get(k)}, "shards": shards}
+    for split in SPLITS:
+        entry[f"{split}_tokens"] = sum(s["tokens"] for s in shards[split])
+        entry[f"{split}_docs"] = sum(s["docs"] for s in shards[split])
+    return entry
+
+
+def shard_source(src: SourceConfig, source_id: int, data: DataConfig, tokenizer: Tokenizer, data_dir: Path | None,
+                 out_dir: Path, seen: set[int], key: str, workers: int) -> dict | None:
+    """Tokenize one source into its shard folder, resuming an interrupted run; returns its manifest entry
+    (None for an optional source that is not available)."""
+    folder = out_dir / src.name
+    progress = _load_progress(folder, key)
+    if data.dedup:
+        seen.update(_seen_hashes(out_dir, progress))
+    if progress["done"]:
+        log.info("%s: already prepared (%d docs)", src.name, progress["entry"]["docs"])
+        return progress["entry"]
+    if progress["stream_pos"]:
+        log.info("%s: resuming after document %d (%d train shards done)", src.name, progress["stream_pos"],
+                 len(progress["shards"]["train"]))
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {split: SplitWriter(out_dir / f"{src.name}.{split}.bin", dtype) for split in ("train", "val")}
-    index = 0
-    chars = 0
-    start = time.time()
-    bar = tqdm(desc=f"tokenize {src.name}", unit=" docs", leave=False)
+    writers = {s: ShardWriter(folder, s, source_id, dtype, len(progress["shards"][s])) for s in SPLITS}
+    stats: Counter = Counter()
+    docs = islice(iter_documents(src, data_dir, stats), progress["stream_pos"], None)
+    tokens = sum(s["tokens"] for split in SPLITS for s in progress["shards"][split])
+
+    def save_point(final: bool = False) -> None:
+        for split, writer in writers.items():
+            shard = writer.close_shard()
+            if shard is not None:
+                progress["shards"][split].append(shard)
+        if final:
+            progress["done"] = True
+            progress["entry"] = _source_entry(src, source_id, progress, stats)
+        atomic_write_json(folder / "progress.json", progress)
+
+    start, n_docs, n_bytes = time.time(), 0, 0
+    bar = tqdm(desc=f"shard {src.name}", unit=" docs", leave=False, dynamic_ncols=True)
     try:
-        for batch in _batched(iter_documents(src, data_dir), ENCODE_BATCH_DOCS):
-            for ids in tokenizer.encode_batch(batch):
-                split = "val" if is_validation_doc(index, data.val_fraction) else "train"
-                writers[split].write(ids, tokenizer.eot_id)
-                index += 1
-            chars += sum(len(t) for t in batch)
-            bar.update(len(batch))
-            bar.set_postfix(MB_s=f"{chars / 1e6 / max(time.time() - start, 1e-9):.1f}")
+        for batch in encode_batches(_batched(docs), tokenizer.hf.to_str(), dtype.name, tokenizer.eot_id, workers):
+            tokens += _write_batch(batch, writers, progress, seen, data, save_point)
+            n_docs += len(batch.lengths)
+            n_bytes += batch.nbytes
+            progress["bytes"] += batch.nbytes
+            elapsed = max(time.time() - start, 1e-9)
+            bar.update(len(batch.lengths))
+            bar.set_postfix_str(f"{n_bytes / 1e6 / elapsed:.1f} MB/s, {n_docs / elapsed:,.0f} docs/s, "
+                                f"{tokens:,} tokens")
+            if src.max_tokens and tokens >= src.max_tokens:
+                log.info("%s: reached max_tokens=%d", src.name, src.max_tokens)
+                break
+        save_point(final=True)
     except BaseException:
-        for w in writers.values():
-            w.abort()
+        for writer in writers.values():
+            writer.abort()
         raise
     finally:
         bar.close()
-    for w in writers.values():
-        w.close()
-    return {
-        "name": src.name,
-        "weight": src.weight,
-        "docs": index,
-        "chars": chars,
-        "train_tokens": writers["train"].tokens,
-        "val_tokens": writers["val"].tokens,
-        "train_docs": writers["train"].docs,
-        "val_docs": writers["val"].docs,
-    }
+    entry = progress["entry"]
+    if entry["docs"] == 0 and stats["records"] == 0 and src.optional:
+        return None
+    return entry
+
+
+def _write_batch(batch: EncodedBatch, writers: dict[str, ShardWriter], progress: dict, seen: set[int],
+                 data: DataConfig, save_point) -> int:
+    """Route each document of an encoded batch to its split (dropping exact duplicates), saving a resume point
+    whenever a train shard fills; returns the tokens written."""
+    written = 0
+    ends = np.cumsum(batch.lengths)
+    for j, end in enumerate(ends.tolist()):
+        progress["stream_pos"] += 1
+        h = int(batch.hashes[j])
+        if data.dedup:
+            if h in seen:
+                progress["duplicates"] += 1
+                continue
+            seen.add(h)
+        split = "val" if is_validation_doc(progress["next_index"], data.val_fraction) else "train"
+        progress["next_index"] += 1
+        writers[split].add(batch.tokens[end - int(batch.lengths[j]) : end], h)
+        written += int(batch.lengths[j])
+        if writers["train"].tokens >= data.shard_tokens:
+            save_point()
+    return written
 
 
 def prepare_shards(data: DataConfig, tokenizer: Tokenizer, data_dir: Path | None, out_dir: Path) -> dict:
-    """Tokenize every source of the recipe into `out_dir`; write and return the manifest."""
+    """Tokenize every source of the recipe into `out_dir` (resuming an interrupted run); write and return the
+    manifest."""
     if not data.sources:
         raise LmforgeError("recipe has no [[data.sources]]: nothing to pretrain on")
     out_dir.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for src in data.sources:
-        entry = tokenize_source(src, data, tokenizer, data_dir, out_dir)
-        log.info("%s: %d docs, %d train tokens, %d val tokens", src.name, entry["docs"], entry["train_tokens"],
-                 entry["val_tokens"])
+    (out_dir / "manifest.json").unlink(missing_ok=True)  # only a finished preparation has a manifest
+    workers = data.workers or default_workers()
+    tok_hash = tokenizer_hash(tokenizer)
+    seen: set[int] = set()
+    entries, key = [], ""
+    for source_id, src in enumerate(data.sources):
+        key = _source_key(src, data, data_dir, tok_hash, key)
+        entry = shard_source(src, source_id, data, tokenizer, data_dir, out_dir, seen, key, workers)
+        if entry is None:
+            continue
+        log.info("%s: %d docs, %d train tokens, %d val tokens, %d duplicates dropped", src.name, entry["docs"],
+                 entry["train_tokens"], entry["val_tokens"], entry["duplicates"])
         entries.append(entry)
     if not any(e["val_tokens"] for e in entries):
         raise LmforgeError("no validation documents: add documents or raise data.val_fraction")
     manifest = {
+        "format": FORMAT,
         "dtype": token_dtype(tokenizer.vocab_size).name,
         "vocab_size": tokenizer.vocab_size,
-        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "tokenizer_hash": tok_hash,
+        "shard_tokens": data.shard_tokens,
         "sources": entries,
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
@@ -149,65 +299,7 @@ def load_manifest(data_dir: Path) -> dict:
     path = data_dir / "manifest.json"
     if not path.is_file():
         raise LmforgeError(f"no token shards in {data_dir} (run `lmforge prepare` first)")
-    return json.loads(path.read_text())
-
-
-class TokenBatcher:
-    """Samples (input, target) windows from the token shards of one split.
-
-    Each row first picks a source by its mixture weight, then a random window in that source's
-    memmap, so the corpus is never loaded into memory. The sampling generator's state is the data
-    position: saving and restoring it replays exactly the same batches.
-    """
-
-    def __init__(self, data_dir: Path, split: str, block_size: int, batch_size: int, seed: int):
-        manifest = load_manifest(data_dir)
-        dtype = np.dtype(manifest["dtype"])
-        self.block_size = block_size
-        self.batch_size = batch_size
-        self.arrays: list[np.memmap] = []
-        weights = []
-        for entry in manifest["sources"]:
-            n = entry[f"{split}_tokens"]
-            if n == 0:
-                continue
-            if n < block_size + 1:
-                log.warning("source '%s' has only %d %s tokens (< block %d); not sampled", entry["name"], n, split,
-                            block_size + 1)
-                continue
-            self.arrays.append(np.memmap(data_dir / f"{entry['name']}.{split}.bin", dtype=dtype, mode="r"))
-            weights.append(entry["weight"])
-        if not self.arrays:
-            raise LmforgeError(f"{data_dir}: no source has {block_size + 1} {split} tokens (lower model.block_size or "
-                               "add data)")
-        self.weights = torch.tensor(weights, dtype=torch.float64)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    @property
-    def tokens_per_batch(self) -> int:
-        return self.batch_size * self.block_size
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        sources = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=self.generator)
-        rows = []
-        for s in sources.tolist():
-            arr = self.arrays[s]
-            start = int(torch.randint(len(arr) - self.block_size - 1 + 1, (1,), generator=self.generator))
-            rows.append(torch.from_numpy(arr[start : start + self.block_size + 1].astype(np.int64)))
-        batch = torch.stack(rows)
-        return batch[:, :-1], batch[:, 1:]
-
-    def fixed_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The same `n` batches on every call (a fixed evaluation set), not touching the data position."""
-        saved = self.generator.get_state()
-        self.generator.manual_seed(EVAL_SEED)
-        try:
-            return [self.next_batch() for _ in range(n)]
-        finally:
-            self.generator.set_state(saved)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise LmforgeError(f"{data_dir}: token shards from an older lmforge (run `lmforge prepare` again)")
+    return manifest

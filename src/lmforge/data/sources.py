@@ -10,10 +10,13 @@ from __future__ import annotations
 import csv
 import glob
 import gzip
+import hashlib
 import io
 import json
 import logging
 import os
+import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +99,8 @@ def open_binary(path: Path) -> BinaryIO:
         if path.name.endswith(".zst"):
             import zstandard
 
-            return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+            # buffered, so that the file can be read line by line
+            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
         return open(path, "rb")
     except OSError as exc:
         raise LmforgeError(f"{path}: cannot open ({exc.strerror or exc})") from None
@@ -121,33 +125,6 @@ def _read_text(path: Path, counter: dict[str, int]) -> str:
     return _decode(raw, path, "", counter)
 
 
-def _field(record: Any, field: str, path: Path, where: str) -> str | None:
-    if not isinstance(record, dict):
-        raise LmforgeError(f"{path}{where}: expected a JSON object per record, got {type(record).__name__}")
-    value = record.get(field)
-    return value if isinstance(value, str) else None
-
-
-def _iter_jsonl(path: Path, field: str, counter: dict[str, int]) -> Iterator[str]:
-    with open_binary(path) as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = _decode(raw, path, f":{lineno}", counter).strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                counter["bad_json"] = counter.get("bad_json", 0) + 1
-                log.warning("%s:%d: invalid JSON skipped (%s)", path, lineno, exc.msg)
-                continue
-            text = _field(record, field, path, f":{lineno}")
-            if text is None:
-                counter["missing_field"] = counter.get("missing_field", 0) + 1
-                log.warning("%s:%d: no string field '%s'; record skipped", path, lineno, field)
-                continue
-            yield text
-
-
 def _load_json(path: Path, counter: dict[str, int]) -> Any:
     try:
         return json.loads(_read_text(path, counter))
@@ -157,51 +134,6 @@ def _load_json(path: Path, counter: dict[str, int]) -> Any:
 
 def _is_squad(obj: Any) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("data"), list)
-
-
-def _iter_json(path: Path, field: str, counter: dict[str, int]) -> Iterator[str]:
-    obj = _load_json(path, counter)
-    if _is_squad(obj):  # SQuAD file used as pretraining text: its unique paragraphs
-        yield from _squad_contexts(obj, path)
-        return
-    if not isinstance(obj, list):
-        raise LmforgeError(f"{path}: expected a JSON list of records or a SQuAD file")
-    for i, record in enumerate(obj):
-        text = _field(record, field, path, f"[{i}]")
-        if text is not None:
-            yield text
-
-
-def _iter_parquet(path: Path, field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises several types for a malformed file
-        raise LmforgeError(f"{path}: not a readable parquet file ({exc})") from None
-    if field not in pf.schema_arrow.names:
-        raise LmforgeError(f"{path}: no column '{field}' (columns: {', '.join(pf.schema_arrow.names)})")
-    for batch in pf.iter_batches(columns=[field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            if isinstance(text, str):
-                yield text
-
-
-def _iter_csv(path: Path, field: str, counter: dict[str, int]) -> Iterator[str]:
-    reader = csv.DictReader(io.StringIO(_read_text(path, counter)))
-    if reader.fieldnames is None or field not in reader.fieldnames:
-        raise LmforgeError(f"{path}: no column '{field}' (columns: {', '.join(reader.fieldnames or [])})")
-    for row in reader:
-        if row.get(field):
-            yield row[field]
-
-
-def _squad_contexts(obj: dict, path: Path) -> Iterator[str]:
-    seen: set[str] = set()
-    for ex in _squad_records(obj, path):
-        if ex.context not in seen:
-            seen.add(ex.context)
-            yield ex.context
 
 
 def _squad_records(obj: Any, path: Path) -> Iterator[QAExample]:
@@ -234,18 +166,211 @@ def _squad_records(obj: Any, path: Path) -> Iterator[QAExample]:
         log.warning("%s: %d malformed SQuAD entries skipped", path, skipped)
 
 
-def iter_file_documents(path: Path, fmt: str, text_field: str, counter: dict[str, int]) -> Iterator[str]:
-    fmt = file_format(path, fmt)
+# --------------------------------------------------------------------------- records: one dict per document
+
+Record = dict[str, Any]
+MAX_WARNINGS = 3  # per kind of problem and source; the rest are only counted
+
+
+def text_hash(text: str) -> int:
+    """A 64-bit content hash, stable across processes and runs (for exact-duplicate removal)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def _skip(stats: Counter, kind: str, where: str, message: str) -> None:
+    stats[kind] += 1
+    if stats[kind] <= MAX_WARNINGS:
+        log.warning("%s: %s", where, message)
+
+
+def _jsonl_records(path: Path, stats: Counter) -> Iterator[tuple[str, Record]]:
+    with open_binary(path) as fh:
+        try:
+            for lineno, raw in enumerate(fh, 1):
+                where = f"{path}:{lineno}"
+                line = _decode(raw, path, f":{lineno}", stats).strip()
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    _skip(stats, "bad_json", where, f"invalid JSON skipped ({exc.msg})")
+                    continue
+                if not isinstance(record, dict):
+                    _skip(stats, "not_object", where, f"expected a JSON object, got {type(record).__name__}; skipped")
+                    continue
+                yield where, record
+        except (OSError, EOFError, zlib.error) as exc:
+            raise LmforgeError(f"{path}: corrupt or truncated file ({exc})") from None
+
+
+def _json_records(path: Path, stats: Counter) -> Iterator[tuple[str, Record]]:
+    obj = _load_json(path, stats)
+    if _is_squad(obj):  # SQuAD file used as pretraining text: its paragraphs
+        for article in obj["data"]:
+            title = article.get("title", "") if isinstance(article, dict) else ""
+            for para in article.get("paragraphs", []) if isinstance(article, dict) else []:
+                if isinstance(para, dict) and isinstance(para.get("context"), str):
+                    yield str(path), {"title": title, "context": para["context"], "text": para["context"]}
+        return
+    if not isinstance(obj, list):
+        raise LmforgeError(f"{path}: expected a JSON list of records or a SQuAD file")
+    for i, record in enumerate(obj):
+        if isinstance(record, dict):
+            yield f"{path}[{i}]", record
+        else:
+            _skip(stats, "not_object", f"{path}[{i}]", f"expected a JSON object, got {type(record).__name__}; skipped")
+
+
+def _csv_records(path: Path, stats: Counter) -> Iterator[tuple[str, Record]]:
+    reader = csv.DictReader(io.StringIO(_read_text(path, stats)))
+    for row in reader:
+        yield f"{path}:{reader.line_num}", row
+
+
+def _txt_records(path: Path, src: SourceConfig, stats: Counter) -> Iterator[tuple[str, Record]]:
+    yield str(path), {src.text_field: _read_text(path, stats), "path": str(path)}
+
+
+def _datasets_records(ds: Any, where: str, on_error: str) -> Iterator[tuple[str, Record]]:
+    """Rows of a streaming `datasets.IterableDataset` (the Hub and local parquet alike)."""
+    i = 0
+    try:
+        for i, record in enumerate(ds):
+            yield f"{where}[row {i}]", record
+    except LmforgeError:
+        raise
+    except Exception as exc:  # datasets/pyarrow/fsspec raise many types for a broken file or a dropped connection
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise LmforgeError(f"{where}: reading failed at row {i} ({type(exc).__name__}: {first_line}){on_error}") from None
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[str, Record]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("parquet", data_files=[str(path)], split="train", streaming=True)
+    except Exception as exc:  # a malformed file surfaces as several pyarrow/datasets types
+        raise LmforgeError(f"{path}: not a readable parquet file ({type(exc).__name__})") from None
+    yield from _datasets_records(ds, str(path), "")
+
+
+def file_records(path: Path, src: SourceConfig, stats: Counter) -> Iterator[tuple[str, Record]]:
+    """(where, record) for every record of one local file; `where` is the file and line or row."""
+    fmt = file_format(path, src.format)
     if fmt == "txt":
-        yield _read_text(path, counter)
-    elif fmt == "jsonl":
-        yield from _iter_jsonl(path, text_field, counter)
-    elif fmt in ("json", "squad"):
-        yield from _iter_json(path, text_field, counter)
-    elif fmt == "parquet":
-        yield from _iter_parquet(path, text_field)
-    elif fmt == "csv":
-        yield from _iter_csv(path, text_field, counter)
+        return _txt_records(path, src, stats)
+    if fmt == "jsonl":
+        return _jsonl_records(path, stats)
+    if fmt in ("json", "squad"):
+        return _json_records(path, stats)
+    if fmt == "parquet":
+        return _parquet_records(path)
+    return _csv_records(path, stats)
+
+
+# --------------------------------------------------------------------------- records -> documents
+
+
+def _record_text(record: Record, src: SourceConfig, where: str, stats: Counter) -> str | None:
+    if src.template:
+        try:
+            return src.template.format_map(record)
+        except KeyError as exc:
+            _skip(stats, "missing_field", where, f"no field {exc} for the source's template; record skipped")
+            return None
+    field = "context" if src.format == "squad" else src.text_field
+    value = record.get(field)
+    if not isinstance(value, str):
+        _skip(stats, "missing_field", where, f"no string field '{field}'; record skipped")
+        return None
+    return value
+
+
+def _keep(record: Record, text: str, src: SourceConfig, stats: Counter) -> bool:
+    """The source's filters; every drop is counted by reason."""
+    if not text.strip():
+        stats["empty"] += 1
+        return False
+    if len(text) < src.min_chars:
+        stats["too_short"] += 1
+        return False
+    if src.max_chars and len(text) > src.max_chars:
+        stats["too_long"] += 1
+        return False
+    if src.score_field:
+        score = record.get(src.score_field)
+        if score is None:
+            stats["unscored"] += 1  # a local stand-in without the Hub's score column: kept
+        elif isinstance(score, bool) or not isinstance(score, (int, float)) or score < src.min_score:
+            stats["low_score"] += 1
+            return False
+    if src.languages and record.get(src.language_field) not in src.languages:
+        stats["other_language"] += 1
+        return False
+    return True
+
+
+def source_records(src: SourceConfig, data_dir: Path | None, stats: Counter) -> Iterator[tuple[str, Record]] | None:
+    """The records of a source: its local files if any match, else the Hub; None for a missing optional source."""
+    files = local_files(src, data_dir)
+    if files:
+        return (item for f in files for item in file_records(f, src, stats))
+    if src.hub:
+        local_hint = f" and no local copy matches '{src.local}'" if src.local else ""
+        on_error = "; point the source's 'local' at a copy under --data-dir to work offline"
+        return _datasets_records(_hub_dataset(src, local_hint), src.hub, on_error)
+    if src.optional:
+        log.warning("optional source '%s' skipped: no local files match '%s'", src.name, src.local)
+        return None
+    raise _missing_error(src, data_dir)
+
+
+DROP_REASONS = ("bad_json", "not_object", "missing_field", "empty", "too_short", "too_long", "low_score",
+                "other_language")
+
+
+def _log_summary(src: SourceConfig, stats: Counter) -> None:
+    dropped = {k: stats[k] for k in DROP_REASONS if stats.get(k)}
+    if dropped:
+        log.warning("source '%s': %d records dropped (%s); %d documents kept", src.name, sum(dropped.values()),
+                    ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in dropped.items()), stats["docs"])
+    if stats.get("replaced"):
+        log.warning("source '%s': %d records had invalid UTF-8 (replaced with U+FFFD)", src.name, stats["replaced"])
+    if stats.get("unscored"):
+        log.warning("source '%s': %d records have no '%s' column; kept unfiltered", src.name, stats["unscored"],
+                    src.score_field)
+
+
+def iter_documents(src: SourceConfig, data_dir: Path | None, stats: Counter | None = None) -> Iterator[str]:
+    """Every document of a source (local copy first, the Hub as fallback) after its template and filters,
+    capped by src.max_docs. Counts of what was read and dropped go into `stats`."""
+    stats = stats if stats is not None else Counter()
+    records = source_records(src, data_dir, stats)
+    if records is None:
+        return
+    seen: set[int] = set()
+    n = 0
+    for where, record in records:
+        stats["records"] += 1
+        text = _record_text(record, src, where, stats)
+        if text is None or not _keep(record, text, src, stats):
+            continue
+        if src.format == "squad":  # one row per question: keep each paragraph once
+            h = text_hash(text)
+            if h in seen:
+                continue
+            seen.add(h)
+        yield text
+        n += 1
+        stats["docs"] = n
+        if src.max_docs and n >= src.max_docs:
+            break
+    _log_summary(src, stats)
+    if n == 0:
+        where = src.hub if not local_files(src, data_dir) else src.local
+        raise LmforgeError(f"source '{src.name}': no documents in {where} ({stats['records']} records read, "
+                           "none passed the text field and filters)")
 
 
 # --------------------------------------------------------------------------- the Hub
@@ -269,46 +394,6 @@ def _hub_dataset(src: SourceConfig, local_hint: str):
 def _missing_error(src: SourceConfig, data_dir: Path | None) -> LmforgeError:
     where = f" under data dir {data_dir}" if data_dir else " (no --data-dir / LMFORGE_DATA_DIR given)"
     return LmforgeError(f"source '{src.name}': no local files match '{src.local}'{where}")
-
-
-def iter_documents(src: SourceConfig, data_dir: Path | None) -> Iterator[str]:
-    """Every document of a source, local copy first, Hub as fallback; capped by src.max_docs."""
-    files = local_files(src, data_dir)
-    counter: dict[str, int] = {}
-    n = 0
-    if not files and not src.hub and src.optional:
-        log.warning("optional source '%s' skipped: no local files match '%s'", src.name, src.local)
-        return
-    if files:
-        docs = (doc for f in files for doc in iter_file_documents(f, src.format, src.text_field, counter))
-    elif src.hub:
-        local_hint = f" and no local copy matches '{src.local}'" if src.local else ""
-        ds = _hub_dataset(src, local_hint)
-        if src.format == "squad":
-            docs = _unique(rec["context"] for rec in ds)
-        else:
-            docs = (rec[src.text_field] for rec in ds if isinstance(rec.get(src.text_field), str))
-    else:
-        raise _missing_error(src, data_dir)
-    for doc in docs:
-        if not doc.strip():
-            continue
-        yield doc
-        n += 1
-        if src.max_docs and n >= src.max_docs:
-            break
-    if counter.get("replaced"):
-        log.warning("source '%s': %d records had invalid UTF-8 (replaced)", src.name, counter["replaced"])
-    if n == 0:
-        raise LmforgeError(f"source '{src.name}': no text found in {', '.join(map(str, files)) or src.hub}")
-
-
-def _unique(texts: Iterator[str]) -> Iterator[str]:
-    seen: set[str] = set()
-    for t in texts:
-        if t not in seen:
-            seen.add(t)
-            yield t
 
 
 def iter_qa_examples(src: SourceConfig, data_dir: Path | None) -> Iterator[QAExample]:

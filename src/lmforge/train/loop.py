@@ -47,6 +47,12 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+def _data_hook(data: BatchSource, name: str) -> Any:
+    """Optional BatchSource hooks (the pretraining mixture has them): pop_events, checkpoint_saved."""
+    hook = getattr(data, name, None)
+    return hook() if hook is not None else None
+
+
 @dataclass
 class StageResult:
     stage: str
@@ -214,6 +220,8 @@ def train_stage(
         if with_trainer:
             trainer = {"optimizer": optimizer.state_dict(), "rng": rng_state(), "data": train_data.state_dict()}
         save_checkpoint(run.checkpoint(name), model, state, trainer)
+        if with_trainer:
+            _data_hook(train_data, "checkpoint_saved")  # e.g. shards consumed before this point may go
 
     def evaluate_now() -> bool:
         """Evaluate, keep the best checkpoint, return True when patience is exhausted."""
@@ -258,6 +266,8 @@ def train_stage(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                for event in _data_hook(train_data, "pop_events") or []:  # e.g. a data phase change
+                    metrics.log({"stage": stage, "step": step, **event})
                 if not math.isfinite(loss_sum):
                     raise LmforgeError(f"{stage}: loss became {loss_sum} at step {step} (lower the learning rate)")
                 if step % cfg.log_interval == 0 or step == total_steps:

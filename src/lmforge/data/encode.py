@@ -1,0 +1,89 @@
+"""Batch tokenization in worker processes, results in input order, a bounded number of batches in flight.
+
+Kept free of torch so that worker processes start fast and small.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+
+from lmforge.data.sources import text_hash
+
+
+@dataclass
+class EncodedBatch:
+    tokens: np.ndarray  # every document's ids followed by end-of-text, concatenated
+    lengths: np.ndarray  # tokens per document (end-of-text included)
+    hashes: np.ndarray  # uint64 content hash per document (exact-duplicate removal)
+    nbytes: int  # UTF-8 bytes of text encoded (for MB/s)
+
+
+class _Encoder:
+    def __init__(self, tokenizer_json: str, dtype: str, eot_id: int):
+        self.hf = HFTokenizer.from_str(tokenizer_json)
+        self.dtype = np.dtype(dtype)
+        self.eot_id = eot_id
+
+    def __call__(self, texts: list[str]) -> EncodedBatch:
+        flat: list[int] = []
+        lengths = np.empty(len(texts), dtype=np.int64)
+        for i, enc in enumerate(self.hf.encode_batch(texts, add_special_tokens=False)):
+            flat.extend(enc.ids)
+            flat.append(self.eot_id)
+            lengths[i] = len(enc.ids) + 1
+        hashes = np.fromiter((text_hash(t) for t in texts), dtype=np.uint64, count=len(texts))
+        nbytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        return EncodedBatch(np.asarray(flat, dtype=self.dtype), lengths, hashes, nbytes)
+
+
+_worker: _Encoder | None = None
+
+
+def _init_worker(tokenizer_json: str, dtype: str, eot_id: int) -> None:
+    global _worker
+    # one thread per worker: the processes are the parallelism
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and shuts the pool down
+    _worker = _Encoder(tokenizer_json, dtype, eot_id)
+
+
+def _encode_in_worker(texts: list[str]) -> EncodedBatch:
+    assert _worker is not None
+    return _worker(texts)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def encode_batches(batches: Iterable[list[str]], tokenizer_json: str, dtype: str, eot_id: int,
+                   workers: int) -> Iterator[EncodedBatch]:
+    """Encode each batch of texts; results come back in order. workers=1 encodes in this process."""
+    if workers <= 1:
+        encoder = _Encoder(tokenizer_json, dtype, eot_id)
+        for batch in batches:
+            yield encoder(batch)
+        return
+    max_in_flight = 2 * workers  # bounds memory whatever the corpus size
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                               initargs=(tokenizer_json, dtype, eot_id))
+    pending: deque[Future] = deque()
+    try:
+        for batch in batches:
+            pending.append(pool.submit(_encode_in_worker, batch))
+            if len(pending) >= max_in_flight:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
