@@ -15,8 +15,8 @@ from itertools import islice
 from pathlib import Path
 
 from lmforge.config import Recipe, save_recipe
-from lmforge.data.qa import QABatcher, encode_examples, encode_for_inference
 from lmforge.data.loader import TokenBatcher, resolve_phases
+from lmforge.data.qa import QABatcher, encode_examples, encode_for_inference
 from lmforge.data.shards import load_manifest, prepare_shards, tokenizer_hash
 from lmforge.data.sources import QAExample, data_dir_from_env, iter_documents, iter_qa_examples
 from lmforge.errors import LmforgeError

@@ -215,7 +215,8 @@ def shard_source(src: SourceConfig, source_id: int, data: DataConfig, tokenizer:
     bar = tqdm(desc=f"shard {src.name}", unit=" docs", leave=False, dynamic_ncols=True)
     try:
         for batch in encode_batches(_batched(docs), tokenizer.hf.to_str(), dtype.name, tokenizer.eot_id, workers):
-            tokens += _write_batch(batch, writers, progress, seen, data, save_point)
+            budget = src.max_tokens - tokens if src.max_tokens else None
+            tokens += _write_batch(batch, writers, progress, seen, data, save_point, budget)
             n_docs += len(batch.lengths)
             n_bytes += batch.nbytes
             progress["bytes"] += batch.nbytes
@@ -240,12 +241,14 @@ def shard_source(src: SourceConfig, source_id: int, data: DataConfig, tokenizer:
 
 
 def _write_batch(batch: EncodedBatch, writers: dict[str, ShardWriter], progress: dict, seen: set[int],
-                 data: DataConfig, save_point) -> int:
+                 data: DataConfig, save_point, budget: int | None = None) -> int:
     """Route each document of an encoded batch to its split (dropping exact duplicates), saving a resume point
-    whenever a train shard fills; returns the tokens written."""
+    whenever a train shard fills; stops once `budget` tokens are written. Returns the tokens written."""
     written = 0
     ends = np.cumsum(batch.lengths)
     for j, end in enumerate(ends.tolist()):
+        if budget is not None and written >= budget:
+            break
         progress["stream_pos"] += 1
         h = int(batch.hashes[j])
         if data.dedup:

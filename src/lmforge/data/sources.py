@@ -305,9 +305,13 @@ def _keep(record: Record, text: str, src: SourceConfig, stats: Counter) -> bool:
         elif isinstance(score, bool) or not isinstance(score, (int, float)) or score < src.min_score:
             stats["low_score"] += 1
             return False
-    if src.languages and record.get(src.language_field) not in src.languages:
-        stats["other_language"] += 1
-        return False
+    if src.languages:
+        language = record.get(src.language_field)
+        if language is None:
+            stats["unlabelled"] += 1  # as for the score: a stand-in without the column is kept
+        elif language not in src.languages:
+            stats["other_language"] += 1
+            return False
     return True
 
 
@@ -337,9 +341,9 @@ def _log_summary(src: SourceConfig, stats: Counter) -> None:
                     ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in dropped.items()), stats["docs"])
     if stats.get("replaced"):
         log.warning("source '%s': %d records had invalid UTF-8 (replaced with U+FFFD)", src.name, stats["replaced"])
-    if stats.get("unscored"):
-        log.warning("source '%s': %d records have no '%s' column; kept unfiltered", src.name, stats["unscored"],
-                    src.score_field)
+    for kind, column in (("unscored", src.score_field), ("unlabelled", src.language_field)):
+        if stats.get(kind):
+            log.warning("source '%s': %d records have no '%s' column; kept unfiltered", src.name, stats[kind], column)
 
 
 def iter_documents(src: SourceConfig, data_dir: Path | None, stats: Counter | None = None) -> Iterator[str]:

@@ -1,0 +1,137 @@
+"""Sharding: parallel = in-process, fixed-size shards with an index, dedup, held-out validation, resume."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmforge.config import DataConfig, SourceConfig
+from lmforge.data import shards as shards_mod
+from lmforge.data.shards import load_manifest, prepare_shards, read_index
+from lmforge.errors import LmforgeError
+from lmforge.tokenizer import train_tokenizer
+
+WORDS = ("the river runs past old mill where children play and birds sing in tall green trees while "
+         "a quiet farmer counts his sheep under bright morning light").split()
+
+
+def make_docs(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(make_docs(300, 0), vocab_size=400, sample_chars=200_000)
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def data_cfg(tmp_path: Path, **kw) -> DataConfig:
+    docs = make_docs(400, 1)
+    write_jsonl(tmp_path / "a.jsonl", docs[:300] + docs[:20])  # 20 exact duplicates
+    write_jsonl(tmp_path / "b.jsonl", make_docs(100, 2) + docs[290:300])  # 10 duplicates of source a
+    defaults = dict(shard_tokens=4096, val_fraction=0.1, workers=1)
+    defaults.update(kw)
+    return DataConfig(sources=[SourceConfig(name="a", local=str(tmp_path / "a.jsonl")),
+                               SourceConfig(name="b", local=str(tmp_path / "b.jsonl"))], **defaults)
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.suffix in (".bin", ".npy")}
+
+
+def test_shards_index_dedup_and_split(tmp_path, tok):
+    cfg = data_cfg(tmp_path)
+    manifest = prepare_shards(cfg, tok, None, tmp_path / "out")
+    a, b = manifest["sources"]
+    assert (a["duplicates"], b["duplicates"]) == (20, 10)
+    assert (a["docs"], b["docs"]) == (300, 100)
+    assert len(a["shards"]["train"]) > 3  # fixed-size shards
+    assert all(s["tokens"] >= cfg.shard_tokens for s in a["shards"]["train"][:-1])
+    assert manifest["tokenizer_hash"] and manifest["dtype"] == "uint16"
+    train_hashes, val_hashes = set(), set()
+    for entry in (a, b):
+        for split, hashes in (("train", train_hashes), ("val", val_hashes)):
+            for shard in entry["shards"][split]:
+                tokens = np.fromfile(tmp_path / "out" / shard["file"], dtype=np.uint16)
+                index = read_index(tmp_path / "out" / shard["index"])
+                assert len(tokens) == shard["tokens"] == index["length"].sum()
+                assert (index["source"] == entry["id"]).all()
+                first = tokens[index["offset"][0] : index["offset"][0] + index["length"][0]]
+                assert first[-1] == tok.eot_id  # documents end with end-of-text
+                hashes.update(index["hash"].tolist())
+    assert not train_hashes & val_hashes  # validation documents are never trained on
+    assert len(val_hashes) == 40  # every 10th of the 400 unique documents
+
+
+def test_parallel_workers_write_identical_shards(tmp_path, tok):
+    prepare_shards(data_cfg(tmp_path, workers=1), tok, None, tmp_path / "one")
+    prepare_shards(data_cfg(tmp_path, workers=2), tok, None, tmp_path / "two")
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
+
+
+def test_interrupted_preparation_resumes_without_redoing_finished_shards(tmp_path, tok, monkeypatch):
+    cfg = data_cfg(tmp_path)
+    reference = tmp_path / "reference"
+    prepare_shards(cfg, tok, None, reference)
+    monkeypatch.setattr(shards_mod, "BATCH_DOCS", 16)  # many batches, so the interruption lands mid-source
+    real = shards_mod._write_batch
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(shards_mod, "_write_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_shards(cfg, tok, None, out)
+    assert not (out / "manifest.json").exists()
+    done = json.loads((out / "a" / "progress.json").read_text())
+    assert done["shards"]["train"] and not done["done"]
+    finished = {s["file"]: (out / s["file"]).stat().st_mtime_ns for s in done["shards"]["train"]}
+    assert not list(out.rglob("*.tmp"))
+    monkeypatch.setattr(shards_mod, "_write_batch", real)
+    resumed_batches = {"n": 0}
+
+    def counting(*args, **kwargs):
+        resumed_batches["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards_mod, "_write_batch", counting)
+    manifest = prepare_shards(cfg, tok, None, out)
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert manifest == load_manifest(reference) | {"sources": manifest["sources"]}
+    assert [s["docs"] for s in manifest["sources"]] == [s["docs"] for s in load_manifest(reference)["sources"]]
+    assert all((out / f).stat().st_mtime_ns == t for f, t in finished.items())  # not rewritten
+    assert resumed_batches["n"] < 12 + 10  # only the unfinished part was tokenized again
+    again = {"n": 0}
+    monkeypatch.setattr(shards_mod, "_write_batch", lambda *a, **k: again.__setitem__("n", 1) or real(*a, **k))
+    prepare_shards(cfg, tok, None, out)  # everything done: nothing is tokenized
+    assert again["n"] == 0
+
+
+def test_max_tokens_caps_a_source(tmp_path, tok):
+    cfg = data_cfg(tmp_path)
+    cfg.sources[0].max_tokens = 5000
+    manifest = prepare_shards(cfg, tok, None, tmp_path / "out")
+    a = manifest["sources"][0]
+    assert 5000 <= a["train_tokens"] + a["val_tokens"] < 5000 + 4 * 200
+
+
+def test_no_sources_and_old_manifests_are_clear_errors(tmp_path, tok):
+    with pytest.raises(LmforgeError, match="no \\[\\[data.sources\\]\\]"):
+        prepare_shards(DataConfig(), tok, None, tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"dtype": "uint16", "sources": []}))
+    with pytest.raises(LmforgeError, match="prepare` again"):
+        load_manifest(tmp_path)
