@@ -7,7 +7,6 @@ Every recipe value can be overridden after the subcommand's own options: `--mode
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -194,7 +193,7 @@ def cmd_run(args, overrides) -> int:
     if args.resume and not args.recipe:
         if not args.run_dir:
             raise LmforgeError("--resume needs --run-dir")
-        recipe = load_recipe(Path(args.run_dir) / "config.toml", overrides)
+        recipe = load_recipe(_run_dir(args.run_dir).config, overrides)
     else:
         recipe = load_recipe(resolve_recipe_path(args.recipe), overrides)
     report = run_recipe(recipe, args.run_dir, args.data_dir, resume=args.resume)
@@ -206,6 +205,71 @@ def cmd_run(args, overrides) -> int:
     print(f"question: {sample['question']}")
     print(f"answer:   {sample['answer']}")
     print(f"run directory: {report['run_dir']}  (report: {report['run_dir']}/eval/report.md)")
+    return 0
+
+
+def _run_dir(path: str):
+    from lmforge.rundir import RunDir
+
+    return RunDir(Path(path)).require()
+
+
+def cmd_control(args, overrides) -> int:
+    from lmforge.train.control import CONTROL_KEYS, write_controls
+
+    if overrides:
+        raise LmforgeError(f"control takes --KEY VALUE options, not recipe overrides (got --{next(iter(overrides))})")
+    run = _run_dir(args.run)
+    values = {k: getattr(args, k) for k in CONTROL_KEYS if getattr(args, k) is not None}
+    if not values:
+        text = run.control_file.read_text(encoding="utf-8") if run.control_file.is_file() else ""
+        print(text.strip() or f"no control values set ({run.control_file} does not exist)")
+        return 0
+    merged = write_controls(run, values)
+    print(f"{run.control_file}: " + ", ".join(f"{k} = {v}" for k, v in merged.items()))
+    return 0
+
+
+def cmd_stop(args, overrides) -> int:
+    from lmforge.train.control import request_stop
+
+    path = request_stop(_run_dir(args.run))
+    print(f"{path}: the training stage stops after its current step and saves a checkpoint")
+    return 0
+
+
+def cmd_plot(args, overrides) -> int:
+    from lmforge.train.metrics import plot_losses, plot_runs
+
+    runs = [_run_dir(r) for r in args.runs]
+    if len(runs) == 1 and not args.out:
+        out = plot_losses(runs[0].metrics, runs[0].plots / "loss.png", title=runs[0].root.name)
+    else:
+        labels = [r.root.name if [q.root.name for q in runs].count(r.root.name) == 1 else str(r.root) for r in runs]
+        out = plot_runs(dict(zip(labels, (r.metrics for r in runs), strict=True)),
+                        Path(args.out or runs[0].plots / "compare.png"))
+    if out is None:
+        raise LmforgeError("no losses logged yet in " + ", ".join(str(r.metrics) for r in runs))
+    print(out)
+    return 0
+
+
+def cmd_resize_vocab(args, overrides) -> int:
+    from lmforge.config import load_recipe
+    from lmforge.resize import resize_vocab, retrain_tokenizer
+    from lmforge.tokenizer import Tokenizer
+
+    run = _run_dir(args.run)
+    recipe = load_recipe(run.config, overrides)
+    if (args.tokenizer is None) == (args.vocab_size is None):
+        raise LmforgeError("give exactly one of --tokenizer NEW.json or --vocab-size N")
+    if args.tokenizer:
+        tok = Tokenizer.load(args.tokenizer)
+    else:
+        tok = retrain_tokenizer(recipe, args.vocab_size, args.data_dir)
+    info = resize_vocab(recipe, run, tok, args.data_dir)
+    print(f"vocabulary {info['old_vocab']} -> {info['new_vocab']} rows ({info['kept_rows']} learned rows kept); "
+          f"resized checkpoints: {', '.join(info['checkpoints']) or 'none'}; continue with --resume")
     return 0
 
 
@@ -277,6 +341,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default cpu)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("control", help="change a running stage's training values from its next step",
+                       description="Write RUN/control.toml: the training stage running in RUN applies it at its next "
+                                   "step (a resumed or later-started stage at its start). Without options, print it.")
+    p.add_argument("run", help="run directory")
+    for key, kind, text in (("lr", float, "peak learning rate of the schedule"),
+                            ("grad_accum", int, "gradient-accumulation steps (effective batch size)"),
+                            ("dropout", float, "dropout probability"), ("eval_interval", int, "steps between evaluations"),
+                            ("eval_batches", int, "validation batches per evaluation"),
+                            ("patience", int, "early-stopping patience in evaluations (0 = off)"),
+                            ("checkpoint_interval", int, "steps between checkpoints"),
+                            ("log_interval", int, "steps between logged training losses")):
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, help=text)
+    p.set_defaults(func=cmd_control)
+
+    p = sub.add_parser("stop", help="stop a training stage gracefully (a `run` moves on to its next stage)",
+                       description="Write RUN/STOP: the training stage finishes its step, saves a checkpoint and ends; "
+                                   "`lmforge run` then moves on to the next stage (pretraining -> fine-tuning).")
+    p.add_argument("run", help="run directory")
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("plot", help="redraw a run's loss plot, or compare several runs on one figure",
+                       description="Redraw RUN/plots/loss.png; with several runs, draw them on one figure "
+                                   "(default RUN/plots/compare.png of the first run).")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("--out", help="PNG path for the figure")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("resize-vocab", help="move a run to a new tokenizer, keeping the learned embedding rows",
+                       description="Resize every checkpoint's embedding/output matrices to a new tokenizer (rows of "
+                                   "tokens both share are kept, new rows start at the mean embedding), re-tokenize "
+                                   "the shards; continue training with --resume.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--tokenizer", help="the new tokenizer.json")
+    p.add_argument("--vocab-size", type=int, help="retrain the run's tokenizer with this vocabulary size instead")
+    p.add_argument("--data-dir", help="local copies of datasets, used before the Hub (env LMFORGE_DATA_DIR)")
+    p.set_defaults(func=cmd_resize_vocab)
     return parser
 
 

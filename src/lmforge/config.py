@@ -119,6 +119,7 @@ class TrainConfig:
     eval_batches: int = 20
     patience: int = 0  # evaluations without improvement before stopping; 0 = off
     checkpoint_interval: int = 100
+    keep_checkpoints: int = 2  # recent checkpoints kept as checkpoints/<stage>-step-N (besides last and best)
     log_interval: int = 10
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | float32 | bfloat16
@@ -245,6 +246,7 @@ def validate_train(cfg: TrainConfig, key: str) -> None:
     _check(cfg.eval_batches > 0, f"{key}.eval_batches", "must be > 0")
     _check(cfg.patience >= 0, f"{key}.patience", "must be >= 0")
     _check(cfg.checkpoint_interval > 0, f"{key}.checkpoint_interval", "must be > 0")
+    _check(cfg.keep_checkpoints >= 0, f"{key}.keep_checkpoints", "must be >= 0")
     _check(cfg.log_interval > 0, f"{key}.log_interval", "must be > 0")
     _check(cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:"), f"{key}.device",
            "must be auto, cpu, cuda[:N] or mps")

@@ -253,16 +253,21 @@ class GPT(nn.Module):
         p = self.tok_emb.weight
         return KVCache(self.cfg, batch, max_len or self.cfg.block_size, p.device, p.dtype)
 
-    def resize_vocab(self, new_size: int) -> None:
+    def resize_vocab(self, new_size: int, old_rows: list[int] | None = None) -> None:
         """Grow or shrink the (tied) embedding to `new_size` rows, keeping the learned rows.
 
-        New rows start at the mean of the old embeddings, so new tokens start as an 'average' token
-        instead of noise.
+        Row i of the new matrix is old row `old_rows[i]` (-1: a new token); by default rows keep their
+        ids. New rows start at the mean of the old embeddings, so new tokens start as an 'average'
+        token instead of noise.
         """
         old = self.tok_emb.weight.data
-        keep = min(old.shape[0], new_size)
+        rows = torch.tensor(old_rows if old_rows is not None else range(new_size), dtype=torch.long)
+        if len(rows) != new_size:
+            raise ValueError(f"old_rows has {len(rows)} entries for {new_size} new rows")
+        rows[rows >= old.shape[0]] = -1
+        kept = rows >= 0
         new = old.mean(0, keepdim=True).repeat(new_size, 1)
-        new[:keep] = old[:keep]
+        new[kept] = old[rows[kept]]
         self.tok_emb = nn.Embedding(new_size, self.cfg.n_embd, device=old.device, dtype=old.dtype)
         self.tok_emb.weight.data.copy_(new)
         self.lm_head = nn.Linear(self.cfg.n_embd, new_size, bias=False, device=old.device, dtype=old.dtype)

@@ -26,7 +26,7 @@ from lmforge.io import atomic_write_json, atomic_write_text
 from lmforge.model import GPT, GPTConfig, build_model
 from lmforge.rundir import RunDir
 from lmforge.tokenizer import Tokenizer, train_tokenizer
-from lmforge.train.checkpoint import checkpoint_dir, copy_checkpoint, load_weights, model_from_checkpoint, read_state
+from lmforge.train.checkpoint import checkpoint_dir, copy_checkpoint, model_from_checkpoint, read_state
 from lmforge.train.loop import StageResult, resolve_device, train_stage
 
 log = logging.getLogger("lmforge")
@@ -272,14 +272,12 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, data_dir: str 
         train_tokenizer_stage(recipe, run, data_dir)
     if not (resume and is_done(run, "prepare")):
         prepare_stage(recipe, run, data_dir)
+    # A graceful stop (STOP file, `lmforge stop`, a first Ctrl-C or SIGTERM) ends only the stage it hits:
+    # the chain moves on, as the seed moved from pretraining to fine-tuning. A second Ctrl-C aborts.
     if not (resume and is_done(run, "pretrain")):
-        result = pretrain_stage(recipe, run, resume=resume)
-        if result.stop_reason == "interrupted":
-            raise LmforgeError(f"interrupted during pretraining; continue with: lmforge run --resume --run-dir {run.root}")
+        pretrain_stage(recipe, run, resume=resume)
     if not (resume and is_done(run, "finetune")):
-        result = finetune_stage(recipe, run, data_dir, resume=resume)
-        if result.stop_reason == "interrupted":
-            raise LmforgeError(f"interrupted during fine-tuning; continue with: lmforge run --resume --run-dir {run.root}")
+        finetune_stage(recipe, run, data_dir, resume=resume)
     report = eval_stage(recipe, run, data_dir)
     model, tok = load(run.root, "best")
     context = recipe.sample_context or None

@@ -51,6 +51,10 @@ class RunDir:
     def stop_file(self) -> Path:
         return self.root / "STOP"
 
+    @property
+    def control_file(self) -> Path:
+        return self.root / "control.toml"
+
     def require(self) -> RunDir:
         """Fail clearly when this is not an lmforge run directory."""
         if not self.root.is_dir():

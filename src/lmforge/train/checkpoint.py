@@ -68,8 +68,27 @@ def model_weights(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED_KEY}
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_staging(path: Path) -> None:
+    """Delete staging directories that a killed writer of checkpoint `path` left behind."""
+    for staging in path.parent.glob(f".staging-{path.name}-*"):
+        pid = staging.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def save_checkpoint(path: Path, model: GPT, state: dict[str, Any], trainer: dict[str, Any] | None = None) -> None:
     """Write checkpoint `path` atomically. `state` must be JSON-able apart from tensors inside `trainer`."""
+    _remove_dead_staging(path)
     staging = path.with_name(f".staging-{path.name}-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
@@ -145,11 +164,43 @@ def model_from_checkpoint(path: Path) -> GPT:
     return model.eval()
 
 
-def copy_checkpoint(src: Path, dst: Path) -> None:
-    """Copy checkpoint `src` to `dst` atomically (weights and state)."""
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
+
+
+def copy_checkpoint(src: Path, dst: Path, link: bool = False) -> None:
+    """Copy checkpoint `src` to `dst` atomically (weights and state).
+
+    link=True hard-links the files instead: free, and safe because checkpoints are never modified in
+    place (a new save writes new files and swaps the directory).
+    """
     src = checkpoint_dir(src)
     staging = dst.with_name(f".staging-{dst.name}-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
-    shutil.copytree(src, staging)
+    shutil.copytree(src, staging, copy_function=_link_or_copy if link else shutil.copy2)
     replace_dir(staging, dst)
+
+
+def snapshot_name(stage: str, step: int) -> str:
+    return f"{stage}-step-{step:07d}"
+
+
+def keep_recent(checkpoints: Path, stage: str, step: int, keep: int) -> None:
+    """Keep `checkpoints/last` as snapshot `<stage>-step-N` and delete all but the `keep` newest snapshots.
+
+    Snapshots of later steps than `step` come from an earlier attempt that this one overwrote (a
+    fresh start in the same run directory), so they go too.
+    """
+    if keep <= 0:
+        return
+    copy_checkpoint(checkpoints / "last", checkpoints / snapshot_name(stage, step), link=True)
+    steps = {p: int(p.name.rsplit("-", 1)[1]) for p in checkpoints.glob(f"{stage}-step-*")
+             if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()}
+    stale = [p for p, s in steps.items() if s > step]
+    current = sorted((p for p, s in steps.items() if s <= step), key=steps.get)
+    for old in stale + current[:-keep]:
+        shutil.rmtree(old)

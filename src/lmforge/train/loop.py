@@ -25,6 +25,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model import GPT
 from lmforge.rundir import RunDir
 from lmforge.train.checkpoint import (
+    keep_recent,
     load_trainer_state,
     load_weights,
     read_state,
@@ -32,7 +33,8 @@ from lmforge.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from lmforge.train.metrics import MetricsLogger, plot_losses
+from lmforge.train.control import LiveControl, describe
+from lmforge.train.metrics import MetricsLogger, memory_mb, plot_losses
 from lmforge.train.schedule import lr_at
 
 log = logging.getLogger("lmforge")
@@ -183,10 +185,10 @@ def train_stage(
     seed: int = 0,
 ) -> StageResult:
     """Train `model` for `total_steps` optimizer steps (or until early stopping / a stop request)."""
+    control = LiveControl(run, cfg)
+    cfg = control.cfg  # a copy that control.toml changes in place
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    if cfg.dropout >= 0:
-        model.set_dropout(cfg.dropout)
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     step, tokens, best, bad_evals, last_val = 0, 0, math.inf, 0, math.nan
@@ -207,6 +209,10 @@ def train_stage(
         step, tokens = state["step"], state["tokens"]
         best, bad_evals = state["best_val_loss"], state["bad_evals"]
         log.info("%s: resumed from %s at step %d", stage, last_ckpt, step)
+        if restored := control.restore(state.get("control", {})):
+            log.info("%s: control values in effect: %s", stage, describe(restored))
+    if cfg.dropout >= 0:
+        model.set_dropout(cfg.dropout)
 
     val_batches = val_data.fixed_batches(cfg.eval_batches)
     metrics = MetricsLogger(run.metrics, run.tensorboard)
@@ -215,13 +221,15 @@ def train_stage(
 
     def checkpoint(name: str, with_trainer: bool) -> None:
         state = {"stage": stage, "step": step, "tokens": tokens, "best_val_loss": best, "bad_evals": bad_evals,
-                 "total_steps": total_steps, "val_loss": last_val}
+                 "total_steps": total_steps, "val_loss": last_val, "control": control.overrides}
         trainer = None
         if with_trainer:
             trainer = {"optimizer": optimizer.state_dict(), "rng": rng_state(), "data": train_data.state_dict()}
         save_checkpoint(run.checkpoint(name), model, state, trainer)
         if with_trainer:
             _data_hook(train_data, "checkpoint_saved")  # e.g. shards consumed before this point may go
+        if name == "last":
+            keep_recent(run.checkpoints, stage, step, cfg.keep_checkpoints)
 
     def evaluate_now() -> bool:
         """Evaluate, keep the best checkpoint, return True when patience is exhausted."""
@@ -246,6 +254,11 @@ def train_stage(
             if step == 0:
                 evaluate_now()
             while step < total_steps:
+                changes = control.poll(metrics, stage, step)
+                if "dropout" in changes:
+                    model.set_dropout(cfg.dropout)
+                if "eval_batches" in changes:
+                    val_batches = val_data.fixed_batches(cfg.eval_batches)
                 lr = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -274,7 +287,7 @@ def train_stage(
                     elapsed = max(time.time() - window_start, 1e-9)
                     tok_s = window_tokens / elapsed
                     record = {"stage": stage, "step": step, "split": "train", "loss": loss_sum, "tokens": tokens,
-                              "lr": lr, "tokens_per_s": round(tok_s, 1)}
+                              "lr": lr, "tokens_per_s": round(tok_s, 1), "memory_mb": memory_mb(device)}
                     if grad_norm is not None:
                         record["grad_norm"] = grad_norm
                     metrics.log(record)
@@ -294,6 +307,7 @@ def train_stage(
                 if stop_reason != "completed":
                     break
             checkpoint("last", with_trainer=True)
+        control.archive(stage)
     finally:
         bar.close()
         metrics.log({"event": f"{stage}_end", "stage": stage, "step": step, "label": f"{stage} end: {stop_reason}"})

@@ -44,6 +44,17 @@ class MetricsLogger:
             self.writer.close()
 
 
+def memory_mb(device) -> float:
+    """Peak accelerator memory on CUDA, else this process's resident memory, in MiB."""
+    import torch
+
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import psutil
+
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -70,40 +81,89 @@ def _stage_offsets(records: list[dict[str, Any]]) -> dict[str, int]:
     return offsets
 
 
-def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> Path | None:
-    """Train/val loss against optimizer steps, stages side by side, with event markers. Returns the PNG path."""
-    import matplotlib
+def _latest_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Loss records with, per (stage, split, step), only the last one written.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A run killed between checkpoints and resumed logs the steps after the checkpoint twice; the
+    resumed values are the ones the model's history continues from.
+    """
+    latest: dict[tuple, dict[str, Any]] = {}
+    for rec in records:
+        if "loss" in rec and "step" in rec:
+            latest[(rec.get("stage"), rec.get("split"), rec["step"])] = rec
+    return sorted(latest.values(), key=lambda r: r["step"])
 
-    records = read_metrics(metrics_path)
-    if not any("loss" in r for r in records):
-        return None
+
+def _draw_run(ax, records: list[dict[str, Any]], prefix: str = "", color: str | None = None) -> None:
+    """One run's train/val curves (stages side by side) and its event markers on `ax`."""
     offsets = _stage_offsets(records)
-    fig, ax = plt.subplots(figsize=(9, 5))
+    losses = _latest_per_step(records)
     for stage, offset in offsets.items():
         for split, style in (("train", "-"), ("val", "o-")):
-            pts = [(offset + r["step"], r["loss"]) for r in records
-                   if r.get("stage") == stage and r.get("split") == split and "loss" in r]
+            pts = [(offset + r["step"], r["loss"]) for r in losses if r.get("stage") == stage and r.get("split") == split]
             if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, style, label=f"{stage} {split}", markersize=3, linewidth=1.2)
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, style, label=f"{prefix}{stage} {split}", markersize=3, linewidth=1.2,
+                        **({"color": color} if color else {}))
     for rec in records:
         event = rec.get("event")
         if event and rec.get("stage") in offsets:
             x = offsets[rec["stage"]] + rec.get("step", 0)
-            ax.axvline(x, color="gray", linestyle="--", linewidth=0.8)
-            ax.annotate(rec.get("label", event), (x, 1), xycoords=("data", "axes fraction"), rotation=90,
-                        va="top", ha="right", fontsize=8, color="gray")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy loss (nats/token)")
-    ax.set_title(title or "loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+            ax.axvline(x, color=color or "gray", linestyle="--", linewidth=0.8, alpha=0.7)
+            ax.annotate(f"{prefix}{rec.get('label', event)}", (x, 1), xycoords=("data", "axes fraction"), rotation=90,
+                        va="top", ha="right", fontsize=7, color=color or "gray")
+
+
+def _save_figure(fig, out_path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(out_path)
     return out_path
+
+
+def _new_axes(title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(title or "loss")
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> Path | None:
+    """Train/val loss against optimizer steps, stages side by side, with event markers (stage starts
+    and ends, control changes, vocabulary resizes). Returns the PNG path, None when nothing was logged."""
+    records = read_metrics(metrics_path)
+    if not any("loss" in r for r in records):
+        return None
+    fig, ax = _new_axes(title)
+    _draw_run(ax, records)
+    ax.legend(fontsize=8)
+    return _save_figure(fig, out_path)
+
+
+def plot_runs(runs: dict[str, Path], out_path: Path, title: str = "") -> Path | None:
+    """Several runs' loss curves on one figure, one colour per run; `runs` maps a label to metrics.jsonl."""
+    fig, ax = _new_axes(title or "loss: " + " vs ".join(runs))
+    drawn = 0
+    for i, (label, path) in enumerate(runs.items()):
+        records = read_metrics(path)
+        if any("loss" in r for r in records):
+            _draw_run(ax, records, prefix=f"{label}: ", color=f"C{i % 10}")
+            drawn += 1
+    if not drawn:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return None
+    ax.legend(fontsize=7)
+    return _save_figure(fig, out_path)

@@ -1,0 +1,270 @@
+"""Live control (RUN/control.toml), graceful stop, kept checkpoints, metrics/TensorBoard, plots.
+
+These drive the real training loop on a tiny synthetic task (no tokenizer or shards), so each runs in
+a second or two; hooks inside the batch source act at an exact step, like a user editing the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.config import TrainConfig
+from lmforge.model import GPT, GPTConfig
+from lmforge.rundir import RunDir
+from lmforge.train.checkpoint import model_from_checkpoint, read_state
+from lmforge.train.control import read_control_file, write_controls
+from lmforge.train.loop import train_stage
+from lmforge.train.metrics import plot_losses, plot_runs, read_metrics
+from lmforge.train.schedule import lr_at
+
+VOCAB, BLOCK, BATCH = 64, 16, 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny matmuls: a second thread only adds synchronisation, which is slow on a loaded machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Progressions:
+    """Arithmetic progressions mod VOCAB: learnable, seeded, with a restorable position.
+
+    `hooks[k]` runs just before the k-th training batch (1-based) is drawn, i.e. during step k's
+    forward pass for grad_accum = 1.
+    """
+
+    def __init__(self, seed: int = 0, hooks: dict | None = None):
+        self.g = torch.Generator().manual_seed(seed)
+        self.calls = 0
+        self.hooks = hooks or {}
+
+    def _batch(self, g: torch.Generator):
+        a = torch.randint(VOCAB, (BATCH, 1), generator=g)
+        b = torch.randint(1, 7, (BATCH, 1), generator=g)
+        seq = (a + b * torch.arange(BLOCK + 1)) % VOCAB
+        return seq[:, :-1], seq[:, 1:]
+
+    def next_batch(self):
+        self.calls += 1
+        if self.calls in self.hooks:
+            self.hooks[self.calls]()
+        return self._batch(self.g)
+
+    def fixed_batches(self, n: int):
+        g = torch.Generator().manual_seed(999)
+        return [self._batch(g) for _ in range(n)]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.g.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.g.set_state(state["generator"])
+
+
+def make_run(tmp_path: Path) -> RunDir:
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.config.write_text("name = 'synthetic'\n")
+    return run
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(max_steps=12, batch_size=BATCH, lr=1e-2, warmup_steps=2, eval_interval=4, eval_batches=2,
+                checkpoint_interval=4, log_interval=1, device="cpu", dtype="float32")
+    return TrainConfig(**{**base, **kw})
+
+
+def train(run: RunDir, c: TrainConfig, hooks: dict | None = None, resume: bool = False, model: GPT | None = None):
+    torch.manual_seed(0)
+    model = model or GPT(GPTConfig(vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=32, block_size=BLOCK))
+    return train_stage(model, Progressions(0, hooks), Progressions(1), c, run, "pretrain", c.max_steps,
+                       resume=resume), model
+
+
+def train_records(run: RunDir) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run.metrics) if r.get("split") == "train"}
+
+
+def val_steps(run: RunDir) -> list[int]:
+    return [r["step"] for r in read_metrics(run.metrics) if r.get("split") == "val"]
+
+
+def test_control_changes_take_effect_at_the_next_step(tmp_path):
+    run = make_run(tmp_path)
+    write = lambda **v: lambda: write_controls(run, v)  # noqa: E731
+    hooks = {5: write(lr=2e-3, grad_accum=2, eval_interval=3, dropout=0.25)}  # during step 5
+    result, model = train(run, cfg(), hooks)
+    assert result.steps == 12
+    recs = train_records(run)
+    # steps 1-5 ran on the recipe, steps 6.. (optimizer steps 5..11, 0-based) on the new peak lr
+    for step in range(1, 6):
+        assert recs[step]["lr"] == pytest.approx(lr_at(step - 1, 1e-2, 2, 12, 0.1))
+    for step in range(6, 13):
+        assert recs[step]["lr"] == pytest.approx(lr_at(step - 1, 2e-3, 2, 12, 0.1))
+    tokens = [recs[s]["tokens"] - recs[s - 1]["tokens"] for s in range(2, 13)]
+    assert tokens[:4] == [BATCH * BLOCK] * 4 and tokens[4:] == [2 * BATCH * BLOCK] * 7  # grad_accum 2 from step 6
+    assert val_steps(run) == [0, 4, 6, 9, 12]  # eval every 3 from the change on
+    assert all(m.p == 0.25 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    events = [r for r in read_metrics(run.metrics) if r.get("event") == "control"]
+    assert len(events) == 1 and events[0]["step"] == 5
+    assert events[0]["changes"] == {"lr": 2e-3, "grad_accum": 2, "dropout": 0.25, "eval_interval": 3}
+    assert "lr=0.002" in events[0]["label"]
+    state = read_state(run.checkpoint("last"))
+    assert state["control"] == {"lr": 2e-3, "grad_accum": 2, "dropout": 0.25, "eval_interval": 3}
+    # the stage ends by retiring the file, so a following stage starts from its own recipe
+    assert not run.control_file.exists() and (run.root / "control.pretrain.toml").is_file()
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("lr = [oops", "invalid TOML"),
+    ("lr = 1e-3\nlearning_rate = 1e-3\n", "unknown key 'control.learning_rate'"),
+    ("lr = -1e-3\n", "control.lr: must be > 0"),
+    ("grad_accum = 'two'\n", "control.grad_accum: expected int"),
+])
+def test_bad_control_file_is_rejected_and_the_run_continues(tmp_path, caplog, text, reason):
+    run = make_run(tmp_path)
+    hooks = {3: lambda: run.control_file.write_text(text)}
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        result, _ = train(run, cfg(max_steps=6, eval_interval=3), hooks)
+    assert result.steps == 6 and result.stop_reason == "completed"
+    assert any("control file rejected" in m and reason in m for m in caplog.messages)
+    rejected = [r for r in read_metrics(run.metrics) if "control_rejected" in r]
+    assert len(rejected) == 1 and rejected[0]["step"] == 3 and reason in rejected[0]["control_rejected"]
+    recs = train_records(run)
+    assert all(recs[s]["lr"] == pytest.approx(lr_at(s - 1, 1e-2, 2, 6, 0.1)) for s in range(1, 7))
+    assert not [r for r in read_metrics(run.metrics) if r.get("event") == "control"]
+
+
+def test_control_values_survive_resume_and_a_later_edit_applies(tmp_path):
+    run = make_run(tmp_path)
+    train(run, cfg(max_steps=8), {2: lambda: write_controls(run, {"lr": 4e-3, "patience": 5})})
+    assert read_state(run.checkpoint("last"))["control"] == {"lr": 4e-3, "patience": 5}
+    # continue the same stage for more steps; the file was retired, the checkpoint carries the values
+    hooks = {1: lambda: write_controls(run, {"checkpoint_interval": 2})}  # applies from step 9
+    train(run, cfg(max_steps=14, keep_checkpoints=3), hooks, resume=True)
+    recs = train_records(run)
+    assert recs[9]["lr"] == pytest.approx(lr_at(8, 4e-3, 2, 14, 0.1))
+    state = read_state(run.checkpoint("last"))
+    assert state["control"] == {"lr": 4e-3, "patience": 5, "checkpoint_interval": 2}
+    # checkpoints every 2 steps from step 9 on (10, 12, 14), not every 4 (8, 12, 14)
+    assert sorted(p.name for p in run.checkpoints.glob("pretrain-step-*")) == \
+        ["pretrain-step-0000010", "pretrain-step-0000012", "pretrain-step-0000014"]
+
+
+def test_keep_checkpoints_keeps_the_newest_snapshots_loadable(tmp_path):
+    run = make_run(tmp_path)
+    train(run, cfg(max_steps=10, checkpoint_interval=2, keep_checkpoints=3))
+    snaps = sorted(p.name for p in run.checkpoints.glob("pretrain-step-*"))
+    assert snaps == ["pretrain-step-0000006", "pretrain-step-0000008", "pretrain-step-0000010"]
+    assert read_state(run.checkpoint("pretrain-step-0000006"))["step"] == 6
+    last, snap = model_from_checkpoint(run.checkpoint("last")), model_from_checkpoint(run.checkpoint(snaps[-1]))
+    assert torch.equal(last.tok_emb.weight, snap.tok_emb.weight)
+    older = model_from_checkpoint(run.checkpoint(snaps[0]))
+    assert not torch.equal(last.tok_emb.weight, older.tok_emb.weight)
+    # a fresh run in the same directory drops the snapshots of the run it overwrote
+    train(run, cfg(max_steps=4, checkpoint_interval=2, keep_checkpoints=1))
+    assert sorted(p.name for p in run.checkpoints.glob("pretrain-step-*")) == ["pretrain-step-0000004"]
+
+
+def test_stop_file_and_signal_end_the_stage_after_the_step_with_a_checkpoint(tmp_path):
+    run = make_run(tmp_path)
+    assert main(["stop", str(run.root)]) == 0
+    assert run.stop_file.is_file()
+    result, _ = train(run, cfg(max_steps=10))
+    assert (result.steps, result.stop_reason) == (1, "stop_file") and not run.stop_file.exists()
+
+    run2 = make_run(tmp_path / "b")
+    result, model = train(run2, cfg(max_steps=10), {4: lambda: os.kill(os.getpid(), signal.SIGTERM)})
+    assert (result.steps, result.stop_reason) == (4, "interrupted")
+    state = read_state(run2.checkpoint("last"))
+    assert state["step"] == 4
+    assert torch.equal(model_from_checkpoint(run2.checkpoint("last")).tok_emb.weight, model.tok_emb.weight)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored after the stage
+
+
+def test_control_cli_writes_merges_and_validates(tmp_path, capsys):
+    run = make_run(tmp_path)
+    assert main(["control", str(run.root), "--lr", "1e-4", "--grad-accum", "4"]) == 0
+    assert main(["control", str(run.root), "--patience", "3"]) == 0
+    assert read_control_file(run.control_file) == {"lr": 1e-4, "grad_accum": 4, "patience": 3}
+    before = run.control_file.read_text()
+    capsys.readouterr()
+    assert main(["control", str(run.root), "--lr", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "lmforge: error: control.lr: must be > 0"
+    assert run.control_file.read_text() == before  # nothing written
+    assert main(["control", str(run.root)]) == 0
+    assert "patience = 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["control", "{d}", "--lr", "1e-4"], ["stop", "{d}"], ["plot", "{d}"],
+    ["resize-vocab", "{d}", "--vocab-size", "600"], ["run", "--resume", "--run-dir", "{d}"],
+])
+def test_a_directory_that_is_not_a_run_is_one_clear_line(tmp_path, capsys, argv):
+    (tmp_path / "notes.txt").write_text("not a run")
+    assert main([a.format(d=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lmforge: error: {tmp_path} is not an lmforge run directory (no config.toml)"]
+    assert not (tmp_path / "control.toml").exists() and not (tmp_path / "STOP").exists()
+
+
+def test_metrics_tensorboard_and_plots_with_markers(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = make_run(tmp_path)
+    train(run, cfg(max_steps=6), {3: lambda: write_controls(run, {"lr": 5e-3})})
+    rec = train_records(run)[6]
+    assert rec["memory_mb"] > 0 and rec["tokens_per_s"] > 0 and rec["grad_norm"] > 0
+    acc = EventAccumulator(str(run.tensorboard))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for name in ("loss", "lr", "grad_norm", "tokens_per_s", "memory_mb"):
+        assert f"pretrain/train/{name}" in tags
+    assert "pretrain/val/loss" in tags
+    assert len(acc.Scalars("pretrain/train/loss")) == 6
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmforge.train.metrics import _draw_run
+
+    fig, ax = plt.subplots()
+    _draw_run(ax, read_metrics(run.metrics))
+    labels = [t.get_text() for t in ax.texts]
+    plt.close(fig)
+    assert "pretrain start" in labels and "lr=0.005" in labels and "pretrain end: completed" in labels
+
+    other = make_run(tmp_path / "other")
+    train(other, cfg(max_steps=4, lr=3e-3))
+    out = plot_runs({"a": run.metrics, "b": other.metrics}, tmp_path / "cmp.png")
+    assert out is not None and out.stat().st_size > 10_000
+    assert plot_losses(tmp_path / "missing.jsonl", tmp_path / "x.png") is None
+    assert main(["plot", str(run.root), str(other.root), "--out", str(tmp_path / "cli.png")]) == 0
+    assert (tmp_path / "cli.png").stat().st_size > 10_000
+
+
+def test_plot_keeps_the_resumed_values_of_steps_logged_twice(tmp_path):
+    from lmforge.train.metrics import _latest_per_step
+
+    recs = [{"stage": "pretrain", "split": "train", "step": s, "loss": float(s)} for s in (1, 2, 3)]
+    recs += [{"stage": "pretrain", "split": "train", "step": 3, "loss": 30.0}]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"torn": ')
+    latest = _latest_per_step(read_metrics(path))
+    assert [(r["step"], r["loss"]) for r in latest] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert math.isfinite(latest[0]["loss"])
