@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
+import torch
+
 from lmforge.config import Recipe, save_recipe
 from lmforge.data.loader import TokenBatcher, resolve_phases
 from lmforge.data.qa import QABatcher, encode_examples, encode_for_inference
@@ -142,6 +144,7 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
     resume = resume and _can_resume(run, "pretrain")
     if resume:
         _check_resume_shape(run, cfg)
+    torch.manual_seed(recipe.seed)  # the initial weights are part of the recipe: two fresh runs are identical
     model = build_model(cfg)
     p = recipe.pretrain
     d = recipe.data

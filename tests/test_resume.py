@@ -1,0 +1,161 @@
+"""Exact resume after kill -9, crash-safe checkpoint writes, and resume refusals.
+
+The kills are real SIGKILLs of a child process at a chosen point, so nothing (no `finally`, no
+signal handler) gets a chance to tidy up, as with an out-of-memory kill or a power cut.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model import GPT, GPTConfig
+from lmforge.rundir import RunDir
+from lmforge.train.checkpoint import copy_checkpoint, model_from_checkpoint, read_state, save_checkpoint
+from lmforge.train.metrics import read_metrics
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+PRETRAIN = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    from pathlib import Path
+    from lmforge.config import load_recipe
+    from lmforge.pipeline import pretrain_stage
+    from lmforge.rundir import RunDir
+    from lmforge.train.metrics import MetricsLogger
+
+    run_dir, kill_after, resume = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "resume"
+    if kill_after:
+        log = MetricsLogger.log
+        def log_then_die(self, record):
+            log(self, record)
+            if record.get("split") == "train" and record["step"] == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        MetricsLogger.log = log_then_die
+    overrides = {"pretrain.max_steps": "16", "pretrain.checkpoint_interval": "6", "pretrain.eval_interval": "4",
+                 "pretrain.eval_batches": "2", "pretrain.log_interval": "1", "pretrain.batch_size": "8", "pretrain.warmup_steps": "4",
+                 "pretrain.device": "cpu", "pretrain.dtype": "float32"}
+    recipe = load_recipe(run_dir / "config.toml", overrides)
+    pretrain_stage(recipe, RunDir(run_dir), resume=resume)
+""")
+
+CRASH_MID_SAVE = textwrap.dedent("""
+    import os, pathlib, signal, sys
+    import torch
+    from lmforge.model import GPT, GPTConfig
+    from lmforge.train import checkpoint
+
+    path, where = pathlib.Path(sys.argv[1]), sys.argv[2]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=16))
+    checkpoint.save_checkpoint(path, model, {"step": 1})
+    with torch.no_grad():
+        model.tok_emb.weight.add_(1.0)
+    die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    if where == "before_state":  # weights of the new checkpoint written, its state.json not yet
+        checkpoint.atomic_write_json = die
+    else:  # between the two renames of the swap: old moved aside, new not yet in place
+        rename, calls = pathlib.Path.rename, []
+        def rename_then_die(self, target):
+            calls.append(target)
+            if len(calls) == 2:
+                die()
+            return rename(self, target)
+        pathlib.Path.rename = rename_then_die
+    checkpoint.save_checkpoint(path, model, {"step": 2}, {"x": torch.ones(3)})
+""")
+
+
+def run_child(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def fresh_run(tiny_run: Path, dst: Path) -> Path:
+    """A run directory with the tiny run's recipe, tokenizer and shards, and nothing trained yet."""
+    dst.mkdir(parents=True)
+    for name in ("config.toml", "tokenizer.json"):
+        shutil.copy2(tiny_run / name, dst / name)
+    shutil.copytree(tiny_run / "data", dst / "data")
+    return dst
+
+
+def losses(run_dir: Path, split: str) -> dict[int, float]:
+    """step -> loss, the last value logged for each step (a resumed run re-logs the steps it redoes)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == split}
+
+
+@pytest.mark.slow
+def test_kill_9_between_checkpoints_then_resume_matches_an_uninterrupted_run(tiny_run, tmp_path):
+    straight = fresh_run(tiny_run, tmp_path / "straight")
+    killed = fresh_run(tiny_run, tmp_path / "killed")
+    done = run_child(PRETRAIN, straight, 0, "fresh")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    died = run_child(PRETRAIN, killed, 9, "fresh")  # checkpoints at 6 and 12: dies after step 9
+    assert died.returncode == -signal.SIGKILL
+    assert read_state(killed / "checkpoints" / "last")["step"] == 6
+    assert max(losses(killed, "train")) == 9
+    resumed = run_child(PRETRAIN, killed, 0, "resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    a, b = losses(straight, "train"), losses(killed, "train")
+    assert sorted(a) == sorted(b) == list(range(1, 17))
+    for step in range(1, 17):  # before the kill too: fresh runs are reproducible
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    va, vb = losses(straight, "val"), losses(killed, "val")
+    assert [s for s in va if s > 6] == [s for s in vb if s > 6] == [8, 12, 16]
+    assert all(abs(va[s] - vb[s]) <= 1e-6 for s in (8, 12, 16))
+    wa = model_from_checkpoint(straight / "checkpoints" / "last").state_dict()
+    wb = model_from_checkpoint(killed / "checkpoints" / "last").state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0) for k in wa)
+    # both attempts' steps 7-9 are in the log (the plot keeps the resumed ones)
+    steps = [r["step"] for r in read_metrics(killed / "metrics.jsonl") if r.get("split") == "train"]
+    assert steps.count(8) == 2 and steps.count(10) == 1
+
+
+@pytest.mark.parametrize("where", ["before_state", "between_renames"])
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, where):
+    path = tmp_path / "checkpoints" / "last"
+    died = run_child(CRASH_MID_SAVE, path, where)
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    leftovers = {p.name for p in path.parent.iterdir()}
+    if where == "before_state":
+        assert any(n.startswith(".staging-last-") for n in leftovers) and "last" in leftovers
+    else:
+        assert "last" not in leftovers and "last.old" in leftovers  # the crash hit mid-swap
+    assert read_state(path)["step"] == 1
+    torch.manual_seed(0)
+    expected = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, block_size=16))
+    assert torch.equal(model_from_checkpoint(path).tok_emb.weight, expected.tok_emb.weight)
+    # the next save recovers: the dead writer's staging directory and the .old copy are gone
+    save_checkpoint(path, expected, {"step": 3})
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last"]
+    assert read_state(path)["step"] == 3
+
+
+def test_resuming_with_another_model_shape_is_a_clear_error(copy_run):
+    from conftest import tiny_recipe
+
+    from lmforge.pipeline import pretrain_stage
+
+    run = RunDir(copy_run())
+    copy_checkpoint(run.checkpoint("pretrained"), run.checkpoint("last"))  # a pretraining resume point
+    before = (run.checkpoint("last") / "model.safetensors").read_bytes()
+    with pytest.raises(LmforgeError) as err:
+        pretrain_stage(tiny_recipe(**{"model.n_embd": "32", "model.n_head": "2"}), run, resume=True)
+    message = str(err.value)
+    assert "\n" not in message and "model shape differs" in message and "n_embd: checkpoint 64 vs recipe 32" in message
+    assert (run.checkpoint("last") / "model.safetensors").read_bytes() == before
