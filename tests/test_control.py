@@ -268,3 +268,32 @@ def test_plot_keeps_the_resumed_values_of_steps_logged_twice(tmp_path):
     latest = _latest_per_step(read_metrics(path))
     assert [(r["step"], r["loss"]) for r in latest] == [(1, 1.0), (2, 2.0), (3, 30.0)]
     assert math.isfinite(latest[0]["loss"])
+
+
+@pytest.mark.slow
+def test_sigterm_during_pretraining_moves_a_chained_run_on_to_finetuning(copy_run, data_dir, monkeypatch):
+    from conftest import tiny_recipe
+
+    from lmforge.pipeline import run_recipe
+    from lmforge.train.metrics import MetricsLogger
+
+    run = RunDir(copy_run())
+    (run.root / "progress.json").write_text(json.dumps({"tokenizer": {"done": True}, "prepare": {"done": True}}))
+    log = MetricsLogger.log
+
+    def log_then_signal(self, record):
+        log(self, record)
+        if record.get("stage") == "pretrain" and record.get("split") == "train" and record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill RUN_PID` would, mid-pretraining
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_signal)
+    recipe = tiny_recipe(**{"pretrain.max_steps": "400", "pretrain.log_interval": "1", "finetune.max_steps": "3",
+                            "eval.squad_questions": "8"})
+    report = run_recipe(recipe, run.root, data_dir, resume=True)
+    progress = json.loads((run.root / "progress.json").read_text())
+    assert progress["pretrain"]["stop"] == "interrupted" and progress["pretrain"]["steps"] == 3
+    assert progress["finetune"]["done"] and progress["finetune"]["steps"] == 3
+    assert read_state(run.checkpoint("pretrained"))["stage"] == "pretrain"
+    assert report["squad"]["n"] == 8
+    events = [r["event"] for r in read_metrics(run.metrics) if "event" in r]
+    assert events[-3:] == ["pretrain_end", "finetune_start", "finetune_end"]

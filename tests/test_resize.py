@@ -1,0 +1,85 @@
+"""Vocabulary resize: learned rows follow their tokens, new rows start at the mean, training continues."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.config import load_recipe
+from lmforge.model import GPT, GPTConfig
+from lmforge.resize import token_row_map
+from lmforge.rundir import RunDir
+from lmforge.tokenizer import Tokenizer, train_tokenizer
+from lmforge.train.checkpoint import copy_checkpoint, load_trainer_state, model_from_checkpoint, read_state
+from lmforge.train.metrics import read_metrics
+
+TEXT = [" ".join(f"w{i * 7919 % 5000}" for i in range(j, j + 50)) for j in range(0, 5000, 50)]
+
+
+def test_resize_vocab_maps_rows_by_token_and_shrinks():
+    small, big = train_tokenizer(TEXT, 300, 10_000, 1), train_tokenizer(TEXT, 330, 10_000, 1)
+    assert big.vocab_size > small.vocab_size
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=big.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    old = model.tok_emb.weight.detach().clone()
+    rows = token_row_map(big, small, small.vocab_size)
+    assert all(r >= 0 for r in rows)  # every token of the smaller tokenizer is in the bigger one
+    model.resize_vocab(small.vocab_size, rows)
+    assert model.tok_emb.weight.shape[0] == small.vocab_size and model.lm_head.weight is model.tok_emb.weight
+    for new_id in range(small.vocab_size):
+        assert torch.equal(model.tok_emb.weight[new_id], old[big.hf.token_to_id(small.id_to_token(new_id))])
+    # growing by id: old rows stay, new rows are the mean embedding
+    model.resize_vocab(small.vocab_size + 5)
+    w = model.tok_emb.weight.detach()
+    assert torch.allclose(w[-1], w[: small.vocab_size].mean(0)) and model(torch.tensor([[1, 2]])).shape[-1] == w.shape[0]
+
+
+@pytest.mark.slow
+def test_resize_vocab_cli_grows_a_run_and_training_continues(copy_run, data_dir):
+    run = RunDir(copy_run())
+    copy_checkpoint(run.checkpoint("pretrain-step-0000150"), run.checkpoint("last"))  # resume point in pretraining
+    old_tok = Tokenizer.load(run.tokenizer)
+    old_last = model_from_checkpoint(run.checkpoint("last"))
+    old_moments = load_trainer_state(run.checkpoint("last"), read_state(run.checkpoint("last")))["optimizer"]
+
+    assert main(["resize-vocab", str(run.root), "--vocab-size", "2304", "--data-dir", str(data_dir)]) == 0
+    new_tok = Tokenizer.load(run.tokenizer)
+    assert new_tok.vocab_size == 2304
+    assert tomllib.loads(run.config.read_text())["tokenizer"]["vocab_size"] == 2304
+    for name in ("last", "best", "pretrained", "pretrain-step-0000150", "finetune-step-0000150"):
+        assert model_from_checkpoint(run.checkpoint(name)).cfg.vocab_size == 2304, name
+
+    new_last = model_from_checkpoint(run.checkpoint("last"))
+    old_w, new_w = old_last.tok_emb.weight.detach(), new_last.tok_emb.weight.detach()
+    kept = [i for i in range(2304) if old_tok.hf.token_to_id(new_tok.id_to_token(i)) is not None]
+    fresh = [i for i in range(2304) if i not in set(kept)]
+    assert len(kept) >= 2000 and fresh
+    for i in kept[::50] + kept[-3:]:
+        assert torch.equal(new_w[i], old_w[old_tok.hf.token_to_id(new_tok.id_to_token(i))])
+    assert torch.allclose(new_w[fresh[0]], old_w.mean(0))
+    assert all(torch.equal(a, b) for (k, a), (_, b) in zip(old_last.state_dict().items(),
+                                                          new_last.state_dict().items(), strict=True)
+               if "tok_emb" not in k and "lm_head" not in k)
+    state = read_state(run.checkpoint("last"))
+    trainer = load_trainer_state(run.checkpoint("last"), state)
+    emb_moments = [s["exp_avg"] for s in trainer["optimizer"]["state"].values() if s["exp_avg"].shape[0] == 2304]
+    old_emb = [s["exp_avg"] for s in old_moments["state"].values() if s["exp_avg"].shape[0] == old_w.shape[0]]
+    i = kept[-1]
+    assert torch.equal(emb_moments[0][i], old_emb[0][old_tok.hf.token_to_id(new_tok.id_to_token(i))])
+    assert torch.count_nonzero(emb_moments[0][fresh[0]]) == 0
+    assert state["step"] == 150 and math.isinf(state["best_val_loss"])
+    events = [r for r in read_metrics(run.metrics) if r.get("event") == "resize_vocab"]
+    assert events and events[-1]["label"] == "vocab 2048 -> 2304" and events[-1]["step"] == 150
+
+    # training continues from step 150 with the new vocabulary, from what it had learned
+    from lmforge.pipeline import pretrain_stage
+
+    recipe = load_recipe(run.config, {"pretrain.max_steps": "156", "pretrain.log_interval": "1"})
+    result = pretrain_stage(recipe, run, resume=True)
+    assert result.steps == 156
+    losses = [r["loss"] for r in read_metrics(run.metrics) if r.get("split") == "train" and r["step"] > 150]
+    assert len(losses) >= 6 and max(losses[-6:]) < math.log(2304) - 1.0  # far below an untrained model's loss
