@@ -132,19 +132,22 @@ def test_stop_strings_cut_the_text(client):
 # --------------------------------------------------------------------------- concurrency
 
 
-def test_concurrent_requests_do_not_corrupt_each_other(client):
+def test_concurrent_requests_do_not_corrupt_each_other(tiny_run):
     bodies = [{"model": "pretrained", "prompt": p, "max_tokens": 30, "temperature": 0.8, "seed": s}
               for s, p in enumerate(["Once upon a time", "The president said", "In 1850, the city", "She opened the",
                                      "The river", "A small dog", "Science is", "They walked"])]
-    sequential = [client.post("/v1/completions", json=b).json()["choices"][0]["text"] for b in bodies]
+    # 3 generating at once, so with 8 requests some wait in the queue
+    with ServerThread(build_app(tiny_run, serve_cfg=ServeConfig(max_concurrent=3, max_queue=8))) as url, \
+            httpx.Client(base_url=url, timeout=60) as client:
+        sequential = [client.post("/v1/completions", json=b).json()["choices"][0]["text"] for b in bodies]
 
-    def run(i: int) -> str:
-        if i % 2:
-            return stream_completion(client, "/v1/completions", bodies[i])[0]
-        return client.post("/v1/completions", json=bodies[i]).json()["choices"][0]["text"]
+        def run(i: int) -> str:
+            if i % 2:
+                return stream_completion(client, "/v1/completions", bodies[i])[0]
+            return client.post("/v1/completions", json=bodies[i]).json()["choices"][0]["text"]
 
-    with ThreadPoolExecutor(len(bodies)) as pool:  # more requests than generation slots (4): some queue
-        concurrent = list(pool.map(run, range(len(bodies))))
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            concurrent = list(pool.map(run, range(len(bodies))))
     assert concurrent == sequential
 
 
