@@ -101,6 +101,16 @@ def cmd_prepare(args, overrides) -> int:
     return 0
 
 
+def cmd_data_inspect(args, overrides) -> int:
+    from lmforge.data.inspect import format_report, inspect_data
+
+    if overrides:
+        raise LmforgeError(f"data inspect takes no recipe overrides (got --{next(iter(overrides))})")
+    report = inspect_data(args.run_dir, samples=args.samples)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def cmd_pretrain(args, overrides) -> int:
     from lmforge.pipeline import pretrain_stage
 
@@ -307,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tokenizer_train)
 
     stage("prepare", "tokenize the recipe's sources into token shards (RUN/data)", cmd_prepare)
+    data = sub.add_parser("data", help="look at a run's token shards")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data_sub.add_parser("inspect", help="counts per source, token histograms and decoded samples",
+                            description="Show what the model will see: per-source counts, shares, duplicates and "
+                                        "dropped records, document-length and token histograms, decoded samples.")
+    p.add_argument("run_dir", metavar="RUN", help="run directory (after `lmforge prepare`)")
+    p.add_argument("--samples", type=int, default=2, help="decoded documents shown per source (default 2)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_data_inspect)
+
     stage("pretrain", "pretrain the language model on the token shards", cmd_pretrain, data=False, resume=True)
     stage("finetune", "fine-tune the pretrained model on SQuAD-style question answering", cmd_finetune, resume=True)
     p = stage("eval", "evaluate: loss, perplexity, bits-per-byte, SQuAD EM/F1; writes RUN/eval/report.{json,md}",
