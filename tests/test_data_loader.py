@@ -182,3 +182,12 @@ def test_training_loop_follows_phases_and_resumes_on_the_same_batches(shards, tm
     part1 = train(tmp_path / "split", stop_after=3)
     part2 = train(tmp_path / "split", resume=True)
     assert part1.hashes + part2.hashes == whole.hashes
+
+
+def test_phase_plan_warns_about_a_phase_the_run_never_reaches(caplog):
+    from lmforge.data.loader import log_phase_plan
+
+    log_phase_plan(PHASES, tokens_per_step=BATCH * BLOCK, total_steps=50)
+    assert "never" not in caplog.text and "after this run" not in caplog.text
+    log_phase_plan(PHASES, tokens_per_step=BATCH * BLOCK, total_steps=20)
+    assert "data phase 2 'mix' starts at step 20, after this run's 20 steps" in caplog.text

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lmforge.config import Recipe, save_recipe
-from lmforge.data.loader import TokenBatcher, resolve_phases
+from lmforge.data.loader import TokenBatcher, log_phase_plan, resolve_phases
 from lmforge.data.qa import QABatcher, encode_examples, encode_for_inference
 from lmforge.data.shards import load_manifest, prepare_shards, tokenizer_hash
 from lmforge.data.sources import QAExample, data_dir_from_env, iter_documents, iter_qa_examples
@@ -148,9 +148,10 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
     model = build_model(cfg)
     p = recipe.pretrain
     d = recipe.data
-    train = TokenBatcher(run.data, "train", cfg.block_size, p.batch_size, seed=recipe.seed,
-                         phases=resolve_phases(d), shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch,
-                         delete_consumed=d.delete_consumed)
+    phases = resolve_phases(d)
+    log_phase_plan(phases, p.batch_size * p.grad_accum * cfg.block_size, p.max_steps)
+    train = TokenBatcher(run.data, "train", cfg.block_size, p.batch_size, seed=recipe.seed, phases=phases,
+                         shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch, delete_consumed=d.delete_consumed)
     val = TokenBatcher(run.data, "val", cfg.block_size, p.batch_size, seed=recipe.seed + 1)
     result = train_stage(model, train, val, p, run, "pretrain", p.max_steps, resume=resume, seed=recipe.seed)
     copy_checkpoint(run.checkpoint("best"), run.checkpoint(PRETRAINED))

@@ -46,6 +46,19 @@ def resolve_phases(data: DataConfig) -> list[Phase]:
             for i, p in enumerate(data.phases)]
 
 
+def log_phase_plan(phases: list[Phase], tokens_per_step: int, total_steps: int) -> None:
+    """Say at which step each phase starts; warn about a phase this run never reaches."""
+    start = 0
+    for i, phase in enumerate(phases):
+        step = -(-start // tokens_per_step)
+        if step >= total_steps:
+            log.warning("data phase %d '%s' starts at step %d, after this run's %d steps (lower the earlier phases' "
+                        "tokens)", i + 1, phase.name, step, total_steps)
+        elif len(phases) > 1:
+            log.info("data phase %d '%s' from step %d", i + 1, phase.name, step)
+        start += phase.tokens
+
+
 class SourceStream:
     """One source's split as a single sequence of windows over its shards (memmaps opened on first use)."""
 
