@@ -135,3 +135,17 @@ def test_no_sources_and_old_manifests_are_clear_errors(tmp_path, tok):
     (tmp_path / "manifest.json").write_text(json.dumps({"dtype": "uint16", "sources": []}))
     with pytest.raises(LmforgeError, match="prepare` again"):
         load_manifest(tmp_path)
+
+
+def test_changed_config_or_deleted_shards_redo_a_source(tmp_path, tok):
+    cfg = data_cfg(tmp_path)
+    out = tmp_path / "out"
+    first = prepare_shards(cfg, tok, None, out)
+    (out / first["sources"][1]["shards"]["train"][0]["file"]).unlink()  # as data.delete_consumed does
+    again = prepare_shards(cfg, tok, None, out)
+    assert again["sources"] == first["sources"]
+    assert all((out / s["file"]).is_file() for e in again["sources"] for s in e["shards"]["train"])
+    cfg.sources[0].min_chars = 300  # a changed source is prepared again (and so are those after it: dedup)
+    changed = prepare_shards(cfg, tok, None, out)
+    assert changed["sources"][0]["dropped"]["too_short"] > 0
+    assert changed["sources"][0]["docs"] < first["sources"][0]["docs"]

@@ -150,13 +150,16 @@ def _load_progress(folder: Path, key: str) -> dict:
             progress = json.loads(path.read_text())
         except json.JSONDecodeError:
             progress = None
-    if progress is None or progress.get("key") != key:
+    keep = set()
+    if progress is not None and progress.get("key") == key:
+        keep = {Path(s[f]).name for split in SPLITS for s in progress["shards"][split] for f in ("file", "index")}
+    if progress is None or progress.get("key") != key or not all((folder / name).is_file() for name in keep):
+        # changed config, files or tokenizer, or shards deleted (data.delete_consumed): start the source over
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         return _fresh_progress(key)
-    keep = {"progress.json"} | {Path(s[f]).name for split in SPLITS for s in progress["shards"][split]
-                                for f in ("file", "index")}
+    keep.add("progress.json")
     for f in folder.iterdir():  # an unfinished shard from the interrupted run
         if f.name not in keep:
             f.unlink()
