@@ -86,10 +86,20 @@ def cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def train(run: RunDir, c: TrainConfig, hooks: dict | None = None, resume: bool = False, model: GPT | None = None):
+class ValProgressions(Progressions):
+    def __init__(self):
+        super().__init__(1)
+        self.requested: list[int] = []
+
+    def fixed_batches(self, n: int):
+        self.requested.append(n)
+        return super().fixed_batches(n)
+
+
+def train(run: RunDir, c: TrainConfig, hooks: dict | None = None, resume: bool = False, val=None):
     torch.manual_seed(0)
-    model = model or GPT(GPTConfig(vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=32, block_size=BLOCK))
-    return train_stage(model, Progressions(0, hooks), Progressions(1), c, run, "pretrain", c.max_steps,
+    model = GPT(GPTConfig(vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=32, block_size=BLOCK))
+    return train_stage(model, Progressions(0, hooks), val or Progressions(1), c, run, "pretrain", c.max_steps,
                        resume=resume), model
 
 
@@ -104,8 +114,9 @@ def val_steps(run: RunDir) -> list[int]:
 def test_control_changes_take_effect_at_the_next_step(tmp_path):
     run = make_run(tmp_path)
     write = lambda **v: lambda: write_controls(run, v)  # noqa: E731
-    hooks = {5: write(lr=2e-3, grad_accum=2, eval_interval=3, dropout=0.25)}  # during step 5
-    result, model = train(run, cfg(), hooks)
+    hooks = {5: write(lr=2e-3, grad_accum=2, eval_interval=3, dropout=0.25, eval_batches=3)}  # during step 5
+    val = ValProgressions()
+    result, model = train(run, cfg(), hooks, val=val)
     assert result.steps == 12
     recs = train_records(run)
     # steps 1-5 ran on the recipe, steps 6.. (optimizer steps 5..11, 0-based) on the new peak lr
@@ -117,12 +128,14 @@ def test_control_changes_take_effect_at_the_next_step(tmp_path):
     assert tokens[:4] == [BATCH * BLOCK] * 4 and tokens[4:] == [2 * BATCH * BLOCK] * 7  # grad_accum 2 from step 6
     assert val_steps(run) == [0, 4, 6, 9, 12]  # eval every 3 from the change on
     assert all(m.p == 0.25 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert val.requested == [2, 3]  # the fixed validation set is rebuilt with 3 batches
     events = [r for r in read_metrics(run.metrics) if r.get("event") == "control"]
     assert len(events) == 1 and events[0]["step"] == 5
-    assert events[0]["changes"] == {"lr": 2e-3, "grad_accum": 2, "dropout": 0.25, "eval_interval": 3}
+    assert events[0]["changes"] == {"lr": 2e-3, "grad_accum": 2, "dropout": 0.25, "eval_interval": 3,
+                                    "eval_batches": 3}
     assert "lr=0.002" in events[0]["label"]
     state = read_state(run.checkpoint("last"))
-    assert state["control"] == {"lr": 2e-3, "grad_accum": 2, "dropout": 0.25, "eval_interval": 3}
+    assert state["control"] == {"lr": 2e-3, "grad_accum": 2, "dropout": 0.25, "eval_interval": 3, "eval_batches": 3}
     # the stage ends by retiring the file, so a following stage starts from its own recipe
     assert not run.control_file.exists() and (run.root / "control.pretrain.toml").is_file()
 
@@ -235,6 +248,8 @@ def test_metrics_tensorboard_and_plots_with_markers(tmp_path):
         assert f"pretrain/train/{name}" in tags
     assert "pretrain/val/loss" in tags
     assert len(acc.Scalars("pretrain/train/loss")) == 6
+    texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors("pretrain/events/text_summary")]
+    assert "lr=0.005" in texts and "pretrain start" in texts
 
     import matplotlib
 

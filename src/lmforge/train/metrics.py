@@ -37,6 +37,9 @@ class MetricsLogger:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+            if "event" in record:  # stage changes, control changes, resizes: readable in TensorBoard's text tab
+                self.writer.add_text(f"{record.get('stage', 'run')}/events", record.get("label", record["event"]),
+                                     record["step"])
 
     def close(self) -> None:
         self.fh.close()
