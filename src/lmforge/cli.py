@@ -137,8 +137,12 @@ def _print_report(report: dict) -> None:
 
 
 def cmd_eval(args, overrides) -> int:
+    from lmforge.evaluate import compare_table, load_report
     from lmforge.pipeline import eval_stage
 
+    if args.compare:
+        print(compare_table([load_report(r) for r in args.compare]), end="")
+        return 0
     recipe = load_recipe_for(args, overrides)
     run = _stage_run(args, recipe)
     report = eval_stage(recipe, run, args.data_dir, args.checkpoint)
@@ -194,6 +198,26 @@ def cmd_serve(args, overrides) -> int:
     if not run_dir:
         raise LmforgeError("give the RUN directory to serve")
     serve(run_dir, args.checkpoint, args.host, args.port, overrides, args.device)
+    return 0
+
+
+def cmd_export(args, overrides) -> int:
+    from lmforge.export import export_hf
+
+    if overrides:
+        raise LmforgeError(f"export takes no recipe overrides (got --{next(iter(overrides))})")
+    out = export_hf(args.run, args.out, args.checkpoint)
+    print(f"exported {args.run} ({args.checkpoint}) in Hugging Face format -> {out}")
+    return 0
+
+
+def cmd_import_hf(args, overrides) -> int:
+    from lmforge.export import import_hf
+
+    if overrides:
+        raise LmforgeError(f"import-hf takes no recipe overrides (got --{next(iter(overrides))})")
+    run = import_hf(args.source, args.run_dir)
+    print(f"imported {args.source} -> {run.root} (checkpoints: pretrained, best)")
     return 0
 
 
@@ -333,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("eval", "evaluate: loss, perplexity, bits-per-byte, SQuAD EM/F1; writes RUN/eval/report.{json,md}",
               cmd_eval)
     p.add_argument("--checkpoint", default="best", help="best | last | pretrained | PATH (default: best)")
+    p.add_argument("--compare", nargs="+", metavar="RUN",
+                   help="print one table comparing the eval reports of these run directories (no evaluation)")
     p = stage("run", "run every stage of a recipe: tokenizer, prepare, pretrain, finetune, eval, sample answer",
               cmd_run, resume=True)
 
@@ -399,6 +425,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, help="retrain the run's tokenizer with this vocabulary size instead")
     p.add_argument("--data-dir", help="local copies of datasets, used before the Hub (env LMFORGE_DATA_DIR)")
     p.set_defaults(func=cmd_resize_vocab)
+
+    p = sub.add_parser("export", help="export a run's model (Hugging Face format)",
+                       description="Write RUN's checkpoint as a transformers-loadable directory OUT "
+                                   "(LlamaForCausalLM config + model.safetensors + tokenizer + model card).")
+    p.add_argument("run", help="run directory")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--format", choices=["hf"], default="hf", help="output format (default: hf)")
+    p.add_argument("--checkpoint", default="best", help="best | last | pretrained | PATH (default: best)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-hf", help="import a Llama-architecture Hugging Face model into a run directory",
+                       description="Read a Hugging Face Llama directory (e.g. one `lmforge export` wrote) into a "
+                                   "new run directory whose pretrained/best checkpoints hold its weights.")
+    p.add_argument("source", help="Hugging Face model directory (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("--run-dir", required=True, help="new run directory")
+    p.set_defaults(func=cmd_import_hf)
     return parser
 
 

@@ -132,6 +132,7 @@ class EvalConfig:
     max_new_tokens: int = 24
     batch_size: int = 16
     n_examples: int = 20  # examples listed in the report
+    long_context: str = "truncate"  # contexts longer than the block: truncate | sliding_window
 
 
 @dataclass
@@ -319,6 +320,8 @@ def validate(recipe: Recipe) -> Recipe:
     _check(recipe.eval.squad_questions >= 0, "eval.squad_questions", "must be >= 0")
     _check(recipe.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
     _check(recipe.eval.batch_size > 0, "eval.batch_size", "must be > 0")
+    _check(recipe.eval.long_context in ("truncate", "sliding_window"), "eval.long_context",
+           "must be 'truncate' or 'sliding_window'")
     g = recipe.generate
     _check(g.temperature >= 0, "generate.temperature", "must be >= 0")
     _check(0 < g.top_p <= 1, "generate.top_p", "must be in (0, 1]")

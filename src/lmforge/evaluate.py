@@ -7,19 +7,22 @@ answer and the maximum is kept, and scores are averaged over questions (x100).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import string
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from lmforge.data.qa import encode_for_inference
+from lmforge.data.qa import EncodedQA, context_windows, encode_for_inference
 from lmforge.data.sources import QAExample
-from lmforge.generate import greedy_batch
+from lmforge.errors import LmforgeError
+from lmforge.generate import greedy_batch_scored
 from lmforge.model import GPT
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.loop import Batch, lm_loss
@@ -104,39 +107,60 @@ class SquadPrediction:
     em: float
 
 
-def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode: str, max_new_tokens: int,
-                    batch_size: int) -> tuple[dict[str, str], int, int]:
-    """Greedy answers for every example; returns (predictions by id, #skipped, #contexts truncated).
+LONG_CONTEXT = {
+    "truncate": "keep the beginning of the context (the answer position is unknown at evaluation)",
+    "sliding_window": "overlapping windows over the whole context (stride: half a window); the answer with "
+                      "the highest mean token log-probability wins",
+}
 
-    Prompts are built as in fine-tuning; a context too long for the block keeps its beginning
-    (truncation at evaluation: the answer position is unknown).
+
+def question_prompts(tokenizer: Tokenizer, ex: QAExample, mode: str, block_size: int, max_new_tokens: int,
+                     long_context: str) -> list[EncodedQA] | None:
+    """The prompt(s) for one question: one, or one per context window; None when the question does not fit."""
+    if mode == "context" and long_context == "sliding_window":
+        return context_windows(tokenizer, ex.question, ex.context, block_size, max_new_tokens)
+    enc = encode_for_inference(tokenizer, ex.question, ex.context if mode == "context" else None, block_size,
+                               max_new_tokens)
+    return None if enc is None else [enc]
+
+
+def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode: str, max_new_tokens: int,
+                    batch_size: int, long_context: str = "truncate") -> tuple[dict[str, str], int, int]:
+    """Greedy answers for every example; returns (predictions by id, #skipped, #contexts too long).
+
+    Prompts are built as in fine-tuning. A question that does not fit the block is skipped and scores
+    0 (it still counts in the average, as a missing prediction does in the official script).
     """
     predictions: dict[str, str] = {}
+    best: dict[str, float] = {}
     prompts: list[tuple[str, list[int]]] = []
-    skipped = truncated = 0
+    skipped = too_long = 0
     for ex in examples:
-        enc = encode_for_inference(tokenizer, ex.question, ex.context if mode == "context" else None,
-                                   model.cfg.block_size, max_new_tokens)
-        if enc is None:
+        encs = question_prompts(tokenizer, ex, mode, model.cfg.block_size, max_new_tokens, long_context)
+        predictions[ex.id] = ""
+        if encs is None:
             skipped += 1
-            predictions[ex.id] = ""
             continue
-        truncated += enc.context_truncated
-        prompts.append((ex.id, enc.ids))
+        too_long += encs[0].context_truncated
+        prompts.extend((ex.id, enc.ids) for enc in encs)
     # similar lengths together: less padding per batch
     prompts.sort(key=lambda item: len(item[1]))
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        outputs = greedy_batch(model, [p for _, p in chunk], max_new_tokens, tokenizer.eot_id, tokenizer.pad_id)
-        for (qid, _), out in zip(chunk, outputs):
-            predictions[qid] = tokenizer.decode(out).strip()
-    return predictions, skipped, truncated
+        outputs, scores = greedy_batch_scored(model, [p for _, p in chunk], max_new_tokens, tokenizer.eot_id,
+                                              tokenizer.pad_id)
+        for (qid, _), out, score in zip(chunk, outputs, scores, strict=True):
+            if score > best.get(qid, -math.inf):
+                best[qid] = score
+                predictions[qid] = tokenizer.decode(out).strip()
+    return predictions, skipped, too_long
 
 
 def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode: str, max_new_tokens: int,
-               batch_size: int, n_examples: int) -> dict:
+               batch_size: int, n_examples: int, long_context: str = "truncate") -> dict:
     start = time.time()
-    predictions, skipped, truncated = predict_answers(model, tokenizer, examples, mode, max_new_tokens, batch_size)
+    predictions, skipped, too_long = predict_answers(model, tokenizer, examples, mode, max_new_tokens, batch_size,
+                                                     long_context)
     elapsed = max(time.time() - start, 1e-9)
     scores = squad_scores(predictions, examples)
     listed = []
@@ -149,13 +173,19 @@ def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode
         **scores,
         "mode": mode,
         "skipped": skipped,
-        "contexts_truncated": truncated,
-        "context_truncation": "keep the beginning of the context (answer position unknown at evaluation)",
+        "contexts_truncated": too_long if long_context == "truncate" and mode == "context" else 0,
+        "contexts_windowed": too_long if long_context == "sliding_window" and mode == "context" else 0,
+        "long_context": long_context if mode == "context" else "n/a (closed-book)",
+        "context_truncation": LONG_CONTEXT[long_context] if mode == "context" else "no context (closed-book)",
         "questions_per_s": len(examples) / elapsed,
         "decoding": {"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                     "kv_cache": True},
+                     "kv_cache": True, "padding": "left"},
         "examples": listed,
     }
+
+
+def _dropped_text(dropped: dict) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in dropped.items()) or "none"
 
 
 def report_markdown(report: dict) -> str:
@@ -177,8 +207,12 @@ def report_markdown(report: dict) -> str:
         f"| QA mode | {squad.get('mode', '')} |",
         f"| questions/s | {squad.get('questions_per_s', 0):.1f} |",
         "",
-        f"Decoding: {squad.get('decoding', {})}. Contexts longer than the block: {squad.get('context_truncation', '')} "
-        f"({squad.get('contexts_truncated', 0)} truncated, {squad.get('skipped', 0)} skipped).",
+        f"Decoding: {squad.get('decoding', {})}.",
+        "",
+        f"Contexts longer than the block: {squad.get('context_truncation', '')} "
+        f"({squad.get('contexts_truncated', 0)} truncated, {squad.get('contexts_windowed', 0)} split into windows). "
+        f"Questions longer than the block: {squad.get('skipped', 0)} (scored 0). "
+        f"Unusable dev examples left out: {_dropped_text(squad.get('invalid_skipped', {}))}.",
         "",
         "## Examples",
         "",
@@ -193,3 +227,44 @@ def report_markdown(report: dict) -> str:
         lines.append(f"| {cell(ex['question'])} | {cell(' / '.join(ex['answers'][:3]))} | {cell(ex['prediction'])} "
                      f"| {ex['f1']} |")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- comparing runs
+
+COMPARE_COLUMNS = ("run", "checkpoint", "mode", "questions", "EM", "F1", "bpb", "perplexity", "questions/s",
+                   "long contexts")
+
+
+def compare_row(report: dict) -> list[str]:
+    squad = report.get("squad", {})
+    return [
+        report.get("run", "?"),
+        report.get("checkpoint", "?").rstrip("/").rsplit("/", 1)[-1],
+        squad.get("mode", "-"),
+        str(squad.get("n", 0)),
+        f"{squad.get('em', 0):.2f}",
+        f"{squad.get('f1', 0):.2f}",
+        f"{report.get('bpb', float('nan')):.4f}",
+        f"{report.get('perplexity', float('nan')):.2f}",
+        f"{squad.get('questions_per_s', 0):.1f}",
+        squad.get("long_context", "-"),
+    ]
+
+
+def compare_table(reports: list[dict]) -> str:
+    """One Markdown table with a row per evaluation report."""
+    lines = ["| " + " | ".join(COMPARE_COLUMNS) + " |", "|" + "---|" * len(COMPARE_COLUMNS)]
+    lines += ["| " + " | ".join(compare_row(r)) + " |" for r in reports]
+    return "\n".join(lines) + "\n"
+
+
+def load_report(run_dir: str | Path) -> dict:
+    """A run's eval/report.json (or a report file given directly), with a clear error when missing."""
+    path = Path(run_dir)
+    path = path if path.is_file() else path / "eval" / "report.json"
+    if not path.is_file():
+        raise LmforgeError(f"no evaluation report at {path} (run `lmforge eval --run-dir {run_dir}` first)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LmforgeError(f"{path}: unreadable report ({exc})") from None

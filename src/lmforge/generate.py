@@ -98,10 +98,13 @@ def generate(model: GPT, prompt_ids: list[int], params: SamplingParams, use_cach
 
 
 @torch.inference_mode()
-def greedy_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop_id: int, pad_id: int) -> list[list[int]]:
+def greedy_batch_scored(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop_id: int,
+                        pad_id: int) -> tuple[list[list[int]], list[float]]:
     """Greedy continuations of several prompts at once: left-padded, one shared KV cache.
 
-    Each returned list stops before the first `stop_id`.
+    Each returned list stops before the first `stop_id`. The second list holds each continuation's mean
+    log-probability per token (the stop token included when it was produced), so continuations of
+    different prompts can be ranked, e.g. answers from different windows of one long context.
     """
     model.eval()
     device = model.tok_emb.weight.device
@@ -115,16 +118,26 @@ def greedy_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop
     cache = model.new_cache(len(prompts), width + max_new)
     logits = model(ids, cache=cache, attention_mask=mask, last_only=True)[:, -1]
     out: list[list[int]] = [[] for _ in prompts]
+    logprob = torch.zeros(len(prompts), device=device)
+    count = torch.zeros(len(prompts), device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new):
         nxt = logits.argmax(-1)
+        step_lp = logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+        logprob += torch.where(done, 0.0, step_lp)
+        count += (~done).float()
         done |= nxt == stop_id
         for row in (~done).nonzero().flatten().tolist():
             out[row].append(int(nxt[row]))
         if bool(done.all()):
             break
         logits = model(nxt[:, None], cache=cache, last_only=True)[:, -1]
-    return out
+    return out, (logprob / count.clamp(min=1)).tolist()
+
+
+def greedy_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop_id: int, pad_id: int) -> list[list[int]]:
+    """Greedy continuations of several prompts at once (see greedy_batch_scored)."""
+    return greedy_batch_scored(model, prompts, max_new_tokens, stop_id, pad_id)[0]
 
 
 def _held_back(text: str, stop: list[str]) -> int:

@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 
 from lmforge.config import Recipe, save_recipe
 from lmforge.data.loader import TokenBatcher, log_phase_plan, resolve_phases
-from lmforge.data.qa import QABatcher, encode_examples, encode_for_inference
+from lmforge.data.qa import QABatcher, clean_examples, encode_examples, encode_for_inference
 from lmforge.data.shards import load_manifest, prepare_shards, tokenizer_hash
 from lmforge.data.sources import QAExample, data_dir_from_env, iter_documents, iter_qa_examples
 from lmforge.errors import LmforgeError
@@ -162,19 +163,30 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
 # --------------------------------------------------------------------------- fine-tuning
 
 
-def load_qa_splits(recipe: Recipe, data_dir: Path | None) -> tuple[list[QAExample], list[QAExample], list[QAExample]]:
-    """(train examples, dev examples for the fine-tuning validation loss, dev examples for EM/F1).
+@dataclass
+class QASplits:
+    train: list[QAExample]  # fine-tuning examples
+    val: list[QAExample]  # dev examples for the fine-tuning validation loss (the end of the dev file)
+    eval: list[QAExample]  # dev questions scored with EM/F1 (the start of the dev file)
+    dropped_train: dict[str, int]  # unusable examples left out, per reason
+    dropped_dev: dict[str, int]
+
+
+def load_qa_splits(recipe: Recipe, data_dir: Path | None) -> QASplits:
+    """The QA examples of a recipe, with unusable ones (empty answers, answers not in the context, ...)
+    left out and counted.
 
     The validation-loss examples come from the end of the dev file and the EM/F1 questions from its
     start, so that early stopping does not select on the questions it is scored on.
     """
     qa = recipe.qa
-    train = list(islice(iter_qa_examples(qa.train, data_dir), qa.max_train_examples or None))
-    dev = list(iter_qa_examples(qa.dev, data_dir))
+    raw_train = list(islice(iter_qa_examples(qa.train, data_dir), qa.max_train_examples or None))
+    train, dropped_train = clean_examples(raw_train, f"QA source '{qa.train.name}'")
+    dev, dropped_dev = clean_examples(list(iter_qa_examples(qa.dev, data_dir)), f"QA source '{qa.dev.name}'")
     n_eval = recipe.eval.squad_questions or len(dev)
     n_val = min(qa.max_dev_examples, max(len(dev) - n_eval, 0)) if qa.max_dev_examples else 0
     val = dev[len(dev) - n_val :] if n_val else dev[:1]
-    return train, val, dev[:n_eval]
+    return QASplits(train, val, dev[:n_eval], dict(dropped_train), dict(dropped_dev))
 
 
 def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, resume: bool = False) -> StageResult:
@@ -189,7 +201,8 @@ def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = No
         model = GPT(GPTConfig(**read_state(run.checkpoint("last"))["model_config"]))
     cfg = model.cfg
     f = recipe.finetune
-    train_ex, val_ex, _ = load_qa_splits(recipe, data_dir_from_env(data_dir))
+    splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
+    train_ex, val_ex = splits.train, splits.val
     mode, max_ans = recipe.qa.mode, recipe.qa.max_answer_tokens
     train_items = encode_examples(tok, train_ex, mode, cfg.block_size, max_ans, "fine-tuning train")
     val_items = encode_examples(tok, val_ex, mode, cfg.block_size, max_ans, "fine-tuning validation")
@@ -236,8 +249,10 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
     report: dict = {"run": str(run.root), "checkpoint": str(resolve_checkpoint(run, checkpoint)),
                     "stage": read_state(resolve_checkpoint(run, checkpoint)).get("stage")}
     report.update(text_metrics(model, val.fixed_batches(e.val_batches), tok.token_byte_lengths()))
-    _, _, questions = load_qa_splits(recipe, data_dir_from_env(data_dir))
-    report["squad"] = squad_eval(model, tok, questions, recipe.qa.mode, e.max_new_tokens, e.batch_size, e.n_examples)
+    splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
+    report["squad"] = squad_eval(model, tok, splits.eval, recipe.qa.mode, e.max_new_tokens, e.batch_size,
+                                 e.n_examples, e.long_context)
+    report["squad"]["invalid_skipped"] = splits.dropped_dev
     atomic_write_json(run.eval / "report.json", report)
     atomic_write_text(run.eval / "report.md", report_markdown(report))
     mark_done(run, "eval", em=report["squad"]["em"], f1=report["squad"]["f1"])

@@ -9,6 +9,7 @@ The loss is on the answer and its end-of-text only; prompt and padding positions
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,55 @@ class EncodedQA:
     ids: list[int]  # prompt followed by answer + end-of-text (training) or the prompt alone (inference)
     prompt_len: int
     context_truncated: bool = False
+
+
+# --------------------------------------------------------------------------- checking examples
+
+MAX_NAMED = 5  # ids named one by one in warnings; the rest are counted
+
+
+def example_problem(ex: QAExample) -> str | None:
+    """Why an example cannot be used (for training or scoring), or None when it is fine."""
+    if not ex.question.strip():
+        return "empty question"
+    if not ex.context.strip():
+        return "empty context"
+    answers = [a for a in ex.answers if a.strip()]
+    if not answers:
+        return "empty answer"
+    if not any(a in ex.context for a in answers):
+        return "answer text not in the context"
+    return None
+
+
+def clean_examples(examples: list[QAExample], what: str) -> tuple[list[QAExample], Counter]:
+    """Drop unusable examples with a warning naming their ids; returns (kept, count per reason).
+
+    Within a kept example, empty answers and answers absent from the context are dropped too (with
+    their offsets), so training and scoring only see gold answers that are really in the passage.
+    """
+    kept: list[QAExample] = []
+    dropped: Counter = Counter()
+    named: dict[str, list[str]] = {}
+    for ex in examples:
+        problem = example_problem(ex)
+        if problem is not None:
+            dropped[problem] += 1
+            named.setdefault(problem, []).append(ex.id or "?")
+            continue
+        pairs = [(a, s) for a, s in zip(ex.answers, ex.answer_starts or [-1] * len(ex.answers), strict=False)
+                 if a.strip() and a in ex.context]
+        if len(pairs) != len(ex.answers):
+            ex = QAExample(ex.id, ex.question, ex.context, [a for a, _ in pairs], [s for _, s in pairs], ex.title)
+        kept.append(ex)
+    for problem, ids in named.items():
+        more = f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else ""
+        log.warning("%s: skipped %d example(s) with %s: %s%s", what, len(ids), problem,
+                    ", ".join(ids[:MAX_NAMED]), more)
+    return kept, dropped
+
+
+# --------------------------------------------------------------------------- prompts
 
 
 def _context_window(tokenizer: Tokenizer, context: str, budget: int, answer_start: int | None) -> tuple[list[int], bool]:
@@ -56,15 +106,18 @@ def build_prompt(tokenizer: Tokenizer, question: str, context: str | None, budge
 
 
 def encode_for_training(tokenizer: Tokenizer, ex: QAExample, mode: str, block_size: int,
-                        max_answer_tokens: int) -> EncodedQA | None:
+                        max_answer_tokens: int) -> EncodedQA | str:
+    """The training sequence, or the reason the example cannot be used."""
+    if not ex.answers or not ex.answers[0].strip():
+        return "empty answer"
     answer_ids = tokenizer.encode(ex.answers[0].strip()) + [tokenizer.eot_id]
-    if len(answer_ids) - 1 > max_answer_tokens or len(answer_ids) == 1:
-        return None
+    if len(answer_ids) - 1 > max_answer_tokens:
+        return f"answer longer than {max_answer_tokens} tokens"
     budget = block_size + 1 - len(answer_ids)
     context = ex.context if mode == "context" else None
     built = build_prompt(tokenizer, ex.question, context, budget, ex.answer_starts[0] if ex.answer_starts else None)
     if built is None:
-        return None
+        return "question longer than the block"
     prompt, truncated = built
     return EncodedQA(prompt + answer_ids, len(prompt), truncated)
 
@@ -80,19 +133,39 @@ def encode_for_inference(tokenizer: Tokenizer, question: str, context: str | Non
 def encode_examples(tokenizer: Tokenizer, examples: list[QAExample], mode: str, block_size: int,
                     max_answer_tokens: int, what: str) -> list[EncodedQA]:
     encoded = []
+    skipped: Counter = Counter()
     for ex in examples:
         item = encode_for_training(tokenizer, ex, mode, block_size, max_answer_tokens)
-        if item is not None:
+        if isinstance(item, str):
+            skipped[item] += 1
+        else:
             encoded.append(item)
-    skipped = len(examples) - len(encoded)
     if skipped:
-        log.warning("%s: %d of %d QA examples skipped (empty/too-long answer or question longer than the block)",
-                    what, skipped, len(examples))
+        reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+        log.warning("%s: %d of %d QA examples skipped (%s)", what, sum(skipped.values()), len(examples), reasons)
     truncated = sum(e.context_truncated for e in encoded)
     if truncated:
         log.info("%s: %d contexts truncated to a window around the answer to fit block_size=%d", what, truncated,
                  block_size)
     return encoded
+
+
+def context_windows(tokenizer: Tokenizer, question: str, context: str, block_size: int,
+                    max_new_tokens: int) -> list[EncodedQA] | None:
+    """Prompts covering the whole context in overlapping windows (stride: half a window), or None when
+    the question alone does not fit. A context that fits gives exactly one prompt."""
+    q_ids = [tokenizer.question_id] + tokenizer.encode(question) + [tokenizer.answer_id]
+    budget = block_size - max_new_tokens - len(q_ids) - 1
+    if budget <= 0:
+        return None
+    ctx = tokenizer.encode(context)
+    stride = max(1, budget // 2)
+    starts = list(range(0, max(len(ctx) - budget, 0) + 1, stride))
+    if starts[-1] + budget < len(ctx):
+        starts.append(len(ctx) - budget)
+    many = len(starts) > 1
+    prompts = ([tokenizer.context_id] + ctx[s : s + budget] + q_ids for s in starts)
+    return [EncodedQA(p, len(p), many) for p in prompts]
 
 
 def collate(items: list[EncodedQA], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

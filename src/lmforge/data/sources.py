@@ -136,34 +136,45 @@ def _is_squad(obj: Any) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("data"), list)
 
 
+def _answer_start(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
 def _squad_records(obj: Any, path: Path) -> Iterator[QAExample]:
+    """QA examples of a nested SQuAD file. Malformed entries (not a dict, no context, no question, no
+    answers) are skipped with a warning naming the example id; they never stop the run."""
     if not _is_squad(obj):
         raise LmforgeError(f"{path}: not a SQuAD file (expected a top-level 'data' list)")
-    skipped = 0
-    for article in obj["data"]:
-        title = article.get("title", "") if isinstance(article, dict) else ""
-        for para in article.get("paragraphs", []) if isinstance(article, dict) else []:
-            context = para.get("context") if isinstance(para, dict) else None
-            if not isinstance(context, str):
-                skipped += 1
-                continue
-            for qa in para.get("qas", []):
-                question, qid = qa.get("question"), str(qa.get("id", ""))
-                answers = [a for a in qa.get("answers", []) if isinstance(a, dict) and isinstance(a.get("text"), str)]
-                if not isinstance(question, str) or not answers:
-                    skipped += 1
-                    log.warning("%s: example %s has no question or no answers; skipped", path, qid or "?")
+    skipped: list[str] = []
+    for a_i, article in enumerate(obj["data"]):
+        article = article if isinstance(article, dict) else {}
+        title = article.get("title", "") if isinstance(article.get("title"), str) else ""
+        paragraphs = article.get("paragraphs") if isinstance(article.get("paragraphs"), list) else []
+        for p_i, para in enumerate(paragraphs):
+            para = para if isinstance(para, dict) else {}
+            context = para.get("context")
+            qas = para.get("qas") if isinstance(para.get("qas"), list) else []
+            for q_i, qa in enumerate(qas):
+                qa = qa if isinstance(qa, dict) else {}
+                qid = str(qa.get("id") or f"{path.name}:{a_i}/{p_i}/{q_i}")  # a position names id-less entries
+                question = qa.get("question")
+                raw = qa.get("answers") if isinstance(qa.get("answers"), list) else []
+                answers = [a for a in raw if isinstance(a, dict) and isinstance(a.get("text"), str)]
+                if not isinstance(context, str) or not isinstance(question, str) or not answers:
+                    skipped.append(qid)
                     continue
                 yield QAExample(
                     id=qid,
                     question=question,
                     context=context,
                     answers=[a["text"] for a in answers],
-                    answer_starts=[int(a.get("answer_start", -1)) for a in answers],
+                    answer_starts=[_answer_start(a.get("answer_start")) for a in answers],
                     title=title,
                 )
     if skipped:
-        log.warning("%s: %d malformed SQuAD entries skipped", path, skipped)
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        log.warning("%s: skipped %d malformed SQuAD entries (missing context, question or answers): %s%s", path,
+                    len(skipped), ", ".join(skipped[:5]), more)
 
 
 # --------------------------------------------------------------------------- records: one dict per document

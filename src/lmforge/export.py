@@ -1,0 +1,291 @@
+"""Hugging Face export and import.
+
+lmforge's model is the Llama architecture on purpose (RoPE in the rotate-half layout, RMSNorm, SwiGLU
+gate/up/down, tied embeddings, no biases), so exporting is renaming tensors: the output directory loads
+with `AutoModelForCausalLM` / `AutoTokenizer` and gives the same logits. `import_hf` reads such a
+directory back into a run directory, for models of the same architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from lmforge.config import Recipe, load_recipe, save_recipe
+from lmforge.errors import LmforgeError
+from lmforge.io import atomic_write_text, replace_dir
+from lmforge.model import GPT, GPTConfig
+from lmforge.rundir import RunDir
+from lmforge.tokenizer import ANSWER, CONTEXT, EOT, PAD, QUESTION, Tokenizer
+from lmforge.train.checkpoint import model_weights, save_checkpoint
+
+log = logging.getLogger("lmforge")
+
+# lmforge tensor name -> Hugging Face Llama tensor name ("{i}" is the layer index)
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.o_proj.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise LmforgeError("Hugging Face export needs `transformers` (pip install 'lmforge[hf]')") from None
+    return transformers
+
+
+def to_hf_name(name: str) -> str:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    _, layer, rest = name.split(".", 2)  # layers.{i}.{rest}
+    return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+
+
+def from_hf_name(name: str) -> str:
+    for ours, theirs in _GLOBAL_NAMES.items():
+        if name == theirs:
+            return ours
+    if name.startswith("model.layers."):
+        _, _, layer, rest = name.split(".", 3)
+        for ours, theirs in _LAYER_NAMES.items():
+            if rest == theirs:
+                return f"layers.{layer}.{ours}"
+    raise LmforgeError(f"tensor '{name}' has no counterpart in lmforge's model (not a plain Llama model?)")
+
+
+def llama_config(cfg: GPTConfig, tok: Tokenizer):
+    """The `LlamaConfig` that describes an lmforge model exactly."""
+    transformers = _transformers()
+    return transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_head,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.block_size,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        hidden_act="silu",
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=tok.eot_id,
+        eos_token_id=tok.eot_id,
+        pad_token_id=tok.pad_id,
+        architectures=["LlamaForCausalLM"],
+        torch_dtype="float32",
+    )
+
+
+def hf_tokenizer(tok: Tokenizer):
+    """The tokenizer as a `PreTrainedTokenizerFast` with lmforge's special tokens named."""
+    transformers = _transformers()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok.hf,
+        eos_token=EOT,
+        bos_token=EOT,
+        pad_token=PAD,
+        additional_special_tokens=[CONTEXT, QUESTION, ANSWER],
+        padding_side="left",  # decoder-only batched generation pads on the left
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def model_card(recipe: Recipe, run: RunDir, checkpoint: Path, report: dict | None) -> str:
+    """README.md for the export: what it was trained on, with which recipe, and how it scored."""
+    sources = "\n".join(
+        f"- `{s.name}`: {s.hub or ''}{' / ' if s.hub and s.local else ''}{s.local or ''} (weight {s.weight})"
+        for s in recipe.data.sources
+    ) or "- (none recorded)"
+    qa = recipe.qa
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [lmforge, llama, question-answering, squad]",
+        "datasets: [rajpurkar/squad]",
+        "license: cc-by-sa-4.0",
+        "---",
+        "",
+        f"# {recipe.name} (lmforge)",
+        "",
+        f"A small decoder-only language model ({run.root.name}) trained with lmforge and exported to the Hugging "
+        "Face Llama format (`LlamaForCausalLM`). Checkpoint: `" + checkpoint.name + "`.",
+        "",
+        "## Training data",
+        "",
+        "Pretraining mixture:",
+        "",
+        sources,
+        "",
+        f"Question answering fine-tuning: SQuAD v1.1 train ({qa.train.hub or qa.train.local}), mode "
+        f"`{qa.mode}`, loss on answer tokens only. SQuAD is CC BY-SA 4.0 (Rajpurkar et al. 2016).",
+        "",
+        "## Prompt format",
+        "",
+        "```",
+        f"{CONTEXT}{{context}}{QUESTION}{{question}}{ANSWER}" if qa.mode == "context"
+        else f"{QUESTION}{{question}}{ANSWER}",
+        "```",
+        "",
+        f"The answer ends with `{EOT}`. Use greedy decoding (`do_sample=False`) for the evaluated behaviour.",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if report and "squad" in report:
+        sq = report["squad"]
+        lines += [
+            "| metric | value |",
+            "|---|---|",
+            f"| SQuAD v1.1 dev exact match | {sq['em']:.2f} |",
+            f"| SQuAD v1.1 dev F1 | {sq['f1']:.2f} |",
+            f"| questions | {sq['n']} ({sq['mode']}) |",
+            f"| held-out bits per byte | {report['bpb']:.4f} |",
+            f"| held-out perplexity | {report['perplexity']:.2f} |",
+            "",
+        ]
+    else:
+        lines += ["Not evaluated yet (run `lmforge eval`).", ""]
+    lines += ["## Recipe", "", "```toml", run.config.read_text(encoding="utf-8").strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -> Path:
+    """Write a `transformers`-loadable directory for a run's checkpoint; returns `out`.
+
+    The directory is written under a staging name and swapped in, so a failed export never leaves a
+    half-written model where a good one was.
+    """
+    from lmforge.pipeline import load, resolve_checkpoint
+
+    transformers = _transformers()
+    run = RunDir(Path(run_dir)).require()
+    model, tok = load(run.root, checkpoint)
+    ckpt = resolve_checkpoint(run, checkpoint)
+    recipe = load_recipe(run.config)
+    report_path = run.eval / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+
+    out = Path(out)
+    if out.exists() and not (out / "config.json").is_file():
+        raise LmforgeError(f"{out} exists and is not an exported model; choose an empty or new folder")
+    staging = out.with_name(f".staging-{out.name}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        config = llama_config(model.cfg, tok)
+        hf_model = transformers.LlamaForCausalLM(config)
+        weights = {to_hf_name(k): v for k, v in model_weights(model).items()}
+        missing, unexpected = hf_model.load_state_dict(weights, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise LmforgeError(f"export mapping incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        hf_model.tie_weights()
+        hf_model.save_pretrained(staging, safe_serialization=True)
+        hf_tokenizer(tok).save_pretrained(staging)
+        g = recipe.generate
+        transformers.GenerationConfig(
+            do_sample=g.temperature > 0, temperature=g.temperature or 1.0, top_k=g.top_k, top_p=g.top_p,
+            repetition_penalty=g.repetition_penalty, max_new_tokens=recipe.eval.max_new_tokens,
+            bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id,
+        ).save_pretrained(staging)
+        atomic_write_text(staging / "README.md", model_card(recipe, run, ckpt, report))
+        replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("exported %s (%s) -> %s", run.root, ckpt.name, out)
+    return out
+
+
+# --------------------------------------------------------------------------- import
+
+
+def _check_llama(config: dict, path: Path) -> None:
+    """Refuse (in one line) what lmforge's model cannot represent exactly."""
+    problems = []
+    if config.get("model_type") != "llama":
+        problems.append(f"model_type is {config.get('model_type')!r}, not 'llama'")
+    if config.get("num_key_value_heads", config.get("num_attention_heads")) != config.get("num_attention_heads"):
+        problems.append("grouped-query attention (num_key_value_heads != num_attention_heads)")
+    if not config.get("tie_word_embeddings", False):
+        problems.append("untied input/output embeddings")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        problems.append("bias terms")
+    if config.get("hidden_act", "silu") != "silu":
+        problems.append(f"activation {config.get('hidden_act')!r}")
+    rope = config.get("rope_scaling") or {}
+    rope_params = config.get("rope_parameters") or {}
+    if rope or rope_params.get("rope_type", "default") != "default":
+        problems.append("RoPE scaling")
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if head_dim * config["num_attention_heads"] != config["hidden_size"]:
+        problems.append("head_dim * heads != hidden_size")
+    if problems:
+        raise LmforgeError(f"{path}: cannot import into lmforge's architecture: {'; '.join(problems)}")
+
+
+def _rope_theta(config: dict) -> float:
+    return float((config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def import_hf(src: str | Path, run_dir: str | Path) -> RunDir:
+    """Read a Llama-architecture Hugging Face directory into a new run directory.
+
+    The weights become the run's `pretrained` and `best` checkpoints, so `lmforge finetune`, `eval`,
+    `generate` and `serve` work on it. The tokenizer must be one lmforge can use (its special tokens).
+    """
+    from safetensors.torch import load_file
+
+    src = Path(src)
+    cfg_path, weights_path, tok_path = src / "config.json", src / "model.safetensors", src / "tokenizer.json"
+    for p in (cfg_path, weights_path, tok_path):
+        if not p.is_file():
+            raise LmforgeError(f"{src}: missing {p.name} (expected a Hugging Face model directory)")
+    config = json.loads(cfg_path.read_text())
+    _check_llama(config, src)
+    tok = Tokenizer.load(tok_path)
+    cfg = GPTConfig(vocab_size=config["vocab_size"], n_layer=config["num_hidden_layers"],
+                    n_head=config["num_attention_heads"], n_embd=config["hidden_size"],
+                    block_size=config["max_position_embeddings"], mlp_hidden=config["intermediate_size"],
+                    rope_theta=_rope_theta(config), norm_eps=config.get("rms_norm_eps", 1e-5))
+    tensors = {k: v for k, v in load_file(weights_path).items() if k != "lm_head.weight"}
+    model = GPT(cfg)
+    model.load_state_dict({from_hf_name(k): v.to(torch.float32) for k, v in tensors.items()}, strict=False)
+    expected = set(model_weights(model))
+    got = {from_hf_name(k) for k in tensors}
+    if expected - got:
+        raise LmforgeError(f"{weights_path}: missing tensors {sorted(expected - got)[:3]}")
+
+    run = RunDir(Path(run_dir))
+    if run.root.is_dir() and any(run.root.iterdir()):
+        raise LmforgeError(f"run directory {run.root} already exists and is not empty")
+    run.root.mkdir(parents=True, exist_ok=True)
+    recipe = Recipe(name=src.name)
+    m = recipe.model
+    m.n_layer, m.n_head, m.n_embd, m.block_size = cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size
+    m.vocab_size, m.mlp_hidden, m.rope_theta, m.norm_eps = cfg.vocab_size, cfg.mlp_hidden, cfg.rope_theta, cfg.norm_eps
+    save_recipe(recipe, run.config)
+    tok.save(run.tokenizer)
+    state = {"stage": "import", "step": 0, "tokens": 0, "source": str(src)}
+    for name in ("pretrained", "best"):
+        save_checkpoint(run.checkpoint(name), model, state)
+    log.info("imported %s -> %s", src, run.root)
+    return run

@@ -1,0 +1,115 @@
+"""Hugging Face export: transformers loads it offline and computes what lmforge computes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmforge.errors import LmforgeError
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    from lmforge.export import export_hf
+
+    out = tmp_path_factory.mktemp("hf") / "tiny-hf"
+    export_hf(tiny_run, out)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def _hf(exported):
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported, local_files_only=True,
+                                                              dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(exported, local_files_only=True)
+    return model, tok
+
+
+def test_export_files_and_model_card(exported, tiny_run):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "README.md"):
+        assert (exported / name).is_file(), name
+    config = json.loads((exported / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    card = (exported / "README.md").read_text()
+    report = json.loads((tiny_run / "eval" / "report.json").read_text())
+    assert f"{report['squad']['f1']:.2f}" in card and "squad-contexts" in card and 'name = "tiny"' in card
+
+
+def test_hf_logits_and_greedy_generation_match_lmforge(exported, tiny_run):
+    import lmforge
+    from lmforge.generate import SamplingParams, generate, greedy_batch
+
+    ours, our_tok = lmforge.load(tiny_run)
+    theirs, their_tok = _hf(exported)
+    text = "<|context|>Paris is the capital of France.<|question|>What is the capital of France?<|answer|>"
+    ids = their_tok(text, add_special_tokens=False)["input_ids"]
+    prompt = [our_tok.context_id, *our_tok.encode("Paris is the capital of France."), our_tok.question_id,
+              *our_tok.encode("What is the capital of France?"), our_tok.answer_id]
+    assert ids == prompt  # same tokenizer, special tokens included
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        diff = (ours(x) - theirs(x).logits).abs().max().item()
+    assert diff < 1e-4
+
+    expected = generate(ours, ids, SamplingParams(max_new_tokens=12, temperature=0.0))
+    out = theirs.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                          eos_token_id=None, min_new_tokens=12)
+    assert out[0, len(ids):].tolist()[: len(expected)] == expected
+
+    # batched, left-padded: lmforge's evaluation decoding agrees with transformers' generate
+    prompts = [ids, our_tok.encode("Once upon a time there was")]
+    batch = their_tok([their_tok.decode(p) for p in prompts], add_special_tokens=False, padding=True,
+                      return_tensors="pt")
+    hf_out = theirs.generate(**batch, max_new_tokens=8, do_sample=False, eos_token_id=None, min_new_tokens=8)
+    ours_out = greedy_batch(ours, prompts, 8, stop_id=-1, pad_id=our_tok.pad_id)
+    width = batch["input_ids"].shape[1]
+    assert [row[width:].tolist() for row in hf_out] == ours_out
+
+
+def test_import_hf_round_trip(exported, tiny_run, tmp_path):
+    import lmforge
+    from lmforge.export import import_hf
+
+    run = import_hf(exported, tmp_path / "imported")
+    back, _ = lmforge.load(run.root, "pretrained")
+    orig, tok = lmforge.load(tiny_run)
+    x = torch.tensor([tok.encode("The bear ate the cake because it was hungry.")])
+    with torch.no_grad():
+        assert torch.equal(back(x), orig(x))
+    with pytest.raises(LmforgeError, match="not empty"):
+        import_hf(exported, run.root)
+
+
+def test_import_refuses_other_architectures(exported, tmp_path):
+    import shutil
+
+    from lmforge.export import import_hf
+
+    other = tmp_path / "gqa"
+    shutil.copytree(exported, other)
+    config = json.loads((other / "config.json").read_text())
+    config["num_key_value_heads"] = 1
+    config["tie_word_embeddings"] = False
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LmforgeError, match="grouped-query attention; untied"):
+        import_hf(other, tmp_path / "run")
+
+
+def test_export_refuses_to_overwrite_other_folders(tiny_run, tmp_path):
+    from lmforge.cli import main
+
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    assert main(["export", str(tiny_run), str(target), "--format", "hf"]) == 2
+    assert (target / "notes.txt").read_text() == "keep me"

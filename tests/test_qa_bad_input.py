@@ -1,0 +1,119 @@
+"""Bad QA input is counted, named and skipped; it never crashes fine-tuning or evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from lmforge.config import SourceConfig
+from lmforge.data.qa import clean_examples, context_windows, encode_examples
+from lmforge.data.sources import iter_qa_examples
+from lmforge.tokenizer import Tokenizer
+
+CONTEXT = "Paris is the capital of France. The Seine flows through Paris."
+LONG_QUESTION = "Which " + "very " * 400 + "long question is this?"
+
+
+def bad_squad(path):
+    qas = [
+        {"id": "ok-1", "question": "What is the capital of France?", "answers": [{"text": "Paris", "answer_start": 0}]},
+        {"id": "ok-2", "question": "What flows through Paris?", "answers": [{"text": "The Seine", "answer_start": 32},
+                                                                            {"text": "", "answer_start": 0}]},
+        {"id": "no-question", "answers": [{"text": "Paris", "answer_start": 0}]},
+        {"id": "no-answers", "question": "Who?"},
+        {"id": "answers-not-a-list", "question": "Who?", "answers": "Paris"},
+        "not a dict at all",
+        {"id": "empty-answer", "question": "What?", "answers": [{"text": "  ", "answer_start": 0}]},
+        {"id": "not-in-context", "question": "Where is Rome?", "answers": [{"text": "Italy", "answer_start": 3}]},
+        {"id": "bad-start", "question": "Capital?", "answers": [{"text": "Paris", "answer_start": "zero"}]},
+        {"id": "long-question", "question": LONG_QUESTION, "answers": [{"text": "Paris", "answer_start": 0}]},
+    ]
+    data = {"version": "1.1", "data": [
+        {"title": "France", "paragraphs": [{"context": CONTEXT, "qas": qas}, {"qas": [{"id": "no-context"}]},
+                                           "junk"]},
+        "junk article",
+    ]}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_loader_skips_malformed_entries_naming_them(tmp_path, caplog):
+    path = bad_squad(tmp_path / "bad.json")
+    src = SourceConfig(name="bad", local=str(path), format="squad")
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        examples = list(iter_qa_examples(src, None))
+    ids = [ex.id for ex in examples]
+    assert ids == ["ok-1", "ok-2", "empty-answer", "not-in-context", "bad-start", "long-question"]
+    assert examples[4].answer_starts == [-1]  # a non-integer offset becomes "unknown", not a crash
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    for bad in ("no-question", "no-answers", "answers-not-a-list", "bad.json:0/0/5"):
+        assert bad in warning
+
+
+def test_clean_examples_counts_and_names(tmp_path, caplog):
+    examples = list(iter_qa_examples(SourceConfig(name="bad", local=str(bad_squad(tmp_path / "b.json")),
+                                                  format="squad"), None))
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        kept, dropped = clean_examples(examples, "test")
+    assert [ex.id for ex in kept] == ["ok-1", "ok-2", "bad-start", "long-question"]
+    assert dropped == {"empty answer": 1, "answer text not in the context": 1}
+    assert kept[1].answers == ["The Seine"] and kept[1].answer_starts == [32]  # the empty gold answer is dropped
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "empty-answer" in warning and "not-in-context" in warning
+
+
+def test_training_encoding_counts_questions_longer_than_the_block(tiny_run, tmp_path, caplog):
+    tok = Tokenizer.load(tiny_run / "tokenizer.json")
+    examples = list(iter_qa_examples(SourceConfig(name="bad", local=str(bad_squad(tmp_path / "b.json")),
+                                                  format="squad"), None))
+    kept, _ = clean_examples(examples, "test")
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        items = encode_examples(tok, kept, "context", 128, 24, "train")
+    assert len(items) == 3
+    assert all(len(it.ids) <= 129 for it in items)
+    assert "1 question longer than the block" in caplog.text
+
+
+def test_sliding_windows_cover_the_whole_context(tiny_run):
+    tok = Tokenizer.load(tiny_run / "tokenizer.json")
+    context = " ".join(f"Sentence number {i} mentions the word w{i}." for i in range(60))
+    block, max_new = 128, 16
+    windows = context_windows(tok, "Which word?", context, block, max_new)
+    ctx_ids = tok.encode(context)
+    assert len(windows) > 2 and all(w.context_truncated for w in windows)
+    q_len = len(tok.encode("Which word?")) + 2
+    covered = set()
+    for w in windows:
+        assert len(w.ids) <= block - max_new
+        assert w.ids[0] == tok.context_id and w.ids[-1] == tok.answer_id
+        body = w.ids[1:-q_len]
+        start = next(s for s in range(len(ctx_ids)) if ctx_ids[s : s + len(body)] == body)
+        covered.update(range(start, start + len(body)))
+    assert covered == set(range(len(ctx_ids)))
+    # a short context gives exactly one, untruncated prompt; a question that cannot fit gives None
+    (single,) = context_windows(tok, "Which word?", "Short.", block, max_new)
+    assert not single.context_truncated
+    assert context_windows(tok, LONG_QUESTION, context, block, max_new) is None
+
+
+@pytest.mark.slow
+def test_finetune_and_eval_survive_bad_qa_files(copy_run, tmp_path):
+    from lmforge.config import load_recipe
+    from lmforge.pipeline import eval_stage, finetune_stage
+    from lmforge.rundir import RunDir
+
+    run = RunDir(copy_run())
+    path = bad_squad(tmp_path / "bad.json")
+    recipe = load_recipe(run.config, {"qa.train.local": str(path), "qa.dev.local": str(path),
+                                      "qa.max_dev_examples": "0", "eval.squad_questions": "0",
+                                      "finetune.eval_interval": "1"})
+    result = finetune_stage(recipe, run)
+    assert result.steps >= 1
+    report = eval_stage(recipe, run, checkpoint="best")
+    squad = report["squad"]
+    assert squad["n"] == 4  # the usable dev examples, the too-long question included (scored 0)
+    assert squad["skipped"] == 1
+    assert squad["invalid_skipped"] == {"empty answer": 1, "answer text not in the context": 1}
+    assert "answer text not in the context" in (run.eval / "report.md").read_text()
