@@ -221,6 +221,18 @@ def cmd_import_hf(args, overrides) -> int:
     return 0
 
 
+def cmd_probe(args, overrides) -> int:
+    from lmforge.probe import parse_probe, probe_run
+
+    if overrides:
+        raise LmforgeError(f"probe takes no recipe overrides (got --{next(iter(overrides))})")
+    probes = [parse_probe(p) for p in args.probe] if args.probe else None
+    report, out = probe_run(args.run, args.checkpoint, args.out, probes)
+    print((out / "report.md").read_text(encoding="utf-8"), end="")
+    print(f"report and heatmaps: {out}")
+    return 0
+
+
 def cmd_run(args, overrides) -> int:
     from lmforge.config import load_recipe
     from lmforge.pipeline import run_recipe
@@ -441,6 +453,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="Hugging Face model directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--run-dir", required=True, help="new run directory")
     p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("probe", help="coreference attention probes: does a pronoun attend to its referent?",
+                       description="Word-level attention of pronouns in probe sentences (raw and with the first "
+                                   "token discounted): table + heatmaps in RUN/probe/.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--checkpoint", default="best", help="best | last | pretrained | PATH (default: best)")
+    p.add_argument("--out", help="output folder (default: RUN/probe)")
+    p.add_argument("--probe", action="append", metavar="'SENTENCE|PRONOUN|REFERENT'",
+                   help="probe this sentence instead of the built-in set (repeatable)")
+    p.set_defaults(func=cmd_probe)
     return parser
 
 

@@ -94,10 +94,11 @@ def llama_config(cfg: GPTConfig, tok: Tokenizer):
     )
 
 
-def hf_tokenizer(tok: Tokenizer):
+def hf_tokenizer(tok: Tokenizer, block_size: int):
     """The tokenizer as a `PreTrainedTokenizerFast` with lmforge's special tokens named."""
     transformers = _transformers()
     return transformers.PreTrainedTokenizerFast(
+        model_max_length=block_size,
         tokenizer_object=tok.hf,
         eos_token=EOT,
         bos_token=EOT,
@@ -106,6 +107,21 @@ def hf_tokenizer(tok: Tokenizer):
         padding_side="left",  # decoder-only batched generation pads on the left
         clean_up_tokenization_spaces=False,
     )
+
+
+def _portable_tokenizer_class(path: Path) -> None:
+    """Name the tokenizer class every transformers version knows (v5 writes its new backend's name)."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
+
+
+def _training_summary(run: RunDir) -> str:
+    path = run.root / "progress.json"
+    progress = json.loads(path.read_text()) if path.is_file() else {}
+    parts = [f"{stage} {info['steps']} steps (best validation loss {info.get('best_val_loss', float('nan')):.4f})"
+             for stage, info in progress.items() if isinstance(info, dict) and "steps" in info]
+    return "; ".join(parts) or "not recorded"
 
 
 def model_card(recipe: Recipe, run: RunDir, checkpoint: Path, report: dict | None) -> str:
@@ -137,6 +153,8 @@ def model_card(recipe: Recipe, run: RunDir, checkpoint: Path, report: dict | Non
         "",
         f"Question answering fine-tuning: SQuAD v1.1 train ({qa.train.hub or qa.train.local}), mode "
         f"`{qa.mode}`, loss on answer tokens only. SQuAD is CC BY-SA 4.0 (Rajpurkar et al. 2016).",
+        "",
+        f"Training: {_training_summary(run)}.",
         "",
         "## Prompt format",
         "",
@@ -199,7 +217,8 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best") ->
             raise LmforgeError(f"export mapping incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
         hf_model.tie_weights()
         hf_model.save_pretrained(staging, safe_serialization=True)
-        hf_tokenizer(tok).save_pretrained(staging)
+        hf_tokenizer(tok, model.cfg.block_size).save_pretrained(staging)
+        _portable_tokenizer_class(staging / "tokenizer_config.json")
         g = recipe.generate
         transformers.GenerationConfig(
             do_sample=g.temperature > 0, temperature=g.temperature or 1.0, top_k=g.top_k, top_p=g.top_p,
