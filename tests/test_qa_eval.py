@@ -1,0 +1,126 @@
+"""SQuAD evaluation: scored batched decoding, long contexts (truncate / sliding window), report, --compare."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmforge.config import SourceConfig
+from lmforge.data.qa import context_windows
+from lmforge.data.sources import iter_qa_examples
+from lmforge.errors import ConfigError
+
+
+def _dev(data_dir, n):
+    src = SourceConfig(name="dev", local="squad/dev-v1.1.json", format="squad")
+    examples = []
+    for ex in iter_qa_examples(src, data_dir):
+        examples.append(ex)
+        if len(examples) == n:
+            return examples
+    return examples
+
+
+def test_greedy_batch_scores_are_mean_token_logprobs(tiny_run):
+    import lmforge
+    from lmforge.generate import greedy_batch_scored
+
+    model, tok = lmforge.load(tiny_run)
+    prompts = [tok.encode("Once upon a time"), tok.encode("The capital of France is a city called")]
+    outs, scores = greedy_batch_scored(model, prompts, 6, tok.eot_id, tok.pad_id)
+    for prompt, out, score in zip(prompts, outs, scores, strict=True):
+        scored = out + ([tok.eot_id] if len(out) < 6 else [])  # the stop token counts when produced
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + scored])).log_softmax(-1)[0]
+        targets = torch.tensor(scored)
+        expected = logp[len(prompt) - 1 : len(prompt) - 1 + len(scored)].gather(-1, targets[:, None]).mean()
+        assert score == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_sliding_window_picks_the_best_scored_window(tiny_run, data_dir, monkeypatch):
+    import lmforge
+    import lmforge.evaluate as ev
+
+    model, tok = lmforge.load(tiny_run)
+    examples = [ex for ex in _dev(data_dir, 40) if len(tok.encode(ex.context)) > 120][:3]
+    assert examples
+
+    def fake(model, prompts, max_new_tokens, stop_id, pad_id):
+        # "answer" = each window's first context token; score = that token's id
+        return [[p[1]] for p in prompts], [float(p[1]) for p in prompts]
+
+    monkeypatch.setattr(ev, "greedy_batch_scored", fake)
+    preds, skipped, windowed = ev.predict_answers(model, tok, examples, "context", 16, 4, "sliding_window")
+    assert skipped == 0 and windowed == len(examples)
+    for ex in examples:
+        windows = context_windows(tok, ex.question, ex.context, model.cfg.block_size, 16)
+        assert len(windows) > 1
+        assert preds[ex.id] == tok.decode([max(w.ids[1] for w in windows)]).strip()
+
+
+def test_squad_eval_long_context_modes(tiny_run, data_dir):
+    import lmforge
+    from lmforge.evaluate import squad_eval
+
+    model, tok = lmforge.load(tiny_run)
+    examples = _dev(data_dir, 12)
+    trunc = squad_eval(model, tok, examples, "context", 8, 8, 5)
+    slide = squad_eval(model, tok, examples, "context", 8, 8, 5, long_context="sliding_window")
+    closed = squad_eval(model, tok, examples, "closed_book", 8, 8, 5)
+    assert trunc["n"] == slide["n"] == closed["n"] == 12
+    assert trunc["contexts_truncated"] > 0 and trunc["contexts_windowed"] == 0
+    assert slide["contexts_windowed"] == trunc["contexts_truncated"] and slide["contexts_truncated"] == 0
+    assert "windows" in slide["context_truncation"] and slide["long_context"] == "sliding_window"
+    assert closed["long_context"].startswith("n/a") and closed["contexts_truncated"] == 0
+    assert len(trunc["examples"]) == 5 and {"question", "answers", "prediction", "f1", "em"} <= set(trunc["examples"][0])
+
+
+def test_report_fields(tiny_run):
+    report = json.loads((tiny_run / "eval" / "report.json").read_text())
+    squad = report["squad"]
+    for key in ("em", "f1", "n", "mode", "decoding", "examples", "questions_per_s", "long_context",
+                "context_truncation", "skipped", "invalid_skipped"):
+        assert key in squad, key
+    assert squad["decoding"]["strategy"] == "greedy" and squad["decoding"]["kv_cache"] is True
+    assert len(squad["examples"]) == 20
+    for key in ("checkpoint", "bpb", "perplexity", "val_loss"):
+        assert key in report
+    md = (tiny_run / "eval" / "report.md").read_text()
+    assert "Contexts longer than the block" in md and "bits per byte" in md
+
+
+def test_eval_compare_prints_one_table(tiny_run, tmp_path, capsys):
+    from lmforge.cli import main
+
+    report = json.loads((tiny_run / "eval" / "report.json").read_text())
+    other = tmp_path / "other"
+    (other / "eval").mkdir(parents=True)
+    (other / "eval" / "report.json").write_text(json.dumps({**report, "run": "other-run",
+                                                             "squad": {**report["squad"], "f1": 12.345}}))
+    assert main(["eval", "--compare", str(tiny_run), str(other)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 4 and table[0].startswith("| run |")
+    assert f"| {report['squad']['f1']:.2f} |" in table[2] and "| 12.35 |" in table[3] and "other-run" in table[3]
+    assert main(["eval", "--compare", str(tiny_run), str(tmp_path / "missing")]) == 2
+    assert "no evaluation report" in capsys.readouterr().err
+
+
+def test_long_context_is_validated():
+    from conftest import tiny_recipe
+
+    assert tiny_recipe(**{"eval.long_context": "sliding_window"}).eval.long_context == "sliding_window"
+    with pytest.raises(ConfigError, match="eval.long_context"):
+        tiny_recipe(**{"eval.long_context": "middle"})
+
+
+@pytest.mark.slow
+def test_eval_cli_sliding_window(copy_run, data_dir):
+    from lmforge.cli import main
+
+    run = copy_run()
+    assert main(["eval", "--run-dir", str(run), "--data-dir", str(data_dir), "--eval.squad_questions=16",
+                 "--eval.long_context=sliding_window"]) == 0
+    squad = json.loads((run / "eval" / "report.json").read_text())["squad"]
+    assert squad["n"] == 16 and squad["long_context"] == "sliding_window"
