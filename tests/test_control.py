@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -292,8 +293,9 @@ def test_sigterm_during_pretraining_moves_a_chained_run_on_to_finetuning(copy_ru
     from lmforge.pipeline import run_recipe
     from lmforge.train.metrics import MetricsLogger
 
-    run = RunDir(copy_run())
+    run = RunDir(copy_run())  # tokenized and sharded; pretraining and everything after not yet run
     (run.root / "progress.json").write_text(json.dumps({"tokenizer": {"done": True}, "prepare": {"done": True}}))
+    shutil.rmtree(run.checkpoints)
     log = MetricsLogger.log
 
     def log_then_signal(self, record):

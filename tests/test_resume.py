@@ -159,3 +159,16 @@ def test_resuming_with_another_model_shape_is_a_clear_error(copy_run):
     message = str(err.value)
     assert "\n" not in message and "model shape differs" in message and "n_embd: checkpoint 64 vs recipe 32" in message
     assert (run.checkpoint("last") / "model.safetensors").read_bytes() == before
+
+
+def test_resuming_pretraining_over_a_finetuned_run_is_refused(copy_run):
+    from conftest import tiny_recipe
+
+    from lmforge.pipeline import pretrain_stage
+
+    run = RunDir(copy_run())
+    assert read_state(run.checkpoint("last"))["stage"] == "finetune"
+    before = {n: (run.checkpoint(n) / "model.safetensors").read_bytes() for n in ("last", "best", "pretrained")}
+    with pytest.raises(LmforgeError, match="is a fine-tuning checkpoint: pretraining in this run is over"):
+        pretrain_stage(tiny_recipe(), run, resume=True)
+    assert before == {n: (run.checkpoint(n) / "model.safetensors").read_bytes() for n in before}

@@ -133,6 +133,13 @@ def _can_resume(run: RunDir, stage: str) -> bool:
         return False
 
 
+def _refuse_pretraining_over_finetuned(run: RunDir) -> None:
+    """`pretrain --resume` after fine-tuning would start over and overwrite last/best/pretrained."""
+    if _can_resume(run, "finetune"):
+        raise LmforgeError(f"{run.checkpoint('last')} is a fine-tuning checkpoint: pretraining in this run is over "
+                           "(resuming it would overwrite the fine-tuned model); pretrain in a new run directory")
+
+
 # --------------------------------------------------------------------------- pretraining
 
 
@@ -142,6 +149,8 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
     if manifest["tokenizer_hash"] != tokenizer_hash(tok):
         raise LmforgeError(f"{run.data}: shards were made with another tokenizer (run `lmforge prepare` again)")
     cfg = model_config(recipe, tok)
+    if resume:
+        _refuse_pretraining_over_finetuned(run)
     resume = resume and _can_resume(run, "pretrain")
     if resume:
         _check_resume_shape(run, cfg)
