@@ -196,8 +196,11 @@ def test_stop_file_and_signal_end_the_stage_after_the_step_with_a_checkpoint(tmp
     run = make_run(tmp_path)
     assert main(["stop", str(run.root)]) == 0
     assert run.stop_file.is_file()
-    result, _ = train(run, cfg(max_steps=10))
-    assert (result.steps, result.stop_reason) == (1, "stop_file") and not run.stop_file.exists()
+    result, _ = train(run, cfg(max_steps=3))  # a STOP from before the stage started does not end it
+    assert (result.steps, result.stop_reason) == (3, "completed") and not run.stop_file.exists()
+    result, _ = train(run, cfg(max_steps=10), {4: lambda: main(["stop", str(run.root)])})  # during step 4
+    assert (result.steps, result.stop_reason) == (4, "stop_file") and not run.stop_file.exists()
+    assert read_state(run.checkpoint("last"))["step"] == 4
 
     run2 = make_run(tmp_path / "b")
     result, model = train(run2, cfg(max_steps=10), {4: lambda: os.kill(os.getpid(), signal.SIGTERM)})

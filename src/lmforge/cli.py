@@ -281,7 +281,8 @@ def cmd_stop(args, overrides) -> int:
     from lmforge.train.control import request_stop
 
     path = request_stop(_run_dir(args.run))
-    print(f"{path}: the training stage stops after its current step and saves a checkpoint")
+    print(f"{path}: the training stage running there stops after its current step and saves a checkpoint "
+          "(if none is training, the file is ignored by the next one)")
     return 0
 
 

@@ -146,6 +146,9 @@ class StopRequest:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
+        if self.run.stop_file.exists():  # left from when nothing was training: it must not end this stage
+            self.run.stop_file.unlink(missing_ok=True)
+            log.warning("%s: ignoring a STOP file written before this stage started", self.run.stop_file)
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
