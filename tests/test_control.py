@@ -177,6 +177,31 @@ def test_control_values_survive_resume_and_a_later_edit_applies(tmp_path):
         ["pretrain-step-0000010", "pretrain-step-0000012", "pretrain-step-0000014"]
 
 
+def test_crash_and_resume_with_dropout_and_control_values_matches_an_uninterrupted_run(tmp_path):
+    """Dropout draws from the global RNG and control values change the step: resume must restore both."""
+
+    class Crash(Exception):
+        pass
+
+    def crash():
+        raise Crash
+
+    c = cfg(max_steps=12, eval_interval=4, checkpoint_interval=4)
+    runs = {name: make_run(tmp_path / name) for name in ("straight", "crashed")}
+    control = {"lr": 5e-3, "grad_accum": 2, "dropout": 0.1}
+    train(runs["straight"], c, {2: lambda: write_controls(runs["straight"], control)})
+    with pytest.raises(Crash):  # during step 7 (calls 5-6 are step 4, 7-8 step 5, ...)
+        train(runs["crashed"], c, {2: lambda: write_controls(runs["crashed"], control), 12: crash})
+    assert read_state(runs["crashed"].checkpoint("last"))["step"] == 4
+    runs["crashed"].control_file.unlink()  # the values must come back from the checkpoint
+    train(runs["crashed"], c, resume=True)
+    a, b = train_records(runs["straight"]), train_records(runs["crashed"])
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert all(abs(a[s]["loss"] - b[s]["loss"]) <= 1e-6 for s in range(1, 13)), [(a[s]["loss"], b[s]["loss"])
+                                                                                  for s in range(1, 13)]
+    assert b[12]["tokens"] == a[12]["tokens"] == (2 + 2 * 10) * BATCH * BLOCK
+
+
 def test_keep_checkpoints_keeps_the_newest_snapshots_loadable(tmp_path):
     run = make_run(tmp_path)
     train(run, cfg(max_steps=10, checkpoint_interval=2, keep_checkpoints=3))
