@@ -18,24 +18,35 @@ from lmforge.train.checkpoint import copy_checkpoint, load_trainer_state, model_
 from lmforge.train.metrics import read_metrics
 
 TEXT = [" ".join(f"w{i * 7919 % 5000}" for i in range(j, j + 50)) for j in range(0, 5000, 50)]
+OTHER_TEXT = [" ".join(f"zq{i * 31 % 900}x" for i in range(j, j + 50)) for j in range(0, 5000, 50)]
 
 
-def test_resize_vocab_maps_rows_by_token_and_shrinks():
-    small, big = train_tokenizer(TEXT, 300, 10_000, 1), train_tokenizer(TEXT, 330, 10_000, 1)
-    assert big.vocab_size > small.vocab_size
+def test_resize_vocab_maps_rows_by_token_string_and_shrinks():
+    old_tok = train_tokenizer(TEXT, 330, 100_000, 1)
+    new_tok = train_tokenizer(OTHER_TEXT, 300, 100_000, 1)  # other merges: shared tokens get other ids
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=big.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    model = GPT(GPTConfig(vocab_size=old_tok.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=8))
     old = model.tok_emb.weight.detach().clone()
-    rows = token_row_map(big, small, small.vocab_size)
-    assert all(r >= 0 for r in rows)  # every token of the smaller tokenizer is in the bigger one
-    model.resize_vocab(small.vocab_size, rows)
-    assert model.tok_emb.weight.shape[0] == small.vocab_size and model.lm_head.weight is model.tok_emb.weight
-    for new_id in range(small.vocab_size):
-        assert torch.equal(model.tok_emb.weight[new_id], old[big.hf.token_to_id(small.id_to_token(new_id))])
+    rows = token_row_map(old_tok, new_tok, new_tok.vocab_size)
+    model.resize_vocab(new_tok.vocab_size, rows)
+    assert model.tok_emb.weight.shape[0] == new_tok.vocab_size < old.shape[0]
+    assert model.lm_head.weight is model.tok_emb.weight
+    moved = shared = fresh = 0
+    for new_id in range(new_tok.vocab_size):
+        old_id = old_tok.hf.token_to_id(new_tok.id_to_token(new_id))
+        if old_id is None:
+            assert torch.allclose(model.tok_emb.weight[new_id], old.mean(0))
+            fresh += 1
+        else:
+            assert torch.equal(model.tok_emb.weight[new_id], old[old_id])
+            shared += 1
+            moved += old_id != new_id
+    assert shared > 256 and fresh > 0 and moved > 0
     # growing by id: old rows stay, new rows are the mean embedding
-    model.resize_vocab(small.vocab_size + 5)
+    n = model.tok_emb.weight.shape[0]
+    model.resize_vocab(n + 5)
     w = model.tok_emb.weight.detach()
-    assert torch.allclose(w[-1], w[: small.vocab_size].mean(0)) and model(torch.tensor([[1, 2]])).shape[-1] == w.shape[0]
+    assert torch.allclose(w[-1], w[:n].mean(0)) and model(torch.tensor([[1, 2]])).shape[-1] == n + 5
 
 
 @pytest.mark.slow
