@@ -292,6 +292,7 @@ def test_metrics_tensorboard_and_plots_with_markers(tmp_path):
     labels = [t.get_text() for t in ax.texts]
     plt.close(fig)
     assert "pretrain start" in labels and "lr=0.005" in labels and "pretrain end: completed" in labels
+    assert len(labels) == 3
 
     other = make_run(tmp_path / "other")
     train(other, cfg(max_steps=4, lr=3e-3))

@@ -108,13 +108,18 @@ def _draw_run(ax, records: list[dict[str, Any]], prefix: str = "", color: str | 
                 xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, style, label=f"{prefix}{stage} {split}", markersize=3, linewidth=1.2,
                         **({"color": color} if color else {}))
+    markers: dict[int, list[str]] = {}  # events at the same step share one line and one label
     for rec in records:
         event = rec.get("event")
         if event and rec.get("stage") in offsets:
+            label = rec.get("label", event)
             x = offsets[rec["stage"]] + rec.get("step", 0)
-            ax.axvline(x, color=color or "gray", linestyle="--", linewidth=0.8, alpha=0.7)
-            ax.annotate(f"{prefix}{rec.get('label', event)}", (x, 1), xycoords=("data", "axes fraction"), rotation=90,
-                        va="top", ha="right", fontsize=7, color=color or "gray")
+            if label not in markers.setdefault(x, []):
+                markers[x].append(label)
+    for x, labels in markers.items():
+        ax.axvline(x, color=color or "gray", linestyle="--", linewidth=0.8, alpha=0.7)
+        ax.annotate(prefix + " | ".join(labels), (x, 1), xycoords=("data", "axes fraction"), rotation=90,
+                    va="top", ha="right", fontsize=7, color=color or "gray")
 
 
 def _save_figure(fig, out_path: Path) -> Path:
