@@ -337,11 +337,11 @@ def validate(recipe: Recipe) -> Recipe:
 # --------------------------------------------------------------------------- overrides
 
 
-def _field_type(cls: type, key: str) -> Any:
+def _field_type(cls: type, name: str, dotted: str) -> Any:
     hints = typing.get_type_hints(cls)
-    if key not in hints:
-        raise ConfigError(f"unknown key '{key}'")
-    return hints[key]
+    if name not in hints:
+        raise ConfigError(f"unknown key '{dotted}' (known keys here: {', '.join(sorted(hints))})")
+    return hints[name]
 
 
 def _parse_scalar(text: str, tp: Any, key: str) -> Any:
@@ -376,9 +376,7 @@ def apply_override(data: dict[str, Any], dotted: str, text: str) -> None:
         part = parts[i]
         path.append(part)
         key = ".".join(path)
-        tp = _field_type(cls, part) if dataclasses.is_dataclass(cls) else None
-        if tp is None:
-            raise ConfigError(f"unknown key '{dotted}'")
+        tp = _field_type(cls, part, key)
         last = i == len(parts) - 1
         if typing.get_origin(tp) is list and not last:
             (item_cls,) = typing.get_args(tp)

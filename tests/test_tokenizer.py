@@ -1,0 +1,73 @@
+import pytest
+
+from lmforge.errors import LmforgeError
+from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+
+TRAIN_TEXT = ["The quick brown fox jumps over the lazy dog. " * 20, "Sarah said she would come. " * 20,
+              "Numbers 12345 and symbols #@! appear too. " * 10]
+
+TRICKY = [
+    "plain ascii",
+    "emoji 😀👩‍👩‍👧 and flags 🇫🇷",
+    "CJK 漢字かなカナ 한국어",
+    "combining e\u0301 vs \u00e9, a\u0308",
+    "control \x00\x01\t\r\n\x1b[0m chars",
+    "  leading and trailing spaces  ",
+    "mixed <|endoftext|> looking text",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TRAIN_TEXT, vocab_size=400, sample_chars=10_000, min_frequency=1)
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_round_trip_is_exact(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids, skip_special=False) == text
+
+
+def test_special_tokens_are_single_ids(tok):
+    for special in SPECIAL_TOKENS:
+        ids = tok.hf.encode(special, add_special_tokens=False).ids
+        assert len(ids) == 1
+    assert len({tok.eot_id, tok.pad_id, tok.context_id, tok.question_id, tok.answer_id}) == 5
+
+
+def test_learned_merges_compress(tok):
+    text = "The quick brown fox jumps over the lazy dog."
+    assert len(tok.encode(text)) < len(text.encode()) / 2
+
+
+def test_byte_lengths_sum_to_utf8_length(tok):
+    lengths = tok.token_byte_lengths()
+    for text in TRICKY:
+        if "<|" in text:  # special-token strings encode to the special id, which stands for no text bytes
+            continue
+        assert sum(int(lengths[i]) for i in tok.encode(text)) == len(text.encode("utf-8"))
+    assert lengths[tok.eot_id] == 0
+
+
+def test_save_and_load(tok, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    tok.save(path)
+    again = Tokenizer.load(path)
+    assert again.encode("hello world") == tok.encode("hello world")
+    assert again.eot_id == tok.eot_id
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(LmforgeError, match="tokenizer not found"):
+        Tokenizer.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(LmforgeError, match="not a valid tokenizer.json"):
+        Tokenizer.load(bad)
+
+
+def test_sample_chars_caps_training_text():
+    tok = train_tokenizer(["abc " * 10_000], vocab_size=1000, sample_chars=50, min_frequency=1)
+    # 50 characters of "abc abc ..." cannot produce many merges
+    assert tok.vocab_size < 300
