@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from lmforge.config import load_recipe
+from lmforge.generate import SamplingParams, filter_logits, generate, greedy_batch
+from lmforge.model import GPT, GPTConfig
+
+from .conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_embd=32, block_size=48)).eval()
+
+
+def test_logits_shape_and_causality(model):
+    x = torch.randint(0, 97, (3, 20))
+    logits = model(x)
+    assert logits.shape == (3, 20, 97)
+    changed = x.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 97
+    # positions before the change cannot see it
+    assert torch.allclose(model(changed)[:, :10], logits[:, :10], atol=1e-6)
+    assert not torch.allclose(model(changed)[:, 10:], logits[:, 10:], atol=1e-3)
+
+
+def test_kv_cache_matches_full_forward(model):
+    x = torch.randint(0, 97, (2, 16))
+    full = model(x)
+    cache = model.new_cache(2)
+    steps = [model(x[:, :5], cache=cache)] + [model(x[:, i : i + 1], cache=cache) for i in range(5, 16)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_left_padded_batch_matches_single_rows(model):
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    batched = greedy_batch(model, prompts, max_new_tokens=8, stop_id=-1, pad_id=0)
+    for p, out in zip(prompts, batched, strict=True):
+        single = generate(model, p, SamplingParams(max_new_tokens=8, temperature=0))
+        assert out == single
+
+
+def test_greedy_with_and_without_cache_agree(model):
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    assert generate(model, [1, 2, 3], params, use_cache=True) == generate(model, [1, 2, 3], params, use_cache=False)
+
+
+def test_sampling_is_reproducible_with_a_seed(model):
+    params = SamplingParams(max_new_tokens=15, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    a = generate(model, [1, 2, 3], params)
+    assert a == generate(model, [1, 2, 3], params)
+    assert a != generate(model, [1, 2, 3], SamplingParams(max_new_tokens=15, temperature=1.0, seed=4))
+
+
+def test_stop_token_and_block_limit(model):
+    first = generate(model, [1, 2, 3], SamplingParams(max_new_tokens=5, temperature=0))[0]
+    assert generate(model, [1, 2, 3], SamplingParams(max_new_tokens=5, temperature=0, stop_ids={first})) == []
+    long = generate(model, list(range(1, 40)), SamplingParams(max_new_tokens=100, temperature=0))
+    assert len(long) <= 48 - 1
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[True, False, False, True]]
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = ~torch.isinf(filter_logits(probs, 0, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+def test_repetition_penalty_discourages_seen_tokens(model):
+    plain = generate(model, [1, 2, 3], SamplingParams(max_new_tokens=30, temperature=0))
+    penalised = generate(model, [1, 2, 3], SamplingParams(max_new_tokens=30, temperature=0, repetition_penalty=5.0))
+    assert len(set(penalised)) > len(set(plain))
+
+
+def test_attention_probabilities(model):
+    x = torch.randint(0, 97, (1, 12))
+    logits, attn = model.forward_with_attention(x)
+    assert torch.allclose(logits, model(x), atol=1e-5)
+    assert len(attn) == 2 and attn[0].shape == (1, 4, 12, 12)
+    assert torch.allclose(attn[0].sum(-1), torch.ones(1, 4, 12), atol=1e-5)
+    assert float(attn[1].triu(1).abs().sum()) == 0.0  # causal
+
+
+def test_seed_recipe_is_about_67m_parameters():
+    r = load_recipe(REPO / "recipes" / "seed-67m.toml")
+    m = r.model
+    model = GPT(GPTConfig(vocab_size=r.tokenizer.vocab_size, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
+                          block_size=m.block_size))
+    assert 60e6 < model.num_parameters() < 70e6
+
+
+def test_tied_embeddings_and_resize(model):
+    m = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=16))
+    assert m.lm_head.weight is m.tok_emb.weight
+    old = m.tok_emb.weight.detach().clone()
+    m.resize_vocab(60)
+    assert m.tok_emb.weight.shape == (60, 16) and m.lm_head.weight is m.tok_emb.weight
+    assert torch.equal(m.tok_emb.weight[:50], old)
+    assert torch.allclose(m.tok_emb.weight[55], old.mean(0))
+    assert m(torch.tensor([[59]])).shape == (1, 1, 60)

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from lmforge.data.qa import QABatcher, collate, encode_examples, encode_for_inference, encode_for_training
+from lmforge.data.sources import QAExample
+from lmforge.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    text = "Paris is the capital of France. The river Seine flows through the city. " * 40
+    return train_tokenizer([text], vocab_size=400, sample_chars=20000, min_frequency=1)
+
+
+def example(context="Paris is the capital of France.", answer="Paris", start=0, question="What is the capital?"):
+    return QAExample(id="q1", question=question, context=context, answers=[answer], answer_starts=[start])
+
+
+def test_loss_is_on_answer_tokens_only(tok):
+    enc = encode_for_training(tok, example(), "context", block_size=128, max_answer_tokens=16)
+    x, y = collate([enc], tok.pad_id)
+    targets = [t for t in y[0].tolist() if t != -100]
+    assert targets == tok.encode("Paris") + [tok.eot_id]
+    # the position predicting the first answer token is the <|answer|> token
+    first = (y[0] != -100).nonzero()[0].item()
+    assert x[0, first].item() == tok.answer_id
+    assert enc.ids[0] == tok.context_id and tok.question_id in enc.ids
+
+
+def test_closed_book_has_no_context(tok):
+    enc = encode_for_training(tok, example(), "closed_book", block_size=128, max_answer_tokens=16)
+    assert tok.context_id not in enc.ids and enc.ids[0] == tok.question_id
+    assert tok.decode(enc.ids) == "What is the capital?Paris"
+
+
+def test_padding_never_learned(tok):
+    short = encode_for_training(tok, example(), "closed_book", 128, 16)
+    long = encode_for_training(tok, example(), "context", 128, 16)
+    x, y = collate([short, long], tok.pad_id)
+    pad_positions = x[0] == tok.pad_id
+    assert pad_positions.any()
+    assert (y[0][pad_positions] == -100).all()
+
+
+def test_long_context_keeps_a_window_around_the_answer(tok):
+    filler = "The river Seine flows through the city. " * 30
+    context = filler + "Paris is the capital of France. " + filler
+    start = context.index("Paris")
+    enc = encode_for_training(tok, example(context=context, start=start), "context", 64, 16)
+    assert enc is not None and enc.context_truncated and len(enc.ids) <= 65
+    prompt = tok.decode(enc.ids[: enc.prompt_len])
+    assert "Paris is the capital" in prompt
+
+
+def test_too_long_question_and_answer_are_skipped(tok, caplog):
+    long_q = example(question="why " * 200)
+    long_a = example(answer="Paris " * 50)
+    assert encode_for_training(tok, long_q, "context", 64, 16) is None
+    assert encode_for_training(tok, long_a, "context", 64, 16) is None
+    assert encode_for_inference(tok, "why " * 200, None, 64, 16) is None
+    items = encode_examples(tok, [example(), long_q, long_a], "context", 64, 16, "test")
+    assert len(items) == 1
+    assert "2 of 3 QA examples skipped" in caplog.text
+
+
+def test_inference_prompt_leaves_room_for_the_answer(tok):
+    enc = encode_for_inference(tok, "What is the capital?", "Paris is the capital of France. " * 50, 64, 16)
+    assert len(enc.ids) <= 64 - 16 and enc.ids[-1] == tok.answer_id
+
+
+def test_batcher_epochs_and_resume(tok):
+    items = [encode_for_training(tok, example(answer=a), "closed_book", 64, 16) for a in ["Paris", "France", "city"]]
+    b = QABatcher(items, batch_size=2, pad_id=tok.pad_id, seed=1)
+    assert b.steps_per_epoch == 2
+    seen = [b.next_batch() for _ in range(3)]
+    assert b.epoch == 1
+    state = b.state_dict()
+    nxt = b.next_batch()
+    b2 = QABatcher(items, batch_size=2, pad_id=tok.pad_id, seed=1)
+    b2.load_state_dict(state)
+    assert torch.equal(b2.next_batch()[0], nxt[0])
+    assert sum(x.shape[0] for x, _ in seen[:2]) == 3  # one epoch covers every example once

@@ -1,0 +1,172 @@
+"""The training loop, checkpoints and resume, on the tiny run's real token shards."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from lmforge.config import TrainConfig
+from lmforge.data.shards import TokenBatcher
+from lmforge.errors import LmforgeError
+from lmforge.model import GPT, GPTConfig
+from lmforge.rundir import RunDir
+from lmforge.tokenizer import Tokenizer
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.loop import train_stage
+from lmforge.train.metrics import read_metrics
+from lmforge.train.schedule import lr_at
+
+
+def fresh_run(tiny_run, tmp_path, name) -> RunDir:
+    """A run dir sharing the tiny run's tokenizer and shards, with no checkpoints or metrics."""
+    run = RunDir(tmp_path / name)
+    run.root.mkdir()
+    shutil.copy(tiny_run / "tokenizer.json", run.tokenizer)
+    shutil.copytree(tiny_run / "data", run.data)
+    shutil.copy(tiny_run / "config.toml", run.config)
+    return run
+
+
+def small_model(vocab: int) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=vocab, n_layer=1, n_head=2, n_embd=32, block_size=32, dropout=0.1))
+
+
+CFG = TrainConfig(max_steps=30, batch_size=4, lr=2e-3, warmup_steps=3, eval_interval=10, eval_batches=2,
+                  checkpoint_interval=10, log_interval=1)
+
+
+def batchers(run):
+    return (TokenBatcher(run.data, "train", 32, 4, seed=1), TokenBatcher(run.data, "val", 32, 4, seed=2))
+
+
+class InterruptAfter:
+    """Wraps a batch source; raises KeyboardInterrupt (a hard Ctrl-C) on the n-th batch."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n = inner, n
+
+    def next_batch(self):
+        self.n -= 1
+        if self.n < 0:
+            raise KeyboardInterrupt
+        return self.inner.next_batch()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def train_losses(run):
+    losses = {}
+    for rec in read_metrics(run.metrics):
+        if rec.get("split") == "train":
+            losses[rec["step"]] = rec["loss"]  # a resumed run rewrites steps after its checkpoint
+    return losses
+
+
+def test_schedule_warmup_and_cosine():
+    assert lr_at(0, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_at(10, 1.0, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_at(55, 1.0, 10, 100, 0.1) == pytest.approx(0.55)
+    assert lr_at(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_interrupted_run_resumes_exactly_and_checkpoint_reloads(tiny_run, tmp_path):
+    vocab = Tokenizer.load(tiny_run / "tokenizer.json").vocab_size
+    ref = fresh_run(tiny_run, tmp_path, "ref")
+    model = small_model(vocab)
+    train, val = batchers(ref)
+    result = train_stage(model, train, val, CFG, ref, "pretrain", CFG.max_steps, seed=5)
+    assert result.steps == 30 and result.stop_reason == "completed"
+    # the saved checkpoint gives bit-identical logits
+    x = torch.randint(0, vocab, (2, 32))
+    model.eval()
+    reloaded = ckpt.model_from_checkpoint(ref.checkpoint("last"))
+    assert torch.equal(model(x), reloaded(x))
+
+    run = fresh_run(tiny_run, tmp_path, "interrupted")
+    train, val = batchers(run)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(small_model(vocab), InterruptAfter(train, 25), val, CFG, run, "pretrain", CFG.max_steps, seed=5)
+    assert ckpt.read_state(run.checkpoint("last"))["step"] == 20
+    train, val = batchers(run)
+    resumed = train_stage(small_model(vocab), train, val, CFG, run, "pretrain", CFG.max_steps, resume=True, seed=5)
+    assert resumed.steps == 30
+    ref_losses, run_losses = train_losses(ref), train_losses(run)
+    for step in range(21, 31):
+        assert run_losses[step] == pytest.approx(ref_losses[step], abs=1e-6), step
+    assert (run.plots / "loss.png").stat().st_size > 0
+
+
+def test_stop_file_ends_the_stage_gracefully(tiny_run, tmp_path):
+    run = fresh_run(tiny_run, tmp_path, "stop")
+    vocab = Tokenizer.load(run.tokenizer).vocab_size
+    train, val = batchers(run)
+
+    class StopAt:
+        def __init__(self):
+            self.calls = 0
+
+        def next_batch(self):
+            self.calls += 1
+            if self.calls == 4:
+                run.stop_file.write_text("")
+            return train.next_batch()
+
+        def __getattr__(self, name):
+            return getattr(train, name)
+
+    result = train_stage(small_model(vocab), StopAt(), val, CFG, run, "pretrain", CFG.max_steps, seed=5)
+    assert result.stop_reason == "stop_file" and result.steps == 4
+    assert ckpt.read_state(run.checkpoint("last"))["step"] == 4
+    assert not run.stop_file.exists()  # consumed, so the next stage runs
+
+
+def test_early_stopping_with_patience(tiny_run, tmp_path):
+    run = fresh_run(tiny_run, tmp_path, "patience")
+    vocab = Tokenizer.load(run.tokenizer).vocab_size
+    train, val = batchers(run)
+    cfg = TrainConfig(max_steps=200, batch_size=4, lr=5.0, warmup_steps=0, eval_interval=2, eval_batches=1,
+                      patience=2, checkpoint_interval=50, log_interval=10, grad_clip=0.0)
+    try:
+        result = train_stage(small_model(vocab), train, val, cfg, run, "pretrain", cfg.max_steps, seed=5)
+    except LmforgeError as exc:  # a diverging run may hit the non-finite loss guard first: also a clear stop
+        assert "lower the learning rate" in str(exc)
+        return
+    assert result.stop_reason == "early_stopping" and result.steps < 200
+
+
+def test_checkpoint_from_another_shape_is_a_clear_error(tiny_run):
+    model = GPT(GPTConfig(vocab_size=2048, n_layer=2, n_head=2, n_embd=32, block_size=128))
+    with pytest.raises(LmforgeError, match="has shape .* the model expects .*another model shape"):
+        ckpt.load_weights(model, tiny_run / "checkpoints" / "best")
+
+
+def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    model = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=16))
+    path = tmp_path / "checkpoints" / "last"
+    ckpt.save_checkpoint(path, model, {"step": 1})
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(path, model, {"step": 2})
+    assert ckpt.read_state(path)["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last"]
+    # a swap that died between its two renames: readers fall back to the intact '.old' copy
+    path.rename(path.with_name("last.old"))
+    assert ckpt.read_state(path)["step"] == 1
+    monkeypatch.undo()
+    ckpt.save_checkpoint(path, model, {"step": 3})
+    assert ckpt.read_state(path)["step"] == 3 and not path.with_name("last.old").exists()
+
+
+def test_checkpoints_hold_no_pickle(tiny_run):
+    best = tiny_run / "checkpoints" / "best"
+    assert sorted(p.name for p in best.iterdir()) == ["model.safetensors", "state.json"]
+    state = json.loads((best / "state.json").read_text())
+    assert state["stage"] == "finetune" and state["model_config"]["n_layer"] == 2
