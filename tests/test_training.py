@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmforge.config import TrainConfig
-from lmforge.data.shards import TokenBatcher
+from lmforge.data.loader import TokenBatcher
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT, GPTConfig
 from lmforge.rundir import RunDir
