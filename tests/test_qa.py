@@ -55,8 +55,8 @@ def test_long_context_keeps_a_window_around_the_answer(tok):
 def test_too_long_question_and_answer_are_skipped(tok, caplog):
     long_q = example(question="why " * 200)
     long_a = example(answer="Paris " * 50)
-    assert encode_for_training(tok, long_q, "context", 64, 16) is None
-    assert encode_for_training(tok, long_a, "context", 64, 16) is None
+    assert encode_for_training(tok, long_q, "context", 64, 16) == "question longer than the block"
+    assert encode_for_training(tok, long_a, "context", 64, 16) == "answer longer than 16 tokens"
     assert encode_for_inference(tok, "why " * 200, None, 64, 16) is None
     items = encode_examples(tok, [example(), long_q, long_a], "context", 64, 16, "test")
     assert len(items) == 1

@@ -59,7 +59,7 @@ def test_non_utf8_is_replaced_and_counted(tmp_path, caplog):
         (lambda d: None, {"local": "missing.jsonl"}, "no local files match 'missing.jsonl'"),
         (lambda d: (d / "empty").mkdir(), {"local": "empty"}, "has no supported files"),
         (lambda d: (d / "e.txt").write_text("   \n"), {"local": "e.txt"}, "no documents in e.txt"),
-        (lambda d: pq.write_table(pa.table({"a": ["x"]}), d / "p.parquet"), {"local": "p.parquet"}, "no column 'text'"),
+        (lambda d: pq.write_table(pa.table({"a": ["x"]}), d / "p.parquet"), {"local": "p.parquet"}, "no documents in p.parquet"),
         (lambda d: (d / "j.json").write_text("{oops"), {"local": "j.json"}, "j.json: invalid JSON at line 1"),
         (lambda d: (d / "x.xml").write_text("<a/>"), {"local": "x.xml"}, "unsupported file type"),
         (lambda d: (d / "t.txt.gz").write_bytes(b"not gzip"), {"local": "t.txt.gz"}, "corrupt or truncated"),

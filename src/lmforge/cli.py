@@ -7,6 +7,7 @@ Every recipe value can be overridden after the subcommand's own options: `--mode
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
