@@ -117,3 +117,17 @@ def test_finetune_and_eval_survive_bad_qa_files(copy_run, tmp_path):
     assert squad["skipped"] == 1
     assert squad["invalid_skipped"] == {"empty answer": 1, "answer text not in the context": 1}
     assert "answer text not in the context" in (run.eval / "report.md").read_text()
+
+
+def test_training_window_keeps_the_answer_even_without_a_usable_offset(tiny_run):
+    from lmforge.data.qa import answer_position, encode_for_training
+    from lmforge.data.sources import QAExample
+
+    tok = Tokenizer.load(tiny_run / "tokenizer.json")
+    context = " ".join(f"Filler sentence {i} about nothing." for i in range(80)) + " The treasure is in Oslo."
+    for start in (-1, 3):  # missing, and pointing at the wrong place
+        ex = QAExample("x", "Where is the treasure?", context, ["Oslo"], [start])
+        assert answer_position(ex) == context.index("Oslo")
+        item = encode_for_training(tok, ex, "context", 128, 24)
+        assert item.context_truncated and len(item.ids) <= 129
+        assert "treasure is in Oslo" in tok.decode(item.ids[: item.prompt_len])

@@ -8,6 +8,7 @@ The loss is on the answer and its end-of-text only; prompt and padding positions
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -78,19 +79,36 @@ def clean_examples(examples: list[QAExample], what: str) -> tuple[list[QAExample
 # --------------------------------------------------------------------------- prompts
 
 
+@functools.lru_cache(maxsize=64)
+def _encode_with_offsets(tokenizer: Tokenizer, text: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    # SQuAD has ~5 questions per paragraph, listed together: caching the last contexts avoids
+    # re-tokenizing each paragraph for every question (about 4x faster encoding of the train set)
+    enc = tokenizer.hf.encode(text, add_special_tokens=False)
+    return tuple(enc.ids), tuple(enc.offsets)
+
+
 def _context_window(tokenizer: Tokenizer, context: str, budget: int, answer_start: int | None) -> tuple[list[int], bool]:
     """Context tokens cut to `budget`; when the answer position is known, the window keeps the answer."""
-    enc = tokenizer.hf.encode(context, add_special_tokens=False)
-    ids = enc.ids
+    ids, offsets = _encode_with_offsets(tokenizer, context)
     if len(ids) <= budget:
-        return ids, False
+        return list(ids), False
     if budget <= 0:
         return [], True
     start = 0
     if answer_start is not None and answer_start >= 0:
-        answer_tok = next((i for i, (a, b) in enumerate(enc.offsets) if b > answer_start), len(ids) - 1)
+        answer_tok = next((i for i, (a, b) in enumerate(offsets) if b > answer_start), len(ids) - 1)
         start = min(max(0, answer_tok - budget // 2), len(ids) - budget)
-    return ids[start : start + budget], True
+    return list(ids[start : start + budget]), True
+
+
+def answer_position(ex: QAExample) -> int | None:
+    """Character offset of the first gold answer; found by search when the file's offset is missing or wrong."""
+    answer = ex.answers[0]
+    start = ex.answer_starts[0] if ex.answer_starts else -1
+    if start >= 0 and ex.context.startswith(answer, start):
+        return start
+    found = ex.context.find(answer)
+    return found if found >= 0 else None
 
 
 def build_prompt(tokenizer: Tokenizer, question: str, context: str | None, budget: int,
@@ -115,7 +133,7 @@ def encode_for_training(tokenizer: Tokenizer, ex: QAExample, mode: str, block_si
         return f"answer longer than {max_answer_tokens} tokens"
     budget = block_size + 1 - len(answer_ids)
     context = ex.context if mode == "context" else None
-    built = build_prompt(tokenizer, ex.question, context, budget, ex.answer_starts[0] if ex.answer_starts else None)
+    built = build_prompt(tokenizer, ex.question, context, budget, answer_position(ex))
     if built is None:
         return "question longer than the block"
     prompt, truncated = built

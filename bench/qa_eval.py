@@ -1,0 +1,101 @@
+"""SQuAD evaluation throughput: lmforge's batched greedy decoding (left padding + one shared KV cache)
+against two baselines measured in the same run, on the same dev questions and the same weights:
+
+  sequential   lmforge, one question at a time (batch 1, KV cache): what evaluation costs without batching
+  hf           Hugging Face `transformers` generate on the run exported with `lmforge export --format hf`
+               (LlamaForCausalLM, left padding, same batch size, greedy)
+
+    python bench/qa_eval.py RUN [--questions 64] [--batch-size 32] [--data-dir ../shared/data]
+
+Also checks that the three produce the same answers (they decode the same greedy tokens).
+Last line: `qa_eval: batched/sequential X.XX, lmforge/hf X.XX` (questions/s ratios; > 1: lmforge faster)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+import lmforge
+from lmforge.config import load_recipe
+from lmforge.data.sources import data_dir_from_env, iter_qa_examples
+from lmforge.evaluate import predict_answers, squad_scores
+from lmforge.export import export_hf
+from lmforge.pipeline import answer_question
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def hf_answers(hf_dir: Path, prompts: dict[str, list[int]], max_new: int, batch_size: int, pad_id: int,
+               eos_id: int) -> dict[str, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    items = sorted(prompts.items(), key=lambda kv: len(kv[1]))  # same length grouping as lmforge
+    out: dict[str, str] = {}
+    with torch.inference_mode():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            width = max(len(p) for _, p in chunk)
+            ids = torch.full((len(chunk), width), pad_id)
+            mask = torch.zeros_like(ids)
+            for row, (_, p) in enumerate(chunk):
+                ids[row, width - len(p):] = torch.tensor(p)
+                mask[row, width - len(p):] = 1
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                                 eos_token_id=eos_id, pad_token_id=pad_id)
+            for (qid, _), row in zip(chunk, gen[:, width:], strict=True):
+                out[qid] = tok.decode(row, skip_special_tokens=True).strip()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run")
+    ap.add_argument("--questions", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--data-dir", default=None)
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    recipe = load_recipe(Path(args.run) / "config.toml")
+    model, tok = lmforge.load(args.run)
+    examples = list(islice(iter_qa_examples(recipe.qa.dev, data_dir_from_env(args.data_dir)), args.questions))
+    mode, max_new = recipe.qa.mode, recipe.eval.max_new_tokens
+    print(f"{len(examples)} dev questions, mode {mode}, max_new_tokens {max_new}, batch {args.batch_size}, "
+          f"threads {torch.get_num_threads()}")
+
+    (batched, _, _), t_batched = timed(lambda: predict_answers(model, tok, examples, mode, max_new, args.batch_size))
+    sequential, t_seq = timed(lambda: {
+        ex.id: answer_question(model, tok, ex.question, ex.context if mode == "context" else None, max_new)
+        for ex in examples})
+
+    from lmforge.evaluate import question_prompts
+
+    prompts = {ex.id: question_prompts(tok, ex, mode, model.cfg.block_size, max_new, "truncate")[0].ids
+               for ex in examples}
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = export_hf(args.run, Path(tmp) / "hf")
+        hf, t_hf = timed(lambda: hf_answers(hf_dir, prompts, max_new, args.batch_size, tok.pad_id, tok.eot_id))
+
+    n = len(examples)
+    for name, preds, t in (("lmforge batched", batched, t_batched), ("lmforge sequential", sequential, t_seq),
+                           ("hf generate batched", hf, t_hf)):
+        same = sum(preds[ex.id] == batched[ex.id] for ex in examples)
+        f1 = squad_scores(preds, examples)["f1"]
+        print(f"{name:22s} {n / t:7.2f} questions/s   F1 {f1:6.2f}   same answers as batched: {same}/{n}")
+    print(f"qa_eval: batched/sequential {t_seq / t_batched:.2f}, lmforge/hf {t_hf / t_batched:.2f}")
+
+
+if __name__ == "__main__":
+    main()
