@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,14 @@ from lmforge.config import SourceConfig
 from lmforge.data.qa import context_windows
 from lmforge.data.sources import iter_qa_examples
 from lmforge.errors import ConfigError
+
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
+
+
+def tiny_recipe(**overrides: str):
+    from lmforge.config import load_recipe
+
+    return load_recipe(TINY, overrides)
 
 
 def _dev(data_dir, n):
@@ -108,8 +117,6 @@ def test_eval_compare_prints_one_table(tiny_run, tmp_path, capsys):
 
 
 def test_long_context_is_validated():
-    from conftest import tiny_recipe
-
     assert tiny_recipe(**{"eval.long_context": "sliding_window"}).eval.long_context == "sliding_window"
     with pytest.raises(ConfigError, match="eval.long_context"):
         tiny_recipe(**{"eval.long_context": "middle"})
@@ -124,3 +131,15 @@ def test_eval_cli_sliding_window(copy_run, data_dir):
                  "--eval.long_context=sliding_window"]) == 0
     squad = json.loads((run / "eval" / "report.json").read_text())["squad"]
     assert squad["n"] == 16 and squad["long_context"] == "sliding_window"
+
+
+def test_validation_examples_never_overlap_the_scored_questions(data_dir):
+    from lmforge.pipeline import load_qa_splits
+
+    for n_eval in ("64", "0"):  # 0 = score every dev question
+        recipe = tiny_recipe(**{"eval.squad_questions": n_eval, "qa.max_train_examples": "500"})
+        splits = load_qa_splits(recipe, data_dir)
+        scored = {ex.id for ex in splits.eval}
+        assert len(scored) == (64 if n_eval == "64" else 10570)
+        assert len(splits.val) > 1 and not scored & {ex.id for ex in splits.val}
+        assert not {ex.id for ex in splits.train} & {ex.id for ex in splits.val}

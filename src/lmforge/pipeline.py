@@ -175,7 +175,7 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
 @dataclass
 class QASplits:
     train: list[QAExample]  # fine-tuning examples
-    val: list[QAExample]  # dev examples for the fine-tuning validation loss (the end of the dev file)
+    val: list[QAExample]  # examples for the fine-tuning validation loss (never the scored questions)
     eval: list[QAExample]  # dev questions scored with EM/F1 (the start of the dev file)
     dropped_train: dict[str, int]  # unusable examples left out, per reason
     dropped_dev: dict[str, int]
@@ -186,7 +186,8 @@ def load_qa_splits(recipe: Recipe, data_dir: Path | None) -> QASplits:
     left out and counted.
 
     The validation-loss examples come from the end of the dev file and the EM/F1 questions from its
-    start, so that early stopping does not select on the questions it is scored on.
+    start, so that early stopping does not select on the questions it is scored on. When every dev
+    question is scored (eval.squad_questions = 0), they are held out of the start of the train set instead.
     """
     qa = recipe.qa
     raw_train = list(islice(iter_qa_examples(qa.train, data_dir), qa.max_train_examples or None))
@@ -194,7 +195,12 @@ def load_qa_splits(recipe: Recipe, data_dir: Path | None) -> QASplits:
     dev, dropped_dev = clean_examples(list(iter_qa_examples(qa.dev, data_dir)), f"QA source '{qa.dev.name}'")
     n_eval = recipe.eval.squad_questions or len(dev)
     n_val = min(qa.max_dev_examples, max(len(dev) - n_eval, 0)) if qa.max_dev_examples else 0
-    val = dev[len(dev) - n_val :] if n_val else dev[:1]
+    if n_val:
+        val = dev[len(dev) - n_val :]
+    else:
+        n_hold = max(1, min(qa.max_dev_examples, len(train) // 10))
+        val, train = train[:n_hold], (train[n_hold:] if len(train) > n_hold else train)
+        log.info("every dev question is scored: %d train examples held out for the validation loss", len(val))
     return QASplits(train, val, dev[:n_eval], dict(dropped_train), dict(dropped_dev))
 
 
