@@ -156,3 +156,13 @@ def test_real_squad_contexts_are_unique_paragraphs(data_dir):
     src = SourceConfig(name="squad", local="squad/dev-v1.1.json", format="squad")
     docs = list(iter_documents(src, data_dir))
     assert len(docs) == len(set(docs)) and 2000 <= len(docs) <= 2067
+
+
+def test_real_pretraining_samples(data_dir):
+    stats: Counter = Counter()
+    stories = list(iter_documents(SourceConfig(name="tinystories", local="pretrain/tinystories/*.jsonl.gz"), data_dir,
+                                  stats))
+    assert len(stories) == stats["records"] == 3316 and stories[0].startswith("Spot. Spot saw the shiny car")
+    books = SourceConfig(name="books", local="pretrain/gutenberg", template="{title}\n\n{text}", max_chars=300_000)
+    titles = [doc.split("\n", 1)[0] for doc in iter_documents(books, data_dir)]
+    assert "Alice's Adventures in Wonderland" in titles and "Moby Dick: Or The Whale" not in titles  # too long
