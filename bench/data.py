@@ -7,6 +7,7 @@
 
     python bench/data.py            # throughput, loader, and the 100 MB peak-RSS point (minutes)
     python bench/data.py --gb       # also the 1 GB peak-RSS point (much longer on 2 cores)
+    python bench/data.py --rss-only --gb   # only the two peak-RSS points
 
 Generated corpora live in a temporary folder under /tmp and are deleted afterwards. Ends with one line:
     data: parallel/single X.XX, vs encode_batch X.XX, peak RSS 100MB A MB, 1GB B MB
@@ -18,6 +19,7 @@ import argparse
 import gzip
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -57,8 +59,9 @@ def write_corpus(path: Path, paragraphs: list[str], megabytes: float) -> int:
     return written
 
 
-def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """(seconds, peak RSS of the process tree in MB, stdout) of a child command."""
+def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, float, str]:
+    """(wall seconds, CPU seconds, peak RSS of the process tree in MB, stdout) of a child command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = psutil.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, text=True)
     peak = 0
@@ -69,10 +72,13 @@ def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str
         except psutil.Error:
             pass
         time.sleep(0.05)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes the workers, reaped by the child
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     out = proc.stdout.read()
     if proc.returncode:
         raise SystemExit(f"benchmark step failed: {' '.join(cmd)}")
-    return time.perf_counter() - start, peak / 2**20, out
+    return wall, cpu, peak / 2**20, out
 
 
 # --------------------------------------------------------------------------- child steps
@@ -128,7 +134,7 @@ def child_loader(shards: Path) -> None:
     opt = make_optimizer(model, p, torch.device("cpu"))
     x, y = loader.next_batch()
     steps = []
-    for _ in range(4):
+    for _ in range(3):  # the first step warms up
         t = time.perf_counter()
         lm_loss(model(x), y).backward()
         opt.step()
@@ -141,12 +147,41 @@ def child_loader(shards: Path) -> None:
 # --------------------------------------------------------------------------- the benchmark
 
 
+def throughput_and_loader(me: list[str], tmp: Path, tok_path: str, paragraphs: list[str], megabytes: float):
+    """Sharding throughput vs the two baselines, then loader vs training-step tokens/s; returns the ratios."""
+    corpus = tmp / "corpus.jsonl"
+    nbytes = write_corpus(corpus, paragraphs, megabytes)
+    mb = nbytes / 1e6
+    cores = len(os.sched_getaffinity(0))
+    single_env = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
+    t_single, c_single, _, tok_single = measured(me + ["encode", str(corpus), tok_path], single_env)
+    t_batch, c_batch, _, tok_batch = measured(me + ["encode", str(corpus), tok_path])
+    t_ours, c_ours, _, tok_ours = measured(me + ["prepare", str(corpus), tok_path, str(tmp / "s"), "0"])
+    assert int(tok_single) == int(tok_batch) == int(tok_ours), (tok_single, tok_batch, tok_ours)
+    print(f"throughput on {mb:.1f} MB, {cores} cores: single-process {mb / t_single:.2f} MB/s, encode_batch loop "
+          f"{mb / t_batch:.2f} MB/s, lmforge sharding {mb / t_ours:.2f} MB/s (wall clock)")
+    # On a machine shared with other work the wall-clock ratios understate parallelism; CPU seconds per MB
+    # do not depend on how many cores were free: the speed-up N idle cores would give is N x single / ours.
+    print(f"CPU seconds per MB: single {c_single / mb:.2f}, encode_batch {c_batch / mb:.2f}, lmforge {c_ours / mb:.2f}"
+          f" -> on {cores} idle cores lmforge would run {cores * c_single / c_ours:.2f}x single-process")
+
+    out = measured(me + ["loader", str(tmp / "s")])[3]
+    loader = json.loads(out)
+    print(f"loader {loader['loader']:,.0f} tokens/s vs cpu-small training step {loader['train']:,.0f} tokens/s: "
+          f"{loader['loader'] / loader['train']:.0f}x")
+    shutil.rmtree(tmp / "s")
+    corpus.unlink()
+
+    return t_single / t_ours, t_batch / t_ours
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", action="store_true", help="also measure peak RSS on the 1 GB corpus (slow on few cores)")
-    ap.add_argument("--mb", type=float, default=24, help="text for the throughput comparison (MB)")
+    ap.add_argument("--mb", type=float, default=16, help="text for the throughput comparison (MB)")
     ap.add_argument("--rss-mb", type=float, nargs=2, default=(100, 1000), metavar=("SMALL", "LARGE"),
                     help="corpus sizes of the two peak-RSS points (default 100 1000)")
+    ap.add_argument("--rss-only", action="store_true", help="only the peak-RSS points")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -164,26 +199,10 @@ def main() -> None:
         paragraphs = real_paragraphs()
         tok = train_tokenizer(paragraphs, vocab_size=8192, sample_chars=3_000_000)
         tok.save(tmp / "tokenizer.json")
-        corpus = tmp / "corpus.jsonl"
-        nbytes = write_corpus(corpus, paragraphs, args.mb)
-        mb = nbytes / 1e6
-        cores = len(os.sched_getaffinity(0))
-        single_env = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
-        t_single, _, tok_single = measured(me + ["encode", str(corpus), str(tmp / "tokenizer.json")], single_env)
-        t_batch, _, tok_batch = measured(me + ["encode", str(corpus), str(tmp / "tokenizer.json")])
-        t_ours, _, tok_ours = measured(me + ["prepare", str(corpus), str(tmp / "tokenizer.json"), str(tmp / "s"), "0"])
-        assert int(tok_single) == int(tok_batch) == int(tok_ours), (tok_single, tok_batch, tok_ours)
-        print(f"throughput on {mb:.1f} MB, {cores} cores: single-process {mb / t_single:.2f} MB/s, encode_batch loop "
-              f"{mb / t_batch:.2f} MB/s, lmforge sharding {mb / t_ours:.2f} MB/s")
-        parallel_single, vs_batch = t_single / t_ours, t_batch / t_ours
-
-        _, _, out = measured(me + ["loader", str(tmp / "s")])
-        loader = json.loads(out)
-        print(f"loader {loader['loader']:,.0f} tokens/s vs cpu-small training step {loader['train']:,.0f} tokens/s: "
-              f"{loader['loader'] / loader['train']:.0f}x")
-        shutil.rmtree(tmp / "s")
-        corpus.unlink()
-
+        tok_path = str(tmp / "tokenizer.json")
+        parallel_single = vs_batch = float("nan")
+        if not args.rss_only:
+            parallel_single, vs_batch = throughput_and_loader(me, tmp, tok_path, paragraphs, args.mb)
         rss = {}
         for label, size in zip(("100MB", "1GB"), args.rss_mb, strict=True):
             if label == "1GB" and not args.gb:
@@ -191,7 +210,7 @@ def main() -> None:
                 continue
             big = tmp / f"{label}.jsonl"
             write_corpus(big, paragraphs, size)
-            seconds, peak, _ = measured(me + ["prepare", str(big), str(tmp / "tokenizer.json"), str(tmp / label), "0"])
+            seconds, _, peak, _ = measured(me + ["prepare", str(big), tok_path, str(tmp / label), "0"])
             print(f"{label}: prepared in {seconds:.0f} s ({size / seconds:.2f} MB/s), peak RSS {peak:.0f} MB")
             rss[label] = peak
             big.unlink()

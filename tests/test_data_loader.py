@@ -175,6 +175,7 @@ def test_training_loop_follows_phases_and_resumes_on_the_same_batches(shards, tm
         return data
 
     whole = train(tmp_path / "whole")
+    assert whole._thread is None  # the loop stopped the prefetch thread
     events = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     phase_events = [e for e in events if e.get("event") == "phase"]
     assert [(e["stage"], e["step"], e["label"]) for e in phase_events] == [("pretrain", 6, "phase 2: mix")]

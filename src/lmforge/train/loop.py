@@ -50,7 +50,7 @@ class BatchSource(Protocol):
 
 
 def _data_hook(data: BatchSource, name: str) -> Any:
-    """Optional BatchSource hooks (the pretraining mixture has them): pop_events, checkpoint_saved."""
+    """Optional BatchSource hooks (the pretraining mixture has them): pop_events, checkpoint_saved, close."""
     hook = getattr(data, name, None)
     return hook() if hook is not None else None
 
@@ -313,6 +313,7 @@ def train_stage(
         control.archive(stage)
     finally:
         bar.close()
+        _data_hook(train_data, "close")  # e.g. stop a prefetching thread
         metrics.log({"event": f"{stage}_end", "stage": stage, "step": step, "label": f"{stage} end: {stop_reason}"})
         metrics.close()
         plot_losses(run.metrics, run.plots / "loss.png", title=run.root.name)
