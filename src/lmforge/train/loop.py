@@ -2,7 +2,9 @@
 
 AdamW with decoupled weight decay on matrices only, linear warmup + cosine decay, gradient
 accumulation and clipping, periodic evaluation on a fixed validation set, early stopping, best/last
-checkpoints, exact resume, and a graceful stop on Ctrl-C, SIGTERM or a STOP file in the run dir.
+checkpoints (plus the newest K as <stage>-step-N), exact resume, a graceful stop on Ctrl-C, SIGTERM
+or a STOP file in the run dir, and live changes from RUN/control.toml (train/control.py), polled once
+per step.
 """
 
 from __future__ import annotations
