@@ -15,7 +15,8 @@ import torch
 
 from lmforge.attention import word_attention
 from lmforge.config import ServeConfig
-from lmforge.generate import stream_text
+from lmforge.generate import SamplingParams, generate, stream_text
+from lmforge.model import GPTConfig
 from lmforge.pipeline import answer_question, load
 from lmforge.serve import ServerThread, build_app
 
@@ -66,6 +67,30 @@ def test_stream_text_stops_before_stop_strings_split_across_tokens():
     assert "".join(p for p, _, _ in out) == "Hello, world!! more" and not out[-1][2]
 
 
+class _EndsAtOnce(torch.nn.Module):
+    """A stand-in model whose most likely next token is always end-of-text (id 0), then id 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = GPTConfig(vocab_size=6, block_size=32)
+        self.tok_emb = torch.nn.Embedding(6, 2)
+
+    def new_cache(self, batch: int):
+        return None
+
+    def forward(self, ids, cache=None, last_only=False):
+        logits = torch.zeros(ids.shape[0], 1, 6)
+        logits[..., 0], logits[..., 3] = 5.0, 1.0
+        return logits
+
+
+def test_min_new_tokens_holds_back_end_of_text():
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, stop_ids={0})
+    assert generate(_EndsAtOnce(), [1, 2], params) == []
+    params.min_new_tokens = 3
+    assert generate(_EndsAtOnce(), [1, 2], params) == [3, 3, 3]
+
+
 # --------------------------------------------------------------------------- basics
 
 
@@ -96,6 +121,9 @@ def test_chat_answer_matches_the_pipeline(client, tiny_run):
         "temperature": 0, "max_tokens": 16,
         "messages": [{"role": "system", "content": CONTEXT}, {"role": "user", "content": QUESTION}]})
     assert r2.json()["choices"][0]["message"]["content"] == expected
+    forced = client.post("/v1/chat/completions", json={
+        "temperature": 0, "max_tokens": 16, "min_tokens": 6, "messages": [{"role": "user", "content": QUESTION}]})
+    assert forced.json()["usage"]["completion_tokens"] >= 6
     streamed, chunks = stream_completion(client, "/v1/chat/completions", {
         "temperature": 0, "max_tokens": 16, "context": CONTEXT, "messages": [{"role": "user", "content": QUESTION}]})
     assert streamed.strip() == expected
@@ -175,6 +203,7 @@ def test_overload_gets_429(tiny_run):
     ('{"prompt": "x", "max_tokens": 0}', "max_tokens", "greater than or equal to 1"),
     ('{"prompt": "x", "max_tokens": 100000}', "max_tokens", "at most"),
     ('{"prompt": "x", "n": 2}', "n", "only n=1"),
+    ('{"prompt": "x", "max_tokens": 2, "min_tokens": 5}', "min_tokens", "must not exceed"),
     ('{"prompt": ""}', "prompt", "empty"),
     ('{"temperature": 1}', "prompt", "Field required"),
     ('[1, 2]', None, "valid dictionary"),

@@ -153,7 +153,7 @@ def cmd_eval(args, overrides) -> int:
 
 def cmd_generate(args, overrides) -> int:
     from lmforge.config import GenerateConfig
-    from lmforge.generate import SamplingParams, generate_stream
+    from lmforge.generate import SamplingParams, generate_stream, stream_text
     from lmforge.pipeline import answer_question, load
 
     if overrides:
@@ -178,16 +178,10 @@ def cmd_generate(args, overrides) -> int:
     if not ids:
         raise LmforgeError("empty prompt")
     sys.stdout.write(args.prompt)
-    generated: list[int] = []
-    printed = ""
-    for token in generate_stream(model, ids, params):
-        generated.append(token)
-        text = tok.decode(generated)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
-    sys.stdout.write(tok.decode(generated)[len(printed):] + "\n")
+    for piece, _, _ in stream_text(tok.decode, generate_stream(model, ids, params)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
 
 

@@ -20,6 +20,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the text
     seed: int | None = None
     stop_ids: set[int] = field(default_factory=set)
+    min_new_tokens: int = 0  # stop ids cannot be sampled before this many new tokens
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -80,7 +81,9 @@ def generate_stream(model: GPT, prompt_ids: list[int], params: SamplingParams,
     gen = _generator(params.seed, device)
     cache = model.new_cache(1) if use_cache else None
     logits = model(ids, cache=cache, last_only=True)[:, -1]
-    for _ in range(max_new):
+    for step in range(max_new):
+        if step < params.min_new_tokens and params.stop_ids:
+            logits = logits.index_fill(-1, torch.tensor(sorted(params.stop_ids), device=device), float("-inf"))
         nxt = sample_next(logits, params, ids, gen)
         token = int(nxt)
         if token in params.stop_ids:

@@ -31,6 +31,8 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, defaults: Gener
         raise RequestError(f"max_tokens: at most {cfg.max_tokens} (serve.max_tokens)", "max_tokens")
     if max_new >= model.cfg.block_size:
         raise RequestError(f"max_tokens: at most {model.cfg.block_size - 1} for this model's block", "max_tokens")
+    if req.min_tokens > max_new:
+        raise RequestError(f"min_tokens: must not exceed max_tokens ({max_new})", "min_tokens")
     pick = lambda value, default: default if value is None else value  # noqa: E731
     return SamplingParams(
         max_new_tokens=max_new,
@@ -39,6 +41,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, defaults: Gener
         top_p=pick(req.top_p, defaults.top_p),
         repetition_penalty=pick(req.repetition_penalty, defaults.repetition_penalty),
         seed=req.seed,
+        min_new_tokens=req.min_tokens,
     )
 
 

@@ -27,6 +27,7 @@ class Strict(BaseModel):
 class SamplingFields(Strict):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
+    min_tokens: int = Field(0, ge=0)  # lmforge/vLLM extra: no end-of-text before this many tokens
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)

@@ -96,7 +96,7 @@ async function switchCheckpoint(id) {
 
 // ------------------------------------------------------------------ generation
 
-const SLIDERS = ["temperature", "top_k", "top_p", "repetition_penalty", "max_tokens"];
+const SLIDERS = ["temperature", "top_k", "top_p", "repetition_penalty", "max_tokens", "min_tokens"];
 
 function showValues() {
   for (const id of SLIDERS) {
@@ -106,6 +106,7 @@ function showValues() {
     else if (id === "top_p" && v >= 1) text = "off";
     else if (id === "repetition_penalty" && v === 1) text = "off";
     else if (id === "temperature" && v === 0) text = "0 (greedy)";
+    else if (id === "min_tokens" && v === 0) text = "off";
     $(`${id}-v`).textContent = text;
   }
 }
@@ -125,6 +126,7 @@ function requestBody() {
     stream: true, stream_options: { include_usage: true },
     temperature: +$("temperature").value, top_k: +$("top_k").value, top_p: +$("top_p").value,
     repetition_penalty: +$("repetition_penalty").value, max_tokens: +$("max_tokens").value,
+    min_tokens: Math.min(+$("min_tokens").value, +$("max_tokens").value),
   };
   if ($("seed").value !== "") body.seed = Math.floor(+$("seed").value);
   if (state.mode === "qa") {
@@ -214,6 +216,9 @@ async function generate() {
 
 // ------------------------------------------------------------------ input focus (bars)
 
+// show whitespace-only tokens (newlines, spaces) so their chips are not blank
+const visible = (t) => (t.trim() ? t : t.replace(/\n/g, "↵").replace(/ /g, "␣").replace(/\t/g, "⇥") || "∅");
+
 async function showFocus(body, completion) {
   const req = { completion, discount_first: $("focus-discount").checked };
   if (body.messages) { req.question = body.messages[0].content; if (body.context) req.context = body.context; }
@@ -239,7 +244,7 @@ function renderFocus() {
   f.tokens.forEach((t, i) => {
     const c = document.createElement("span");
     c.className = "chip" + (state.focusToken === i ? " active" : "");
-    c.textContent = t;
+    c.textContent = visible(t);
     c.onclick = () => { state.focusToken = state.focusToken === i ? null : i; renderFocus(); };
     chips.append(c);
   });
