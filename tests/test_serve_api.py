@@ -132,7 +132,9 @@ def test_chat_answer_matches_the_pipeline(client, tiny_run):
 
 
 def test_completion_streaming_matches_non_streaming(client):
-    body = {"model": "pretrained", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0.9, "seed": 7}
+    # min_tokens: the tiny model may otherwise end at once, which would make these checks vacuous
+    body = {"model": "pretrained", "prompt": "Once upon a time", "max_tokens": 24, "min_tokens": 12,
+            "temperature": 0.9, "seed": 7}
     whole = client.post("/v1/completions", json=body).json()
     text = whole["choices"][0]["text"]
     assert whole["usage"]["completion_tokens"] > 0 and text
@@ -146,7 +148,7 @@ def test_completion_streaming_matches_non_streaming(client):
 
 
 def test_stop_strings_cut_the_text(client):
-    body = {"model": "pretrained", "prompt": "The", "max_tokens": 40, "temperature": 0}
+    body = {"model": "pretrained", "prompt": "The", "max_tokens": 40, "min_tokens": 30, "temperature": 0}
     text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
     assert len(text) > 6
     stop = text[3:6]
@@ -161,7 +163,7 @@ def test_stop_strings_cut_the_text(client):
 
 
 def test_concurrent_requests_do_not_corrupt_each_other(tiny_run):
-    bodies = [{"model": "pretrained", "prompt": p, "max_tokens": 30, "temperature": 0.8, "seed": s}
+    bodies = [{"model": "pretrained", "prompt": p, "max_tokens": 30, "min_tokens": 20, "temperature": 0.8, "seed": s}
               for s, p in enumerate(["Once upon a time", "The president said", "In 1850, the city", "She opened the",
                                      "The river", "A small dog", "Science is", "They walked"])]
     # 3 generating at once, so with 8 requests some wait in the queue
@@ -176,12 +178,13 @@ def test_concurrent_requests_do_not_corrupt_each_other(tiny_run):
 
         with ThreadPoolExecutor(len(bodies)) as pool:
             concurrent = list(pool.map(run, range(len(bodies))))
+    assert len(set(sequential)) == len(bodies)  # eight different texts, so a mix-up would show
     assert concurrent == sequential
 
 
 def test_overload_gets_429(tiny_run):
     app = build_app(tiny_run, "pretrained", ServeConfig(max_concurrent=1, max_queue=1))
-    body = {"prompt": "Once upon a time", "max_tokens": 120, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    body = {"prompt": "Once upon a time", "max_tokens": 120, "min_tokens": 120}  # long enough to overlap
     with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
         with ThreadPoolExecutor(12) as pool:
             responses = list(pool.map(lambda _: c.post("/v1/completions", json=body), range(12)))
@@ -314,7 +317,7 @@ def test_openai_client(server, tiny_run):
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(pieces).strip() == chat.choices[0].message.content
     comp = client.completions.create(model="pretrained", prompt="Once upon a time", max_tokens=12, seed=3,
-                                     extra_body={"repetition_penalty": 1.2})
+                                     extra_body={"repetition_penalty": 1.2, "min_tokens": 4})
     assert comp.usage.completion_tokens > 0
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="pretrained", prompt="x", temperature=5)
