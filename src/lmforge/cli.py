@@ -7,7 +7,7 @@ Every recipe value can be overridden after the subcommand's own options: `--mode
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -238,6 +238,8 @@ def cmd_run(args, overrides) -> int:
     else:
         recipe = load_recipe(resolve_recipe_path(args.recipe), overrides)
     report = run_recipe(recipe, args.run_dir, args.data_dir, resume=args.resume)
+    if not report:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print()
     _print_report(report)
     sample = report["sample"]
@@ -318,6 +320,32 @@ def cmd_resize_vocab(args, overrides) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def training_overrides(args, overrides: dict[str, str]) -> dict[str, str]:
+    """--distributed / --fp32 are shorthands for the same key in both training stages."""
+    out = dict(overrides)
+    for section in ("pretrain", "finetune"):
+        if getattr(args, "distributed", None):
+            out.setdefault(f"{section}.distributed", args.distributed)
+        if getattr(args, "fp32", False):
+            out.setdefault(f"{section}.dtype", "float32")
+    return out
+
+
+@contextlib.contextmanager
+def distributed_session(mode: str | None):
+    """Join torchrun's process group for the command (torch is imported only when asked for)."""
+    if not mode or mode == "none":
+        yield
+        return
+    from lmforge.train.distributed import init_distributed, shutdown_distributed
+
+    init_distributed(mode)
+    try:
+        yield
+    finally:
+        shutdown_distributed()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge",
@@ -336,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data-dir", help="local copies of datasets, used before the Hub (env LMFORGE_DATA_DIR)")
         if resume:
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+            p.add_argument("--distributed", choices=["none", "ddp", "fsdp"],
+                           help="data-parallel (ddp) or fully-sharded (fsdp) training; launch with torchrun")
+            p.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 where supported)")
         p.set_defaults(func=func)
         return p
 
@@ -466,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     _setup_logging(args.verbose)
     try:
-        overrides = parse_overrides(extra)
-        return args.func(args, overrides)
+        overrides = training_overrides(args, parse_overrides(extra))
+        with distributed_session(getattr(args, "distributed", None)):
+            return args.func(args, overrides)
     except LmforgeError as exc:
         print(f"lmforge: error: {exc}", file=sys.stderr)
         return 2

@@ -122,7 +122,13 @@ class TrainConfig:
     keep_checkpoints: int = 2  # recent checkpoints kept as checkpoints/<stage>-step-N (besides last and best)
     log_interval: int = 10
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto | float32 | bfloat16
+    dtype: str = "auto"  # auto (bf16 where the GPU/CPU computes it natively) | float32 | bfloat16
+    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for embedding and norms)
+    muon_lr: float = 0.02  # peak lr of the Muon groups (follows the same warmup + cosine schedule)
+    muon_momentum: float = 0.95
+    compile: bool = False  # torch.compile the model (slow first step; faster after, mostly on GPU)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+    distributed: str = "none"  # none | ddp | fsdp (launch with torchrun; `--distributed` sets it)
 
 
 @dataclass
@@ -254,6 +260,12 @@ def validate_train(cfg: TrainConfig, key: str) -> None:
     _check(cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:"), f"{key}.device",
            "must be auto, cpu, cuda[:N] or mps")
     _check(cfg.dtype in ("auto", "float32", "bfloat16"), f"{key}.dtype", "must be auto, float32 or bfloat16")
+    _check(cfg.optimizer in ("adamw", "muon"), f"{key}.optimizer", "must be adamw or muon")
+    _check(cfg.muon_lr > 0, f"{key}.muon_lr", "must be > 0")
+    _check(0 <= cfg.muon_momentum < 1, f"{key}.muon_momentum", "must be in [0, 1)")
+    _check(cfg.distributed in ("none", "ddp", "fsdp"), f"{key}.distributed", "must be none, ddp or fsdp")
+    _check(not (cfg.optimizer == "muon" and cfg.distributed == "fsdp"), f"{key}.optimizer",
+           "muon needs whole matrices and does not run on FSDP shards (use distributed = 'ddp' or optimizer = 'adamw')")
 
 
 def validate_source(src: SourceConfig, key: str) -> None:

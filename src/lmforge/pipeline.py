@@ -30,6 +30,7 @@ from lmforge.model import GPT, GPTConfig, build_model
 from lmforge.rundir import RunDir
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.checkpoint import checkpoint_dir, copy_checkpoint, model_from_checkpoint, read_state
+from lmforge.train.distributed import barrier, from_main, is_main, on_main
 from lmforge.train.loop import StageResult, resolve_device, train_stage
 
 log = logging.getLogger("lmforge")
@@ -164,8 +165,10 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
                          shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch, delete_consumed=d.delete_consumed)
     val = TokenBatcher(run.data, "val", cfg.block_size, p.batch_size, seed=recipe.seed + 1)
     result = train_stage(model, train, val, p, run, "pretrain", p.max_steps, resume=resume, seed=recipe.seed)
-    copy_checkpoint(run.checkpoint("best"), run.checkpoint(PRETRAINED))
-    mark_done(run, "pretrain", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
+    if is_main():  # under torchrun, rank 0 alone writes the run directory
+        copy_checkpoint(run.checkpoint("best"), run.checkpoint(PRETRAINED))
+        mark_done(run, "pretrain", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
+    barrier()
     return result
 
 
@@ -232,7 +235,9 @@ def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = No
         total = min(f.max_steps, math.ceil(f.epochs * train.steps_per_epoch / f.grad_accum))
     log.info("fine-tuning (%s): %d examples, %d steps", mode, len(train_items), total)
     result = train_stage(model, train, val, f, run, "finetune", total, resume=resume, seed=recipe.seed)
-    mark_done(run, "finetune", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
+    if is_main():
+        mark_done(run, "finetune", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
+    barrier()
     return result
 
 
@@ -299,19 +304,27 @@ def generate_text(run_dir: str | Path, prompt: str, params: SamplingParams, chec
 
 def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, data_dir: str | Path | None = None,
                resume: bool = False) -> dict:
-    """All stages in order; with resume=True, finished stages are skipped and an interrupted one continues."""
-    run = open_run(recipe, run_dir, fresh=not resume)
+    """All stages in order; with resume=True, finished stages are skipped and an interrupted one continues.
+
+    Under torchrun every rank calls this: rank 0 alone prepares the run and evaluates (the others wait),
+    all ranks train. Ranks other than 0 return an empty report.
+    """
+    run_dir = from_main(run_dir or default_run_dir(recipe))  # one (timestamped) name for every rank
+    on_main(open_run, recipe, run_dir, fresh=not resume)
+    run = RunDir(Path(run_dir))
     log.info("run directory: %s", run.root)
     if not (resume and is_done(run, "tokenizer")):
-        train_tokenizer_stage(recipe, run, data_dir)
+        on_main(train_tokenizer_stage, recipe, run, data_dir)
     if not (resume and is_done(run, "prepare")):
-        prepare_stage(recipe, run, data_dir)
+        on_main(prepare_stage, recipe, run, data_dir)
     # A graceful stop (STOP file, `lmforge stop`, a first Ctrl-C or SIGTERM) ends only the stage it hits:
     # the chain moves on, as the seed moved from pretraining to fine-tuning. A second Ctrl-C aborts.
     if not (resume and is_done(run, "pretrain")):
         pretrain_stage(recipe, run, resume=resume)
     if not (resume and is_done(run, "finetune")):
         finetune_stage(recipe, run, data_dir, resume=resume)
+    if not is_main():
+        return {}
     report = eval_stage(recipe, run, data_dir)
     model, tok = load(run.root, "best")
     context = recipe.sample_context or None

@@ -86,15 +86,23 @@ def _remove_dead_staging(path: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def save_checkpoint(path: Path, model: GPT, state: dict[str, Any], trainer: dict[str, Any] | None = None) -> None:
-    """Write checkpoint `path` atomically. `state` must be JSON-able apart from tensors inside `trainer`."""
+def save_checkpoint(path: Path, model: GPT, state: dict[str, Any], trainer: dict[str, Any] | None = None,
+                    weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write checkpoint `path` atomically. `state` must be JSON-able apart from tensors inside `trainer`.
+
+    `weights` are the model's full weights when they were gathered elsewhere (FSDP shards); by default
+    they are read from `model`.
+    """
     _remove_dead_staging(path)
     staging = path.with_name(f".staging-{path.name}-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     try:
-        save_file(model_weights(model), staging / "model.safetensors")
+        if weights is None:
+            weights = model_weights(model)
+        weights = {k: v.detach().cpu().contiguous() for k, v in weights.items() if k != TIED_KEY}
+        save_file(weights, staging / "model.safetensors")
         full_state = dict(state)
         full_state["model_config"] = dataclasses.asdict(model.cfg)
         if trainer is not None:

@@ -9,7 +9,6 @@ per step.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
@@ -36,7 +35,10 @@ from lmforge.train.checkpoint import (
     set_rng_state,
 )
 from lmforge.train.control import LiveControl, describe
-from lmforge.train.metrics import MetricsLogger, memory_mb, plot_losses
+from lmforge.train.distributed import Parallel, clip_grad_norm
+from lmforge.train.metrics import MetricsLogger, NullMetrics, memory_mb, plot_losses
+from lmforge.train.optim import make_optimizer
+from lmforge.train.precision import MFUMeter, autocast, enable_tf32, resolve_dtype
 from lmforge.train.schedule import lr_at
 
 log = logging.getLogger("lmforge")
@@ -82,23 +84,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Autocast dtype: bf16 on GPUs that support it, else fp32 (explicit choices are honoured)."""
-    if name == "float32":
-        return torch.float32
-    if name == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 # --------------------------------------------------------------------------- pieces of a step
 
 
@@ -107,25 +92,16 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on the 2-D hidden matrices (not on norms or the embedding)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "tok_emb" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
-
-
 @torch.no_grad()
-def validation_loss(model: GPT, batches: list[Batch], device: torch.device, dtype: torch.dtype) -> float:
-    """Token-weighted mean loss over a fixed list of batches."""
+def validation_loss(model: GPT, batches: list[Batch], device: torch.device, dtype: torch.dtype,
+                    parallel: Parallel | None = None) -> float:
+    """Token-weighted mean loss over a fixed list of batches (each rank takes its rows; sums are reduced)."""
+    parallel = parallel or Parallel()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
+    for batch in batches:
+        x, y = parallel.local_rows(batch)
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             logits = model(x)
@@ -133,6 +109,7 @@ def validation_loss(model: GPT, batches: list[Batch], device: torch.device, dtyp
         total += float(lm_loss(logits, y)) * n
         count += n
     model.train(was_training)
+    total, count = parallel.sum(total, count)
     return total / max(count, 1)
 
 
@@ -189,26 +166,32 @@ def train_stage(
     resume: bool = False,
     seed: int = 0,
 ) -> StageResult:
-    """Train `model` for `total_steps` optimizer steps (or until early stopping / a stop request)."""
+    """Train `model` for `total_steps` optimizer steps (or until early stopping / a stop request).
+
+    Under torchrun (cfg.distributed = ddp | fsdp) every rank runs this; each trains on its rows of the
+    global batch and only rank 0 writes metrics, plots and checkpoints.
+    """
     control = LiveControl(run, cfg)
     cfg = control.cfg  # a copy that control.toml changes in place
-    device = resolve_device(cfg.device)
+    parallel = Parallel.for_config(cfg)
+    device = parallel.device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
+    enable_tf32(device)
     model.to(device)
-    optimizer = make_optimizer(model, cfg, device)
     step, tokens, best, bad_evals, last_val = 0, 0, math.inf, 0, math.nan
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + parallel.rank)  # distinct dropout masks per rank
 
     last_ckpt = run.checkpoint("last")
     if resume:
         state = read_state(last_ckpt)
         if state.get("stage") != stage:
             raise LmforgeError(f"{last_ckpt}: last checkpoint is from stage '{state.get('stage')}', not '{stage}'")
-        load_weights(model, last_ckpt)
+        load_weights(model, last_ckpt)  # full weights, before any sharding
+    engine = parallel.wrap(model, cfg)
+    optimizer = make_optimizer(model, cfg, device)
+    if resume:
         trainer = load_trainer_state(last_ckpt, state)
-        opt_state = trainer["optimizer"]
-        opt_state["state"] = {int(k): v for k, v in opt_state["state"].items()}
-        optimizer.load_state_dict(opt_state)
+        optimizer.load_state_dict(trainer["optimizer"])
         set_rng_state(trainer["rng"])
         train_data.load_state_dict(trainer["data"])
         step, tokens = state["step"], state["tokens"]
@@ -220,18 +203,24 @@ def train_stage(
         model.set_dropout(cfg.dropout)
 
     val_batches = val_data.fixed_batches(cfg.eval_batches)
-    metrics = MetricsLogger(run.metrics, run.tensorboard)
+    metrics = MetricsLogger(run.metrics, run.tensorboard) if parallel.is_main else NullMetrics()
+    mfu_meter = MFUMeter(model.cfg, model.num_parameters(), device, dtype)
     if step == 0:
         metrics.log({"event": f"{stage}_start", "stage": stage, "step": 0, "label": f"{stage} start"})
 
     def checkpoint(name: str, with_trainer: bool) -> None:
-        state = {"stage": stage, "step": step, "tokens": tokens, "best_val_loss": best, "bad_evals": bad_evals,
-                 "total_steps": total_steps, "val_loss": last_val, "control": control.overrides}
+        # gathering full weights / optimizer state is collective under FSDP: every rank takes part
+        weights = parallel.full_state_dict(model)
         trainer = None
         if with_trainer:
             trainer = {"optimizer": optimizer.state_dict(), "rng": rng_state(), "data": train_data.state_dict()}
-        save_checkpoint(run.checkpoint(name), model, state, trainer)
-        if with_trainer:
+        if not parallel.is_main:  # rank 0 alone writes the run directory
+            return
+        state = {"stage": stage, "step": step, "tokens": tokens, "best_val_loss": best, "bad_evals": bad_evals,
+                 "total_steps": total_steps, "val_loss": last_val, "control": control.overrides,
+                 "optimizer": cfg.optimizer}
+        save_checkpoint(run.checkpoint(name), model, state, trainer, weights=weights)
+        if with_trainer:  # ranks read the same stream in step: one deleter is enough
             _data_hook(train_data, "checkpoint_saved")  # e.g. shards consumed before this point may go
         if name == "last":
             keep_recent(run.checkpoints, stage, step, cfg.keep_checkpoints)
@@ -239,7 +228,7 @@ def train_stage(
     def evaluate_now() -> bool:
         """Evaluate, keep the best checkpoint, return True when patience is exhausted."""
         nonlocal best, bad_evals, last_val
-        last_val = validation_loss(model, val_batches, device, dtype)
+        last_val = validation_loss(model, val_batches, device, dtype, parallel)
         improved = last_val < best
         if improved:
             best, bad_evals = last_val, 0
@@ -252,38 +241,38 @@ def train_stage(
 
     model.train()
     stop_reason = "completed"
-    bar = tqdm(total=total_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True,
+               disable=not parallel.is_main)
     window_tokens, window_start = 0, time.time()
     try:
         with StopRequest(run) as stop:
             if step == 0:
                 evaluate_now()
             while step < total_steps:
-                changes = control.poll(metrics, stage, step)
+                changes = parallel.follow_main(control, control.poll(metrics, stage, step) if parallel.is_main else {})
                 if "dropout" in changes:
                     model.set_dropout(cfg.dropout)
                 if "eval_batches" in changes:
                     val_batches = val_data.fixed_batches(cfg.eval_batches)
                 lr = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                optimizer.set_lr(cfg, lr / cfg.lr)
                 loss_sum = 0.0
-                for _ in range(cfg.grad_accum):
-                    x, y = train_data.next_batch()
+                for micro in range(cfg.grad_accum):
+                    x, y = parallel.local_rows(train_data.next_batch())
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with autocast(device, dtype):
-                        logits = model(x)
-                    loss = lm_loss(logits, y) / cfg.grad_accum
+                    with parallel.grad_sync(model, micro == cfg.grad_accum - 1), autocast(device, dtype):
+                        loss = lm_loss(engine(x), y) / cfg.grad_accum
                     loss.backward()
                     loss_sum += float(loss.detach())
-                    tokens += x.numel()
-                    window_tokens += x.numel()
+                    tokens += x.numel() * parallel.world_size
+                    window_tokens += x.numel() * parallel.world_size
                 grad_norm = None
                 if cfg.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                    grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                loss_sum = parallel.mean(loss_sum)
                 for event in _data_hook(train_data, "pop_events") or []:  # e.g. a data phase change
                     metrics.log({"stage": stage, "step": step, **event})
                 if not math.isfinite(loss_sum):
@@ -293,11 +282,14 @@ def train_stage(
                     tok_s = window_tokens / elapsed
                     record = {"stage": stage, "step": step, "split": "train", "loss": loss_sum, "tokens": tokens,
                               "lr": lr, "tokens_per_s": round(tok_s, 1), "memory_mb": memory_mb(device)}
+                    mfu = mfu_meter.mfu(tok_s / parallel.world_size)
+                    if mfu is not None:
+                        record["mfu"] = round(mfu, 4)
                     if grad_norm is not None:
                         record["grad_norm"] = grad_norm
                     metrics.log(record)
                     bar.set_postfix(loss=f"{loss_sum:.3f}", val=f"{last_val:.3f}", lr=f"{lr:.1e}",
-                                    tok_s=f"{tok_s:,.0f}")
+                                    tok_s=f"{tok_s:,.0f}", **({"mfu": f"{mfu:.0%}"} if mfu is not None else {}))
                     window_tokens, window_start = 0, time.time()
                 bar.update(1)
                 if step % cfg.eval_interval == 0 or step == total_steps:
@@ -307,16 +299,18 @@ def train_stage(
                                  cfg.patience)
                 if step % cfg.checkpoint_interval == 0:
                     checkpoint("last", with_trainer=True)
-                if stop_reason == "completed" and stop.check():
-                    stop_reason = stop.reason or "interrupted"
+                if stop_reason == "completed":
+                    stop_reason = parallel.agree_stop(stop.check()) or stop_reason
                 if stop_reason != "completed":
                     break
             checkpoint("last", with_trainer=True)
-        control.archive(stage)
+        if parallel.is_main:
+            control.archive(stage)
     finally:
         bar.close()
         _data_hook(train_data, "close")  # e.g. stop a prefetching thread
         metrics.log({"event": f"{stage}_end", "stage": stage, "step": step, "label": f"{stage} end: {stop_reason}"})
         metrics.close()
-        plot_losses(run.metrics, run.plots / "loss.png", title=run.root.name)
+        if parallel.is_main:
+            plot_losses(run.metrics, run.plots / "loss.png", title=run.root.name)
     return StageResult(stage, step, tokens, best, last_val, stop_reason)

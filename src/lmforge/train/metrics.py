@@ -58,6 +58,16 @@ def memory_mb(device) -> float:
     return round(psutil.Process().memory_info().rss / 2**20, 1)
 
 
+class NullMetrics:
+    """What ranks other than 0 log to under torchrun: nothing (rank 0 writes the run's record)."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []

@@ -1,0 +1,149 @@
+"""Training-step throughput: lmforge vs a Hugging Face LlamaForCausalLM of identical dimensions.
+
+Both models get the same batch, block, thread count, loss (next-token cross-entropy in fp32), optimizer
+(torch AdamW, fused where available) and precision; their steps are interleaved round by round so that
+load from other processes on a shared machine hits both alike, and the median step time is compared.
+Precisions: fp32, bf16 autocast, and lmforge's default (`dtype = "auto"`: bf16 where the CPU/GPU has
+native bf16) against HF in fp32. MFU is lmforge's default-precision throughput against this machine's
+matmul peak, measured in the same run in the same dtype (lmforge.train.precision).
+
+    python bench/train.py                 # tiny, cpu-small, seed-67m (a few minutes on 2 cores)
+    python bench/train.py --rounds 5      # more timed steps per variant: steadier figures
+
+Ends with the contract line:
+    train: cpu-small lmforge/hf tokens/s X.XX, default/hf-fp32 X.XX, seed-67m X.XX, mfu X%
+("lmforge/hf" at lmforge's default precision; "seed-67m" likewise; mfu is seed-67m's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from lmforge.config import TrainConfig, load_recipe  # noqa: E402
+from lmforge.model import GPT, GPTConfig  # noqa: E402
+from lmforge.train.loop import lm_loss  # noqa: E402
+from lmforge.train.optim import make_optimizer  # noqa: E402
+from lmforge.train.precision import autocast, flops_per_token, measured_matmul_peak, resolve_dtype  # noqa: E402
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+CPU = torch.device("cpu")
+# (recipe, batch size): seed-67m uses a small batch to keep the whole bench to a few minutes on 2 cores
+SHAPES = (("tiny", 16), ("cpu-small", 8), ("seed-67m", 2))
+
+
+def gpt_config(recipe_name: str) -> GPTConfig:
+    r = load_recipe(RECIPES / f"{recipe_name}.toml")
+    m = r.model
+    return GPTConfig(vocab_size=m.vocab_size or r.tokenizer.vocab_size, n_layer=m.n_layer, n_head=m.n_head,
+                     n_embd=m.n_embd, block_size=m.block_size, dropout=0.0, mlp_hidden=m.mlp_hidden,
+                     rope_theta=m.rope_theta, norm_eps=m.norm_eps)
+
+
+def hf_llama(cfg: GPTConfig) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.hidden_dim,
+                         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                         num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size,
+                         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=True,
+                         attention_dropout=0.0, hidden_act="silu", attn_implementation="sdpa")
+    return LlamaForCausalLM(hf_cfg)
+
+
+@dataclass
+class Variant:
+    name: str
+    model: torch.nn.Module
+    optimizer: object
+    dtype: torch.dtype
+    hf: bool
+    times: list[float]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        start = time.perf_counter()
+        with autocast(CPU, self.dtype):
+            logits = self.model(input_ids=x).logits if self.hf else self.model(x)
+        lm_loss(logits, y).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def make_variant(name: str, cfg: GPTConfig, hf: bool, dtype: torch.dtype) -> Variant:
+    torch.manual_seed(0)
+    model = hf_llama(cfg) if hf else GPT(cfg)
+    model.train()
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-4), CPU)  # same AdamW groups and kernel for both
+    return Variant(name, model, optimizer, dtype, hf, [])
+
+
+def bench_shape(recipe: str, batch: int, rounds: int) -> dict[str, float]:
+    cfg = gpt_config(recipe)
+    default = resolve_dtype("auto", CPU)
+    f32, bf16 = torch.float32, torch.bfloat16
+    variants = [make_variant("lmforge fp32", cfg, False, f32), make_variant("hf fp32", cfg, True, f32),
+                make_variant("lmforge bf16", cfg, False, bf16), make_variant("hf bf16", cfg, True, bf16)]
+    g = torch.Generator().manual_seed(0)
+    tokens = batch * cfg.block_size
+    for r in range(rounds + 1):  # round 0 warms up allocators and kernels
+        ids = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size + 1), generator=g)
+        x, y = ids[:, :-1], ids[:, 1:]
+        for v in variants if r % 2 == 0 else reversed(variants):  # alternate order: neither always goes first
+            t = v.step(x, y)
+            if r > 0:
+                v.times.append(t)
+    tok_s = {v.name: tokens / statistics.median(v.times) for v in variants}
+    n_params = variants[0].model.num_parameters()
+    fpt = flops_per_token(cfg, n_params)
+    default_name = "bf16" if default == bf16 else "fp32"
+    peak = measured_matmul_peak(default, n=2048)
+    out = {
+        "params_M": n_params / 1e6,
+        "tokens": tokens,
+        "lm_fp32": tok_s["lmforge fp32"], "hf_fp32": tok_s["hf fp32"],
+        "lm_bf16": tok_s["lmforge bf16"], "hf_bf16": tok_s["hf bf16"],
+        "ratio_fp32": tok_s["lmforge fp32"] / tok_s["hf fp32"],
+        "ratio_bf16": tok_s["lmforge bf16"] / tok_s["hf bf16"],
+        "ratio_same": tok_s[f"lmforge {default_name}"] / tok_s[f"hf {default_name}"],
+        "default_vs_hf_fp32": tok_s[f"lmforge {default_name}"] / tok_s["hf fp32"],
+        "mfu": tok_s[f"lmforge {default_name}"] * fpt / peak,
+        "peak_gflops": peak / 1e9,
+    }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="timed steps per variant and recipe (default 3)")
+    parser.add_argument("--only", nargs="*", help="recipes to run (default: tiny cpu-small seed-67m)")
+    args = parser.parse_args()
+    default = resolve_dtype("auto", CPU)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, default dtype here: {default}")
+    results = {}
+    for recipe, batch in SHAPES:
+        if args.only and recipe not in args.only:
+            continue
+        r = bench_shape(recipe, batch, args.rounds)
+        results[recipe] = r
+        print(f"{recipe:10s} {r['params_M']:.1f}M params, batch {batch} x {r['tokens'] // batch}: tokens/s "
+              f"lmforge fp32 {r['lm_fp32']:,.0f} / hf fp32 {r['hf_fp32']:,.0f} = {r['ratio_fp32']:.2f}x | "
+              f"lmforge bf16 {r['lm_bf16']:,.0f} / hf bf16 {r['hf_bf16']:,.0f} = {r['ratio_bf16']:.2f}x | "
+              f"default/hf-fp32 {r['default_vs_hf_fp32']:.2f}x | MFU {r['mfu']:.0%} of measured "
+              f"{r['peak_gflops']:.0f} GFLOP/s", flush=True)
+    if {"cpu-small", "seed-67m"} <= results.keys():
+        cs, seed = results["cpu-small"], results["seed-67m"]
+        print(f"train: cpu-small lmforge/hf tokens/s {cs['ratio_same']:.2f}, default/hf-fp32 "
+              f"{cs['default_vs_hf_fp32']:.2f}, seed-67m {seed['ratio_same']:.2f}, mfu {seed['mfu']:.0%}")
+
+
+if __name__ == "__main__":
+    main()

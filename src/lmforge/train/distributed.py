@@ -1,0 +1,223 @@
+"""Scale-out on PyTorch's own engines: DDP or FSDP2 (`fully_shard`) under `torchrun`.
+
+The same recipe runs on one process or many: `torchrun --nproc-per-node N -m lmforge.cli pretrain
+--distributed ddp|fsdp ...`. The recipe's `batch_size` stays the *global* batch: every rank draws the
+same global batch from the same data stream and trains on its own rows of it, so N processes follow the
+loss trajectory of one process with the same recipe, and the data position in a checkpoint is valid
+for any world size. Only rank 0 writes metrics, plots and checkpoints; checkpoints hold full
+(unsharded) weights and optimizer state, so they load in any world size, a single process included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lmforge.config import TrainConfig
+from lmforge.errors import LmforgeError
+from lmforge.model import Block
+
+log = logging.getLogger("lmforge")
+
+MODES = ("none", "ddp", "fsdp")
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(mode: str) -> None:
+    """Join torchrun's process group (env:// rendezvous) for `ddp`/`fsdp`; nothing for `none`."""
+    if mode not in MODES:
+        raise LmforgeError(f"--distributed must be one of {', '.join(MODES)}, not '{mode}'")
+    if mode == "none" or dist.is_initialized():
+        return
+    if not launched_by_torchrun():
+        raise LmforgeError(f"--distributed {mode} needs the torchrun launcher, e.g. "
+                           f"torchrun --nproc-per-node 2 -m lmforge.cli pretrain --distributed {mode} --run-dir RUN")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    log.info("distributed (%s): rank %d of %d", mode, dist.get_rank(), dist.get_world_size())
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def on_main(fn, *args, **kwargs):
+    """Run `fn` on rank 0 only (file-writing stages); every rank waits for it. Returns its result on rank 0."""
+    result = fn(*args, **kwargs) if is_main() else None
+    barrier()
+    return result
+
+
+def from_main(value):
+    """Rank 0's value of a small picklable object (e.g. a timestamped run name) on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@dataclass
+class Parallel:
+    """How this process takes part in training: its rank, the world, and the engine wrapping the model."""
+
+    mode: str = "none"
+    rank: int = 0
+    world_size: int = 1
+    ddp: nn.Module | None = None
+
+    @classmethod
+    def for_config(cls, cfg: TrainConfig) -> Parallel:
+        if cfg.distributed != "none" and not launched_by_torchrun():
+            # e.g. resuming a torchrun run's checkpoint on one machine: its config says ddp/fsdp
+            log.warning("distributed = %s but not launched by torchrun: training in this one process",
+                        cfg.distributed)
+            return cls()
+        init_distributed(cfg.distributed)
+        if cfg.distributed == "none" or not dist.is_initialized():
+            return cls()
+        return cls(cfg.distributed, dist.get_rank(), dist.get_world_size())
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1 or self.mode != "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """Each rank on its own GPU (torchrun's LOCAL_RANK); CPU ranks share the CPU."""
+        if self.active and device.type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    # ------------------------------------------------------------------ the model
+
+    def wrap(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
+        """Activation checkpointing, then DDP or FSDP2, then torch.compile; returns the module to train with.
+
+        `model` itself stays the module whose parameters the optimizer and checkpoints use (FSDP2
+        shards it in place; DDP and compile wrap it).
+        """
+        if cfg.activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+                apply_activation_checkpointing,
+            )
+
+            apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+        engine = model
+        if self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            device = next(model.parameters()).device
+            self.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            engine = self.ddp
+        elif self.mode == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for tensor in model.state_dict().values():  # shards must come from one initialisation
+                dist.broadcast(tensor, src=0)
+            for block in model.layers:
+                fully_shard(block)
+            fully_shard(model)
+        if cfg.compile:
+            engine = torch.compile(engine)
+        return engine
+
+    def grad_sync(self, model: nn.Module, enabled: bool):
+        """Skip the gradient all-reduce on accumulation micro-steps that are not the last."""
+        if self.mode == "ddp" and not enabled:
+            return self.ddp.no_sync()
+        if self.mode == "fsdp":
+            model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Unsharded FSDP weights on CPU (on rank 0; collective, so every rank calls it); None when the
+        model is not sharded (its own state_dict is already full)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if self.mode != "fsdp":
+            return None
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    # ------------------------------------------------------------------ data and reductions
+
+    def local_rows(self, batch: Batch) -> Batch:
+        """This rank's rows of a global batch (rows are spread evenly; a short batch repeats rows)."""
+        if not self.active:
+            return batch
+        x, y = batch
+        n = x.shape[0]
+        if n >= self.world_size:
+            return x.tensor_split(self.world_size)[self.rank], y.tensor_split(self.world_size)[self.rank]
+        i = self.rank % n
+        return x[i : i + 1], y[i : i + 1]
+
+    def sum(self, *values: float) -> list[float]:
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def mean(self, value: float) -> float:
+        return self.sum(value)[0] / self.world_size
+
+    def follow_main(self, control, changes: dict) -> dict:
+        """Rank 0 reads control.toml; the other ranks take its values, so all change at the same step."""
+        if not self.active:
+            return changes
+        from lmforge.train.control import CONTROL_KEYS
+
+        values = from_main({k: getattr(control.cfg, k) for k in CONTROL_KEYS} if self.is_main else None)
+        return changes if self.is_main else control.restore(values)
+
+    def agree_stop(self, reason: str | None) -> str | None:
+        """A stop request seen by any rank stops every rank after the same step (else they would deadlock)."""
+        if not self.active:
+            return reason
+        codes = [None, "interrupted", "stop_file"]
+        t = torch.tensor([codes.index(reason) if reason in codes else 1])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return codes[int(t)]
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Clip the global gradient norm; works on plain and on FSDP2-sharded (DTensor) gradients."""
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)

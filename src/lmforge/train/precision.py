@@ -1,0 +1,148 @@
+"""Precision and speed: which dtype to train in, autocast, TF32, and model FLOPs utilization (MFU).
+
+`dtype = "auto"` picks bf16 autocast where the hardware computes bf16 natively (CUDA GPUs with bf16,
+CPUs with AVX512-BF16 or AMX) and fp32 elsewhere; `dtype = "float32"` forces fp32. Weights, optimizer
+state and the loss stay fp32 either way (autocast only lowers the matmuls).
+
+MFU = achieved model FLOPs / peak FLOPs of one device. Model FLOPs per token follow PaLM (appendix B)
+and nanoGPT: 6·N for the matmuls of forward + backward (N counts the tied output matrix once; the
+embedding lookup costs no FLOPs) plus 12·L·d·T for attention scores and values. The peak is the GPU's
+datasheet dense bf16 figure on CUDA and, on CPU, a matmul peak measured once per process in the dtype
+the run uses (a CPU's datasheet figure says little about a shared or throttled machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from lmforge.model import GPTConfig
+
+log = logging.getLogger("lmforge")
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s per device.
+# Matched in order against torch.cuda.get_device_name(), so the more specific names come first.
+GPU_BF16_PEAK: tuple[tuple[str, float], ...] = (
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H800", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), so bf16 matmuls are faster."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    if any(getattr(torch.cpu, name, lambda: False)() for name in checks):
+        return True
+    try:  # older builds without the helpers: read the kernel's flag list
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Autocast dtype: explicit choices are honoured; `auto` is bf16 where the device computes it natively."""
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def enable_tf32(device: torch.device) -> None:
+    """Let fp32 matmuls use TF32 tensor cores on GPUs (about 8x faster, 10-bit mantissa: fine for training)."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+
+
+# --------------------------------------------------------------------------- FLOPs and MFU
+
+
+def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
+    """Training FLOPs (forward + backward) per token: 6·N + 12·L·d·T."""
+    return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+@functools.cache
+def measured_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
+    """Best square-matmul FLOP/s on this CPU with the current thread count (measured once per process)."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up oneDNN / MKL kernels
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while True:
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+        if time.perf_counter() > deadline:
+            break
+    return 2.0 * n**3 / best
+
+
+def gpu_datasheet_peak(device: torch.device) -> float | None:
+    name = torch.cuda.get_device_name(device)
+    for key, peak in GPU_BF16_PEAK:
+        if key in name:
+            return peak
+    return None
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device, where the figure comes from) for MFU; (None, why) when unknown."""
+    if device.type == "cuda":
+        peak = gpu_datasheet_peak(device)
+        name = torch.cuda.get_device_name(device)
+        if peak is None:
+            return None, f"no datasheet peak known for GPU '{name}'"
+        return peak, f"{name} datasheet dense bf16 peak"
+    if device.type == "cpu":
+        peak = measured_matmul_peak(dtype)
+        return peak, f"measured {str(dtype).removeprefix('torch.')} matmul peak, {torch.get_num_threads()} threads"
+    return None, f"no peak known for device type '{device.type}'"
+
+
+class MFUMeter:
+    """Turns tokens/s of one device into model FLOPs utilization against a stated peak."""
+
+    def __init__(self, cfg: GPTConfig, n_params: int, device: torch.device, dtype: torch.dtype):
+        self.flops_per_token = flops_per_token(cfg, n_params)
+        self.peak, self.source = peak_flops(device, dtype)
+        if self.peak is None:
+            log.info("MFU not reported: %s", self.source)
+        else:
+            log.info("MFU against %.4g GFLOP/s (%s); %.3g FLOPs per token", self.peak / 1e9, self.source,
+                     self.flops_per_token)
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        if self.peak is None:
+            return None
+        return tokens_per_s * self.flops_per_token / self.peak
