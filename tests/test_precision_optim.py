@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_recipe
 
 from lmforge.config import TrainConfig
 from lmforge.errors import ConfigError, LmforgeError
@@ -18,6 +17,8 @@ from lmforge.train.checkpoint import load_trainer_state, read_state, save_checkp
 from lmforge.train.distributed import Parallel
 from lmforge.train.loop import lm_loss
 from lmforge.train.optim import make_optimizer
+
+from .conftest import tiny_recipe
 
 CPU = torch.device("cpu")
 
