@@ -27,10 +27,11 @@ from lmforge.model import GPT, GPTConfig
 from lmforge.rundir import RunDir
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.checkpoint import load_trainer_state, load_weights, read_state, save_checkpoint
-from lmforge.train.loop import make_optimizer
 from lmforge.train.metrics import MetricsLogger, plot_losses
 
 log = logging.getLogger("lmforge")
+
+EMBEDDING = "tok_emb.weight"  # the tied input/output matrix, the only parameter whose shape follows the vocabulary
 
 
 def token_row_map(old: Tokenizer, new: Tokenizer, new_rows: int) -> list[int]:
@@ -47,28 +48,20 @@ def _resize_rows(t: torch.Tensor, rows: torch.Tensor, fill: torch.Tensor) -> tor
     return out
 
 
-def _resize_optimizer(model: GPT, opt_state: dict, cfg, rows: list[int]) -> dict:
-    """The optimizer state of `model` after its embedding is resized: embedding moments follow their rows
-    (new rows start at zero, as a fresh parameter's would), every other parameter keeps its state."""
-    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
-    opt_state["state"] = {int(k): v for k, v in opt_state["state"].items()}
-    optimizer.load_state_dict(opt_state)
-    carried = {p: optimizer.state[p] for p in model.parameters() if p in optimizer.state}
-    old_emb = model.tok_emb.weight
-    model.resize_vocab(len(rows), rows)
-    resized = make_optimizer(model, cfg, torch.device("cpu"))
+def _resize_optimizer(opt_state: dict, old_rows: int, rows: list[int]) -> dict:
+    """Optimizer state (keyed by parameter name) after the embedding is resized: its moments follow
+    their rows, new rows start at zero as a fresh parameter's would; every other parameter keeps its state."""
     index = torch.tensor(rows, dtype=torch.long)
-    for p in model.parameters():
-        if p is model.tok_emb.weight and old_emb in carried:
-            resized.state[p] = {k: _resize_rows(v, index, torch.zeros(1, *v.shape[1:], dtype=v.dtype))
-                                if torch.is_tensor(v) and v.shape[:1] == old_emb.shape[:1] and v.dim() == 2 else v
-                                for k, v in carried[old_emb].items()}
-        elif p in carried:
-            resized.state[p] = carried[p]
-    return resized.state_dict()
+    emb = opt_state["state"].get(EMBEDDING)
+    if emb is not None:
+        opt_state["state"][EMBEDDING] = {
+            k: _resize_rows(v, index, torch.zeros(1, *v.shape[1:], dtype=v.dtype))
+            if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] == old_rows else v
+            for k, v in emb.items()}
+    return opt_state
 
 
-def resize_checkpoint(path: Path, rows: list[int], recipe: Recipe, new_hash: str) -> bool:
+def resize_checkpoint(path: Path, rows: list[int], new_hash: str) -> bool:
     """Resize one checkpoint in place (atomically). False when it already has the new vocabulary."""
     state = read_state(path)
     if state.get("tokenizer_hash") == new_hash:
@@ -78,12 +71,10 @@ def resize_checkpoint(path: Path, rows: list[int], recipe: Recipe, new_hash: str
     trainer = None
     if "trainer" in state:
         trainer = load_trainer_state(path, state)
-        cfg = recipe.finetune if state.get("stage") == "finetune" else recipe.pretrain
-        trainer["optimizer"] = _resize_optimizer(model, trainer["optimizer"], cfg, rows)
+        trainer["optimizer"] = _resize_optimizer(trainer["optimizer"], model.cfg.vocab_size, rows)
         # losses under another tokenizer are not comparable: early stopping starts over
         state["best_val_loss"], state["bad_evals"] = math.inf, 0
-    else:
-        model.resize_vocab(len(rows), rows)
+    model.resize_vocab(len(rows), rows)
     state = {k: v for k, v in state.items() if k not in ("trainer", "model_config")}
     state["tokenizer_hash"] = new_hash
     save_checkpoint(path, model, state, trainer)
@@ -125,7 +116,7 @@ def resize_vocab(recipe: Recipe, run: RunDir, new_tok: Tokenizer, data_dir: str 
     old_rows = read_state(checkpoints[0])["model_config"]["vocab_size"] if checkpoints else old_tok.vocab_size
     log.info("resize-vocab: %d -> %d rows, %d tokens keep their learned rows", old_rows, new_rows, kept)
     prepare_shards(new_recipe.data, new_tok, data_dir_from_env(data_dir), run.data)
-    resized = [p.name for p in checkpoints if resize_checkpoint(p, rows, recipe, new_hash)]
+    resized = [p.name for p in checkpoints if resize_checkpoint(p, rows, new_hash)]
     new_tok.save(run.tokenizer)
     save_recipe(new_recipe, run.config)
     last = read_state(run.checkpoint("last")) if (run.checkpoint("last") / "model.safetensors").is_file() else {}
