@@ -22,8 +22,9 @@ from lmforge.model import GPT, GPTConfig
 from lmforge.rundir import RunDir
 from lmforge.train.checkpoint import keep_recent, rng_state, save_checkpoint
 from lmforge.train.control import LiveControl, write_controls
-from lmforge.train.loop import lm_loss, make_optimizer
+from lmforge.train.loop import lm_loss
 from lmforge.train.metrics import MetricsLogger
+from lmforge.train.optim import make_optimizer
 
 
 def best_of(fn, repeats: int, number: int) -> float:
