@@ -5,7 +5,7 @@
 Without --run it builds a run directory with the cpu-small model shape (6 layers, 6 heads, n_embd 384,
 block 256, vocab 8192), randomly initialised (speed does not depend on the weights), and a BPE tokenizer
 trained on a small sample of ../shared/data. The server is the real command (`python -m lmforge.cli serve`)
-in its own process, with the recipe's default limits (16 generating, 48 waiting). The baseline, measured in
+in its own process, with the recipe's default limits (32 generating in one batch, 64 waiting). The baseline, measured in
 the same run, is one client alone; the ratio shows what sharing the server costs each request.
 
 Last line: `serve: N requests, E errors, p50 ttft X ms, p95 ttft Y ms`
@@ -145,11 +145,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-concurrent", type=int, help="override serve.max_concurrent (requests generating at once)")
+    ap.add_argument("--no-batching", action="store_true", help="serve.batching = false: one thread per request")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="lmforge-serve-load-") as tmp:
         run = args.run or build_run(Path(tmp), args.data_dir)
         port = free_port()
         overrides = ["--serve.max_concurrent", str(args.max_concurrent)] if args.max_concurrent else []
+        overrides += ["--serve.batching", "false"] if args.no_batching else []
         server = start_server(run, port, overrides)
         url = f"http://127.0.0.1:{port}"
         try:

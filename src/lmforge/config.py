@@ -156,10 +156,10 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     checkpoint: str = "best"  # best | last | pretrained | PATH
-    # requests generating at once (threads); more of them lowers time-to-first-token under load at equal
-    # throughput (bench/serve_load.py: p50 1.8 s at 32 vs 11 s at 4 with 32 clients on 2 cores)
-    max_concurrent: int = 16
-    max_queue: int = 48  # requests waiting for a slot; beyond that the server answers 429
+    # requests generating at once (rows of the batched decode step, or threads without batching)
+    max_concurrent: int = 32
+    max_queue: int = 64  # requests waiting for a slot; beyond that the server answers 429
+    batching: bool = True  # decode the concurrent requests of a checkpoint together in one batched step
     max_tokens: int = 512  # upper bound on a request's max_tokens
     max_request_bytes: int = 65536  # larger request bodies get 413
     max_attention_tokens: int = 256  # longest text /api/attention analyses

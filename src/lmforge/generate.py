@@ -57,6 +57,13 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def hold_back_stops(logits: torch.Tensor, params: SamplingParams, step: int) -> torch.Tensor:
+    """Rule out the stop ids while fewer than params.min_new_tokens tokens have been generated."""
+    if step >= params.min_new_tokens or not params.stop_ids:
+        return logits
+    return logits.index_fill(-1, torch.tensor(sorted(params.stop_ids), device=logits.device), float("-inf"))
+
+
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is None:
         return None
@@ -82,9 +89,7 @@ def generate_stream(model: GPT, prompt_ids: list[int], params: SamplingParams,
     cache = model.new_cache(1) if use_cache else None
     logits = model(ids, cache=cache, last_only=True)[:, -1]
     for step in range(max_new):
-        if step < params.min_new_tokens and params.stop_ids:
-            logits = logits.index_fill(-1, torch.tensor(sorted(params.stop_ids), device=device), float("-inf"))
-        nxt = sample_next(logits, params, ids, gen)
+        nxt = sample_next(hold_back_stops(logits, params, step), params, ids, gen)
         token = int(nxt)
         if token in params.stop_ids:
             return

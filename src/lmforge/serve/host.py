@@ -29,6 +29,7 @@ from lmforge.generate import SamplingParams, generate_stream, stream_text
 from lmforge.model import GPT
 from lmforge.pipeline import resolve_checkpoint
 from lmforge.rundir import RunDir
+from lmforge.serve.batcher import Batcher
 from lmforge.serve.schemas import RequestError
 from lmforge.tokenizer import ANSWER, CONTEXT, QUESTION, Tokenizer
 from lmforge.train.checkpoint import model_from_checkpoint, read_state
@@ -49,7 +50,8 @@ def qa_prompt_text(question: str, context: str | None) -> str:
 
 
 class ModelHost:
-    def __init__(self, run_dir: str | Path, checkpoint: str = "best", device: str = "cpu"):
+    def __init__(self, run_dir: str | Path, checkpoint: str = "best", device: str = "cpu", batch_rows: int = 0):
+        """batch_rows > 0: decode up to that many concurrent requests of a checkpoint in one batched step."""
         self.run = RunDir(Path(run_dir))
         if not self.run.root.is_dir():
             raise LmforgeError(f"run directory not found: {self.run.root}")
@@ -57,6 +59,8 @@ class ModelHost:
         self.device = device
         self.tokenizer = Tokenizer.load(self.run.tokenizer)
         self._models: dict[str, GPT] = {}
+        self._batchers: dict[str, Batcher] = {}
+        self.batch_rows = batch_rows
         self._paths: dict[str, Path] = {}
         self._lock = threading.Lock()
         self.active = self._register(checkpoint)
@@ -117,6 +121,8 @@ class ModelHost:
             dropped = [n for n in self._models if n != self.active]
             for n in dropped:
                 del self._models[n]
+                if n in self._batchers:
+                    self._batchers.pop(n).close()
         return dropped
 
     def loaded_models(self) -> dict[str, GPT]:
@@ -139,15 +145,25 @@ class ModelHost:
 
     # ----------------------------------------------------------------- generation
 
-    def stream(self, model: GPT, prompt_ids: list[int], params: SamplingParams, stop: list[str]) -> Iterator[Piece]:
-        """Text pieces of one completion; the last one carries the finish reason."""
+    def _tokens(self, name: str, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+        model = self.model(name)
+        if not self.batch_rows:
+            return generate_stream(model, prompt_ids, params)
+        with self._lock:
+            if name not in self._batchers:
+                self._batchers[name] = Batcher(model, self.batch_rows)
+            batcher = self._batchers[name]
+        return batcher.tokens(prompt_ids, params)
+
+    def stream(self, name: str, prompt_ids: list[int], params: SamplingParams, stop: list[str]) -> Iterator[Piece]:
+        """Text pieces of one completion from checkpoint `name`; the last one carries the finish reason."""
+        model = self.model(name)
         params.stop_ids = {self.tokenizer.eot_id}
         block = model.cfg.block_size
         limit = min(params.max_new_tokens, block - 1)
         prompt_len = min(len(prompt_ids), block - limit)
         count = 0
-        for text, count, hit_stop in stream_text(self.tokenizer.decode, generate_stream(model, prompt_ids, params),
-                                                 stop):
+        for text, count, hit_stop in stream_text(self.tokenizer.decode, self._tokens(name, prompt_ids, params), stop):
             if hit_stop:
                 yield Piece(text, count, "stop")
                 return

@@ -54,12 +54,12 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _pieces(ticket: Ticket, host: ModelHost, model: GPT, ids: list[int], params: SamplingParams,
+async def _pieces(ticket: Ticket, host: ModelHost, name: str, ids: list[int], params: SamplingParams,
                   stop: list[str]) -> AsyncIterator[Piece]:
     """Generate in a worker thread, one piece at a time, holding a generation slot throughout."""
     try:
         async with ticket.slot():
-            it = host.stream(model, ids, params, stop)
+            it = host.stream(name, ids, params, stop)
             while (piece := await anyio.to_thread.run_sync(next, it, None)) is not None:
                 yield piece
     finally:
@@ -71,9 +71,8 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
 
     async def respond(req: SamplingFields, model_name: str, ids: list[int], params: SamplingParams,
                       kind: str, chunk: Callable[[str, str | None, dict], dict], whole: Callable[[str, str, dict], dict]):
-        model = host.model(model_name)
         ticket = admission.admit()
-        pieces = _pieces(ticket, host, model, ids, params, req.stop_list())
+        pieces = _pieces(ticket, host, model_name, ids, params, req.stop_list())
         meta = {"id": f"{kind}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
         if not req.stream:
             text, last = [], None

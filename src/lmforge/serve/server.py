@@ -30,7 +30,8 @@ def build_app(run_dir: str | Path, checkpoint: str | None = None, serve_cfg: Ser
               overrides: dict[str, str] | None = None, device: str = "cpu") -> FastAPI:
     recipe = run_recipe_for(run_dir, overrides)
     cfg = serve_cfg or recipe.serve
-    host = ModelHost(run_dir, checkpoint or cfg.checkpoint, device=device)
+    host = ModelHost(run_dir, checkpoint or cfg.checkpoint, device=device,
+                     batch_rows=cfg.max_concurrent if cfg.batching else 0)
     return create_app(host, cfg, recipe.generate)
 
 
