@@ -395,3 +395,20 @@ def test_batcher_matches_generate_stream(tiny_run):
         assert list(batcher.tokens(prompts[2], copy.deepcopy(params[2]))) == alone[2]
     finally:
         batcher.close()
+
+
+def test_a_failing_generation_is_reported_not_hung(tiny_run):
+    app = build_app(tiny_run)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+        yield  # a generator, as the real one
+
+    app.state.host.stream = broken
+    with ServerThread(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/v1/completions", json={"prompt": "The", "max_tokens": 4})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        with c.stream("POST", "/v1/completions", json={"prompt": "The", "max_tokens": 4, "stream": True}) as s:
+            events = [json.loads(d) for d in sse_lines(s) if d != "[DONE]"]
+        assert events[-1]["error"]["message"] == "boom"
+        assert c.get("/health").json()["running"] == 0

@@ -50,11 +50,38 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
     return JSONResponse(error_body(f"{param}: {text}" if param else text, param), status_code=400)
 
 
+class InternalErrors:
+    """ASGI middleware: an unexpected exception becomes a logged 500 with an OpenAI-style JSON body.
+
+    (A FastAPI handler for Exception re-raises after answering, and uvicorn then drops the connection.)
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            log.exception("error serving %s", scope.get("path"))
+            if scope["type"] == "http" and not started:
+                body = error_body(f"internal error: {exc}", None, None, "server_error")
+                await JSONResponse(body, status_code=500)(scope, receive, send)
+
+
 def create_app(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig | None = None) -> FastAPI:
     defaults = defaults or GenerateConfig()
     admission = Admission(cfg.max_concurrent, cfg.max_queue)
     app = FastAPI(title="lmforge", version="0.1.0", docs_url="/docs", redoc_url=None)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
+    app.add_middleware(InternalErrors)
     app.state.host = host
     app.state.admission = admission
 
