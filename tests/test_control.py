@@ -27,6 +27,8 @@ from lmforge.train.loop import train_stage
 from lmforge.train.metrics import plot_losses, plot_runs, read_metrics
 from lmforge.train.schedule import lr_at
 
+from .conftest import tiny_recipe
+
 VOCAB, BLOCK, BATCH = 64, 16, 4
 
 
@@ -317,8 +319,6 @@ def test_plot_keeps_the_resumed_values_of_steps_logged_twice(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_during_pretraining_moves_a_chained_run_on_to_finetuning(copy_run, data_dir, monkeypatch):
-    from conftest import tiny_recipe
-
     from lmforge.pipeline import run_recipe
     from lmforge.train.metrics import MetricsLogger
 

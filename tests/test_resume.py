@@ -23,6 +23,8 @@ from lmforge.rundir import RunDir
 from lmforge.train.checkpoint import copy_checkpoint, model_from_checkpoint, read_state, save_checkpoint
 from lmforge.train.metrics import read_metrics
 
+from .conftest import tiny_recipe
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 PRETRAIN = textwrap.dedent("""
@@ -147,8 +149,6 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
 
 
 def test_resuming_with_another_model_shape_is_a_clear_error(copy_run):
-    from conftest import tiny_recipe
-
     from lmforge.pipeline import pretrain_stage
 
     run = RunDir(copy_run())
@@ -162,8 +162,6 @@ def test_resuming_with_another_model_shape_is_a_clear_error(copy_run):
 
 
 def test_resuming_pretraining_over_a_finetuned_run_is_refused(copy_run):
-    from conftest import tiny_recipe
-
     from lmforge.pipeline import pretrain_stage
 
     run = RunDir(copy_run())
