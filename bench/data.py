@@ -210,8 +210,9 @@ def main() -> None:
                 continue
             big = tmp / f"{label}.jsonl"
             write_corpus(big, paragraphs, size)
-            seconds, _, peak, _ = measured(me + ["prepare", str(big), tok_path, str(tmp / label), "0"])
-            print(f"{label}: prepared in {seconds:.0f} s ({size / seconds:.2f} MB/s), peak RSS {peak:.0f} MB")
+            seconds, cpu, peak, _ = measured(me + ["prepare", str(big), tok_path, str(tmp / label), "0"])
+            print(f"{label}: prepared in {seconds:.0f} s ({size / seconds:.2f} MB/s, {cpu / size:.2f} CPU s/MB), "
+                  f"peak RSS {peak:.0f} MB")
             rss[label] = peak
             big.unlink()
             shutil.rmtree(tmp / label)
