@@ -30,3 +30,13 @@ def test_data_inspect_of_a_non_run_is_one_line(tmp_path, capsys):
     assert main(["data", "inspect", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run directory not found" in err
+
+
+def test_prepare_again_keeps_the_finished_shards(copy_run, data_dir, capsys):
+    run = copy_run()
+    before = {p: p.stat().st_mtime_ns for p in (run / "data").rglob("*.bin")}
+    assert before
+    assert main(["prepare", "--run-dir", str(run), "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "tinystories: " in out and "duplicates" in out and f"lmforge data inspect {run}" in out
+    assert {p: p.stat().st_mtime_ns for p in (run / "data").rglob("*.bin")} == before

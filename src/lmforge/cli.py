@@ -99,7 +99,10 @@ def cmd_prepare(args, overrides) -> int:
     run = _stage_run(args, recipe)
     manifest = prepare_stage(recipe, run, args.data_dir)
     for src in manifest["sources"]:
-        print(f"{src['name']}: {src['docs']} docs, {src['train_tokens']:,} train / {src['val_tokens']:,} val tokens")
+        dropped = sum(src.get("dropped", {}).values())
+        print(f"{src['name']}: {src['docs']} docs, {src['train_tokens']:,} train / {src['val_tokens']:,} val tokens, "
+              f"{src.get('duplicates', 0)} duplicates and {dropped} bad or filtered records dropped")
+    print(f"see what the model will see: lmforge data inspect {run.root}")
     return 0
 
 
