@@ -72,10 +72,16 @@ def test_shards_index_dedup_and_split(tmp_path, tok):
     assert len(val_hashes) == 40  # every 10th of the 400 unique documents
 
 
-def test_parallel_workers_write_identical_shards(tmp_path, tok):
-    prepare_shards(data_cfg(tmp_path, workers=1), tok, None, tmp_path / "one")
-    prepare_shards(data_cfg(tmp_path, workers=2), tok, None, tmp_path / "two")
-    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
+@pytest.mark.parametrize("cap", [0, 3000])
+def test_parallel_workers_write_identical_shards(tmp_path, tok, monkeypatch, cap):
+    monkeypatch.setattr(shards_mod, "BATCH_DOCS", 16)  # many batches in flight
+    outputs = []
+    for workers in (1, 2):
+        cfg = data_cfg(tmp_path, workers=workers)
+        cfg.sources[0].max_tokens = cap  # a source cut short must leave nothing in flight for the next one
+        prepare_shards(cfg, tok, None, tmp_path / f"w{workers}")
+        outputs.append(shard_bytes(tmp_path / f"w{workers}"))
+    assert outputs[0] == outputs[1]
 
 
 def test_interrupted_preparation_resumes_without_redoing_finished_shards(tmp_path, tok, monkeypatch):

@@ -66,24 +66,44 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def encode_batches(batches: Iterable[list[str]], tokenizer_json: str, dtype: str, eot_id: int,
-                   workers: int) -> Iterator[EncodedBatch]:
-    """Encode each batch of texts; results come back in order. workers=1 encodes in this process."""
-    if workers <= 1:
-        encoder = _Encoder(tokenizer_json, dtype, eot_id)
-        for batch in batches:
-            yield encoder(batch)
-        return
-    max_in_flight = 2 * workers  # bounds memory whatever the corpus size
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                               initargs=(tokenizer_json, dtype, eot_id))
-    pending: deque[Future] = deque()
-    try:
-        for batch in batches:
-            pending.append(pool.submit(_encode_in_worker, batch))
-            if len(pending) >= max_in_flight:
+class EncoderPool:
+    """Encodes batches of texts in `workers` processes (started on first use, shared by every source), or
+    in this process when workers <= 1. Results come back in input order with a bounded number in flight."""
+
+    def __init__(self, tokenizer_json: str, dtype: str, eot_id: int, workers: int):
+        self.args = (tokenizer_json, dtype, eot_id)
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+        self.local = _Encoder(*self.args) if workers <= 1 else None
+
+    def map(self, batches: Iterable[list[str]]) -> Iterator[EncodedBatch]:
+        if self.local is not None:
+            for batch in batches:
+                yield self.local(batch)
+            return
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                            initargs=self.args)
+        max_in_flight = 2 * self.workers  # bounds memory whatever the corpus size
+        pending: deque[Future] = deque()
+        try:
+            for batch in batches:
+                pending.append(self.pool.submit(_encode_in_worker, batch))
+                if len(pending) >= max_in_flight:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        finally:  # a consumer that stops early (a token cap, Ctrl-C) leaves nothing queued for the next source
+            for future in pending:
+                future.cancel()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def __enter__(self) -> EncoderPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.config import DataConfig, SourceConfig
-from lmforge.data.encode import EncodedBatch, default_workers, encode_batches
+from lmforge.data.encode import EncodedBatch, EncoderPool, default_workers
 from lmforge.data.sources import DROP_REASONS, iter_documents, local_files
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write, atomic_write_json
@@ -185,7 +185,7 @@ def _source_entry(src: SourceConfig, source_id: int, progress: dict, stats: Coun
 
 
 def shard_source(src: SourceConfig, source_id: int, data: DataConfig, tokenizer: Tokenizer, data_dir: Path | None,
-                 out_dir: Path, seen: set[int], key: str, workers: int) -> dict | None:
+                 out_dir: Path, seen: set[int], key: str, encoder: EncoderPool) -> dict | None:
     """Tokenize one source into its shard folder, resuming an interrupted run; returns its manifest entry
     (None for an optional source that is not available)."""
     folder = out_dir / src.name
@@ -217,7 +217,7 @@ def shard_source(src: SourceConfig, source_id: int, data: DataConfig, tokenizer:
     start, n_docs, n_bytes = time.time(), 0, 0
     bar = tqdm(desc=f"shard {src.name}", unit=" docs", leave=False, dynamic_ncols=True)
     try:
-        for batch in encode_batches(_batched(docs), tokenizer.hf.to_str(), dtype.name, tokenizer.eot_id, workers):
+        for batch in encoder.map(_batched(docs)):
             budget = src.max_tokens - tokens if src.max_tokens else None
             tokens += _write_batch(batch, writers, progress, seen, data, save_point, budget)
             n_docs += len(batch.lengths)
@@ -279,14 +279,16 @@ def prepare_shards(data: DataConfig, tokenizer: Tokenizer, data_dir: Path | None
     tok_hash = tokenizer_hash(tokenizer)
     seen: set[int] = set()
     entries, key = [], ""
-    for source_id, src in enumerate(data.sources):
-        key = _source_key(src, data, data_dir, tok_hash, key)
-        entry = shard_source(src, source_id, data, tokenizer, data_dir, out_dir, seen, key, workers)
-        if entry is None:
-            continue
-        log.info("%s: %d docs, %d train tokens, %d val tokens, %d duplicates dropped", src.name, entry["docs"],
-                 entry["train_tokens"], entry["val_tokens"], entry["duplicates"])
-        entries.append(entry)
+    with EncoderPool(tokenizer.hf.to_str(), token_dtype(tokenizer.vocab_size).name, tokenizer.eot_id,
+                     workers) as encoder:
+        for source_id, src in enumerate(data.sources):
+            key = _source_key(src, data, data_dir, tok_hash, key)
+            entry = shard_source(src, source_id, data, tokenizer, data_dir, out_dir, seen, key, encoder)
+            if entry is None:
+                continue
+            log.info("%s: %d docs, %d train tokens, %d val tokens, %d duplicates dropped", src.name, entry["docs"],
+                     entry["train_tokens"], entry["val_tokens"], entry["duplicates"])
+            entries.append(entry)
     if not any(e["val_tokens"] for e in entries):
         raise LmforgeError("no validation documents: add documents or raise data.val_fraction")
     manifest = {
