@@ -393,6 +393,14 @@ def test_batcher_matches_generate_stream(tiny_run):
         next(stream)
         stream.close()
         assert list(batcher.tokens(prompts[2], copy.deepcopy(params[2]))) == alone[2]
+        # closing (a checkpoint unloaded) lets the requests in hand finish, then refuses new ones
+        stream = batcher.tokens(prompts[1], copy.deepcopy(params[1]))
+        first = next(stream)
+        batcher.close()
+        assert [first, *stream] == alone[1]
+        batcher.thread.join(timeout=10)
+        with pytest.raises(RuntimeError, match="unloaded"):
+            list(batcher.tokens(prompts[2], copy.deepcopy(params[2])))
     finally:
         batcher.close()
 

@@ -48,6 +48,7 @@ class Batcher:
         self.model = model
         self.max_rows = max_rows
         self.inbox: queue.Queue = queue.Queue()
+        self._closed = False
         self.thread = threading.Thread(target=self._run, name="lmforge-batcher", daemon=True)
         self.thread.start()
 
@@ -60,12 +61,20 @@ class Batcher:
         job = Job(prompt, params)
         self.inbox.put(job)
         try:
-            while (item := job.out.get()) is not _END:
+            while (item := self._next(job)) is not _END:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
             job.cancelled.set()
+
+    def _next(self, job: Job):
+        while True:
+            try:
+                return job.out.get(timeout=1.0)
+            except queue.Empty:
+                if not self.thread.is_alive():  # closed before it saw this job
+                    return RuntimeError("this checkpoint was unloaded; retry the request")
 
     def close(self) -> None:
         self.inbox.put(None)
@@ -76,9 +85,10 @@ class Batcher:
         active: list[Job] = []
         cache: KVCache | None = None
         while True:
-            try:
-                joined = self._take_new(block=not active, room=self.max_rows - len(active))
-            except _Closed:
+            # after close(): finish the requests in hand, then stop
+            joined = [] if self._closed else self._take_new(block=not active, room=self.max_rows - len(active))
+            if self._closed and not joined and all(job.done or job.cancelled.is_set() for job in active):
+                self._refuse_late_arrivals()
                 return
             try:
                 with torch.inference_mode():
@@ -95,6 +105,15 @@ class Batcher:
                     job.out.put(exc)
                 active, cache = [], None
 
+    def _refuse_late_arrivals(self) -> None:
+        while True:
+            try:
+                job = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.out.put(RuntimeError("this checkpoint was unloaded; retry the request"))
+
     def _take_new(self, block: bool, room: int) -> list[Job]:
         jobs = []
         while len(jobs) < room:
@@ -103,7 +122,8 @@ class Batcher:
             except queue.Empty:
                 break
             if job is None:
-                raise _Closed
+                self._closed = True
+                break
             if not job.cancelled.is_set():
                 jobs.append(job)
         return jobs
@@ -178,6 +198,3 @@ class Batcher:
             if not job.cancelled.is_set():
                 self._emit(job, logits[row : row + 1])
 
-
-class _Closed(Exception):
-    pass
