@@ -1,7 +1,8 @@
 """The models a server holds: one run directory's tokenizer and its checkpoints, loaded on first use.
 
-Every request gets its own KV cache (generate_stream makes a fresh one per call) and only reads the
-shared weights, so requests can run in parallel threads without touching each other's state.
+Requests never share KV state: with batching (the default) each request owns its rows of the batch
+cache of its checkpoint's Batcher; without, each runs generate_stream in its own thread with a fresh cache.
+Both only read the shared weights.
 """
 
 from __future__ import annotations
