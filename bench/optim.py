@@ -8,8 +8,8 @@ validation curves on one plot.
     python bench/optim.py --out /tmp/optim-bench                   # cpu-small, the default small budget
     python bench/optim.py --out /tmp/ob --steps 200 --batch 16     # a bigger token budget
 
-The run is `steps * batch * block` tokens per optimizer setting; the defaults keep the whole grid to
-about half an hour on 2 shared CPU cores.
+The run is `steps * batch * block` tokens per optimizer setting (default 100 x 8 x 128 = 102,400); each
+grid entry takes a few minutes on one core.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -65,7 +67,9 @@ def train_one(recipe_name: str, base: Path, out: Path, overrides: dict[str, str]
     records = [json.loads(line) for line in run.metrics.read_text().splitlines()]
     val = [(r["tokens"], r["loss"]) for r in records if r.get("split") == "val"]
     print(f"{name:16s} final val loss {result.last_val_loss:.4f}  ({time.time() - start:.0f} s)", flush=True)
-    return {"name": name, "optimizer": opt, "lr": lr, "final": result.last_val_loss, "val": val}
+    out = {"name": name, "optimizer": opt, "lr": lr, "final": result.last_val_loss, "val": val}
+    (run_dir / "bench_result.json").write_text(json.dumps(out))  # one file per run: grid entries may run in parallel
+    return out
 
 
 def plot(best: dict[str, dict], path: Path, title: str) -> None:
@@ -92,12 +96,17 @@ def main() -> None:
     parser.add_argument("--recipe", default="cpu-small")
     parser.add_argument("--out", required=True, help="work directory (runs, results.json, muon_vs_adamw.png)")
     parser.add_argument("--data-dir", help="local dataset copies (default $LMFORGE_DATA_DIR or ../shared/data)")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--adamw-lr-for-muon", default="3e-3", help="AdamW lr of the embedding/norms under muon")
-    parser.add_argument("--only", nargs="*", help="grid entries to run, e.g. muon:0.01 (others are read back)")
+    parser.add_argument("--only", nargs="*", help="grid entries to run, e.g. muon:0.01 (finished runs in --out "
+                        "are read back, so entries can run as separate, even parallel, commands)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a busy "
+                        "shared machine 1 thread avoids OpenMP barrier stalls")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = data_dir_from_env(args.data_dir) or Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -109,14 +118,10 @@ def main() -> None:
                 "pretrain.eval_interval": str(max(1, args.steps // 6)), "pretrain.eval_batches": "4",
                 "pretrain.checkpoint_interval": str(args.steps), "pretrain.log_interval": "10"}
     base = prepared_run(args.recipe, out, data_ov, data_dir)
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for opt, lr in GRID:
-        key = f"{opt}:{lr}"
-        if args.only is not None and key not in args.only:
-            continue
-        results[key] = train_one(args.recipe, base, out, {**data_ov, **train_ov}, opt, lr, args.adamw_lr_for_muon)
-        results_path.write_text(json.dumps(results, indent=1))
+        if args.only is None or f"{opt}:{lr}" in args.only:
+            train_one(args.recipe, base, out, {**data_ov, **train_ov}, opt, lr, args.adamw_lr_for_muon)
+    results = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/bench_result.json"))}
     tokens = args.steps * args.batch * args.block
     best = {}
     for opt in ("adamw", "muon"):

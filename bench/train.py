@@ -2,7 +2,8 @@
 
 Both models get the same batch, block, thread count, loss (next-token cross-entropy in fp32), optimizer
 (torch AdamW, fused where available) and precision; their steps are interleaved round by round so that
-load from other processes on a shared machine hits both alike, and the median step time is compared.
+load from other processes on a shared machine hits both alike, and each ratio is the median over rounds
+of the ratio within a round (tokens/s columns are medians of step times).
 Precisions: fp32, bf16 autocast, and lmforge's default (`dtype = "auto"`: bf16 where the CPU/GPU has
 native bf16) against HF in fp32. MFU is lmforge's default-precision throughput against this machine's
 matmul peak, measured in the same run in the same dtype (lmforge.train.precision).
@@ -102,6 +103,13 @@ def bench_shape(recipe: str, batch: int, rounds: int) -> dict[str, float]:
             if r > 0:
                 v.times.append(t)
     tok_s = {v.name: tokens / statistics.median(v.times) for v in variants}
+    times = {v.name: v.times for v in variants}
+
+    def ratio(ours: str, theirs: str) -> float:
+        """Median over rounds of the per-round speed ratio: steps of one round ran back to back, under
+        the same load, so pairing them cancels most of a shared machine's drift."""
+        return statistics.median(b / a for a, b in zip(times[ours], times[theirs], strict=True))
+
     n_params = variants[0].model.num_parameters()
     fpt = flops_per_token(cfg, n_params)
     default_name = "bf16" if default == bf16 else "fp32"
@@ -111,10 +119,10 @@ def bench_shape(recipe: str, batch: int, rounds: int) -> dict[str, float]:
         "tokens": tokens,
         "lm_fp32": tok_s["lmforge fp32"], "hf_fp32": tok_s["hf fp32"],
         "lm_bf16": tok_s["lmforge bf16"], "hf_bf16": tok_s["hf bf16"],
-        "ratio_fp32": tok_s["lmforge fp32"] / tok_s["hf fp32"],
-        "ratio_bf16": tok_s["lmforge bf16"] / tok_s["hf bf16"],
-        "ratio_same": tok_s[f"lmforge {default_name}"] / tok_s[f"hf {default_name}"],
-        "default_vs_hf_fp32": tok_s[f"lmforge {default_name}"] / tok_s["hf fp32"],
+        "ratio_fp32": ratio("lmforge fp32", "hf fp32"),
+        "ratio_bf16": ratio("lmforge bf16", "hf bf16"),
+        "ratio_same": ratio(f"lmforge {default_name}", f"hf {default_name}"),
+        "default_vs_hf_fp32": ratio(f"lmforge {default_name}", "hf fp32"),
         "mfu": tok_s[f"lmforge {default_name}"] * fpt / peak,
         "peak_gflops": peak / 1e9,
     }
@@ -123,9 +131,13 @@ def bench_shape(recipe: str, batch: int, rounds: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="timed steps per variant and recipe (default 3)")
+    parser.add_argument("--rounds", type=int, default=4, help="timed steps per variant and recipe (default 3)")
     parser.add_argument("--only", nargs="*", help="recipes to run (default: tiny cpu-small seed-67m)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a busy "
+                        "shared machine 1 thread avoids OpenMP barrier stalls")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     default = resolve_dtype("auto", CPU)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, default dtype here: {default}")
     results = {}

@@ -109,6 +109,7 @@ def curve(run_dir: Path, dtype: str) -> tuple[list[float], float]:
     from lmforge.rundir import RunDir
 
     run = RunDir(run_dir)
+    run.metrics.unlink(missing_ok=True)  # the copied run's own history
     recipe = tiny_recipe(**{"pretrain.max_steps": "200", "pretrain.batch_size": "8", "model.block_size": "64",
                             "pretrain.eval_interval": "200", "pretrain.log_interval": "20", "pretrain.dtype": dtype})
     result = pretrain_stage(recipe, run)
