@@ -93,3 +93,15 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     assert "model.n_embd: 64 is not divisible by model.n_head=3" in lines[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_override_values_are_never_taken_for_the_recipe(capsys):
+    from lmforge.cli import main, split_overrides
+
+    assert split_overrides(["eval", "--run-dir", "r", "--eval.squad_questions", "16", "--qa.mode=closed_book"]) == (
+        ["eval", "--run-dir", "r"], {"eval.squad_questions": "16", "qa.mode": "closed_book"})
+    assert main(["pretrain", "--run-dir", "/nonexistent/run", "--pretrain.max_steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "give a RECIPE, or a --run-dir" in err and "recipe not found: 5" not in err
+    assert main(["pretrain", "--pretrain.max_steps"]) == 2
+    assert "override --pretrain.max_steps needs a value" in capsys.readouterr().err

@@ -28,25 +28,29 @@ def _setup_logging(verbose: bool) -> None:
     log.propagate = False
 
 
-def parse_overrides(extra: list[str]) -> dict[str, str]:
-    """['--a.b', '1', '--c.d=x'] -> {'a.b': '1', 'c.d': 'x'}; anything else is an error."""
-    out: dict[str, str] = {}
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Take recipe overrides ('--a.b 1', '--c.d=x') out of argv before argparse sees it.
+
+    Done first so that an override's value can never be mistaken for a positional argument
+    (`lmforge eval --run-dir R --eval.squad_questions 16` must not read 16 as the recipe).
+    """
+    rest: list[str] = []
+    overrides: dict[str, str] = {}
     i = 0
-    while i < len(extra):
-        arg = extra[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise LmforgeError(f"unrecognised argument '{arg}' (recipe overrides look like --section.key value)")
-        key = arg[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-        else:
-            if i + 1 >= len(extra):
-                raise LmforgeError(f"override --{key} needs a value")
-            value = extra[i + 1]
+    while i < len(argv):
+        arg = argv[i]
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if "." not in key:
+            rest.append(arg)
+        elif "=" in arg:
+            overrides[key] = arg.split("=", 1)[1]
+        elif i + 1 < len(argv):
+            overrides[key] = argv[i + 1]
             i += 1
-        out[key] = value
+        else:
+            raise LmforgeError(f"override --{key} needs a value")
         i += 1
-    return out
+    return rest, overrides
 
 
 def resolve_recipe_path(name: str) -> Path:
@@ -498,10 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        rest, raw_overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    except LmforgeError as exc:
+        print(f"lmforge: error: {exc}", file=sys.stderr)
+        return 2
+    args, extra = parser.parse_known_args(rest)
     _setup_logging(args.verbose)
     try:
-        overrides = training_overrides(args, parse_overrides(extra))
+        if extra:
+            raise LmforgeError(f"unrecognised argument '{extra[0]}' (recipe overrides look like --section.key value)")
+        overrides = training_overrides(args, raw_overrides)
         with distributed_session(getattr(args, "distributed", None)):
             return args.func(args, overrides)
     except LmforgeError as exc:
