@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+# Tests never use the network: Hugging Face libraries read these once, at import, so they are set before any
+# test imports them (and subprocesses inherit them). Hub loading code is exercised through local files.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.toml"
 
