@@ -43,21 +43,9 @@ def per_token_seconds(model: GPT, prompt: list[int], new: int, use_cache: bool, 
 
 def hf_twin(model: GPT):
     """A transformers LlamaForCausalLM of the same dimensions holding the same weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from lmforge.export import to_hf_model
 
-    c = model.cfg
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head, num_key_value_heads=c.n_head, max_position_embeddings=c.block_size,
-        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=True, attention_bias=False,
-        mlp_bias=False, hidden_act="silu", attn_implementation="sdpa"))
-    rename = {"tok_emb": "model.embed_tokens", "norm": "model.norm", "layers": "model.layers",
-              "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn": "self_attn"}
-    state = {".".join(rename.get(p, p) for p in k.split(".")): v for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    hf.tie_weights()
-    return hf.eval()
+    return to_hf_model(model)
 
 
 def hf_tokens_per_second(hf, prompt: list[int], new: int, reps: int) -> tuple[float, list[int]]:

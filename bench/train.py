@@ -50,14 +50,12 @@ def gpt_config(recipe_name: str) -> GPTConfig:
 
 
 def hf_llama(cfg: GPTConfig) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A transformers LlamaForCausalLM of identical dimensions (its own random weights)."""
+    from transformers import LlamaForCausalLM
 
-    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.hidden_dim,
-                         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                         num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size,
-                         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=True,
-                         attention_dropout=0.0, hidden_act="silu", attn_implementation="sdpa")
-    return LlamaForCausalLM(hf_cfg)
+    from lmforge.export import llama_config
+
+    return LlamaForCausalLM(llama_config(cfg))
 
 
 @dataclass

@@ -68,8 +68,8 @@ def from_hf_name(name: str) -> str:
     raise LmforgeError(f"tensor '{name}' has no counterpart in lmforge's model (not a plain Llama model?)")
 
 
-def llama_config(cfg: GPTConfig, tok: Tokenizer):
-    """The `LlamaConfig` that describes an lmforge model exactly."""
+def llama_config(cfg: GPTConfig, tok: Tokenizer | None = None):
+    """The `LlamaConfig` that describes an lmforge model exactly (special-token ids when `tok` is given)."""
     transformers = _transformers()
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size,
@@ -86,12 +86,23 @@ def llama_config(cfg: GPTConfig, tok: Tokenizer):
         tie_word_embeddings=True,
         attention_bias=False,
         mlp_bias=False,
-        bos_token_id=tok.eot_id,
-        eos_token_id=tok.eot_id,
-        pad_token_id=tok.pad_id,
+        bos_token_id=tok.eot_id if tok else None,
+        eos_token_id=tok.eot_id if tok else None,
+        pad_token_id=tok.pad_id if tok else None,
         architectures=["LlamaForCausalLM"],
         torch_dtype="float32",
     )
+
+
+def to_hf_model(model: GPT, tok: Tokenizer | None = None):
+    """A `transformers` LlamaForCausalLM holding exactly `model`'s weights (eval mode)."""
+    hf_model = _transformers().LlamaForCausalLM(llama_config(model.cfg, tok))
+    weights = {to_hf_name(k): v for k, v in model_weights(model).items()}
+    missing, unexpected = hf_model.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise LmforgeError(f"export mapping incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    hf_model.tie_weights()
+    return hf_model.eval()
 
 
 def hf_tokenizer(tok: Tokenizer, block_size: int):
@@ -209,14 +220,7 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best") ->
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        config = llama_config(model.cfg, tok)
-        hf_model = transformers.LlamaForCausalLM(config)
-        weights = {to_hf_name(k): v for k, v in model_weights(model).items()}
-        missing, unexpected = hf_model.load_state_dict(weights, strict=False)
-        if unexpected or set(missing) - {"lm_head.weight"}:
-            raise LmforgeError(f"export mapping incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        hf_model.tie_weights()
-        hf_model.save_pretrained(staging, safe_serialization=True)
+        to_hf_model(model, tok).save_pretrained(staging, safe_serialization=True)
         hf_tokenizer(tok, model.cfg.block_size).save_pretrained(staging)
         _portable_tokenizer_class(staging / "tokenizer_config.json")
         g = recipe.generate
