@@ -32,7 +32,8 @@ from lmforge.rundir import RunDir  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # (optimizer, override of its peak lr); Muon's AdamW part (embedding, norms) uses --adamw-lr-for-muon
-GRID = (("adamw", "1e-3"), ("adamw", "3e-3"), ("muon", "0.01"), ("muon", "0.03"))
+GRID = (("adamw", "1e-3"), ("adamw", "3e-3"), ("adamw", "1e-2"),
+        ("muon", "0.01"), ("muon", "0.03"), ("muon", "0.1"))
 
 
 def prepared_run(recipe_name: str, out: Path, overrides: dict[str, str], data_dir: str | None) -> Path:

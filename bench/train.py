@@ -87,13 +87,17 @@ def make_variant(name: str, cfg: GPTConfig, hf: bool, dtype: torch.dtype) -> Var
 
 def bench_shape(recipe: str, batch: int, rounds: int) -> dict[str, float]:
     cfg = gpt_config(recipe)
-    default = resolve_dtype("auto", CPU)
     f32, bf16 = torch.float32, torch.bfloat16
     variants = [make_variant("lmforge fp32", cfg, False, f32), make_variant("hf fp32", cfg, True, f32),
                 make_variant("lmforge bf16", cfg, False, bf16), make_variant("hf bf16", cfg, True, bf16)]
     g = torch.Generator().manual_seed(0)
     tokens = batch * cfg.block_size
+    default = resolve_dtype("auto", CPU)
+    peak = 0.0
     for r in range(rounds + 1):  # round 0 warms up allocators and kernels
+        # the peak is re-measured every round, beside the steps, and the best kept: a shared machine's
+        # load changes by the minute, and a peak from another moment would skew MFU either way
+        peak = max(peak, measured_matmul_peak.__wrapped__(default, n=2048))
         ids = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size + 1), generator=g)
         x, y = ids[:, :-1], ids[:, 1:]
         for v in variants if r % 2 == 0 else reversed(variants):  # alternate order: neither always goes first
@@ -111,7 +115,6 @@ def bench_shape(recipe: str, batch: int, rounds: int) -> dict[str, float]:
     n_params = variants[0].model.num_parameters()
     fpt = flops_per_token(cfg, n_params)
     default_name = "bf16" if default == bf16 else "fp32"
-    peak = measured_matmul_peak(default, n=2048)
     out = {
         "params_M": n_params / 1e6,
         "tokens": tokens,
