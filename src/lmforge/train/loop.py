@@ -204,7 +204,7 @@ def train_stage(
 
     val_batches = val_data.fixed_batches(cfg.eval_batches)
     metrics = MetricsLogger(run.metrics, run.tensorboard) if parallel.is_main else NullMetrics()
-    mfu_meter = MFUMeter(model.cfg, model.num_parameters(), device, dtype)
+    mfu_meter = MFUMeter(model.cfg, model.num_parameters(), device, dtype, quiet=not parallel.is_main)
     if step == 0:
         metrics.log({"event": f"{stage}_start", "stage": stage, "step": 0, "label": f"{stage} start"})
 

@@ -133,9 +133,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, 
 class MFUMeter:
     """Turns tokens/s of one device into model FLOPs utilization against a stated peak."""
 
-    def __init__(self, cfg: GPTConfig, n_params: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg: GPTConfig, n_params: int, device: torch.device, dtype: torch.dtype, quiet: bool = False):
         self.flops_per_token = flops_per_token(cfg, n_params)
         self.peak, self.source = peak_flops(device, dtype)
+        if quiet:  # e.g. torchrun ranks other than 0
+            return
         if self.peak is None:
             log.info("MFU not reported: %s", self.source)
         else:
