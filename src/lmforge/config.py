@@ -58,7 +58,6 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     phases: list[PhaseConfig] = field(default_factory=list)  # empty = one phase with the sources' weights
     val_fraction: float = 0.02  # share of documents held out for validation (by document)
-    min_val_docs: int = 1
     shard_tokens: int = 16_777_216  # tokens per shard file (shards end at a document boundary past this)
     workers: int = 0  # tokenizer worker processes; 0 = all cores, 1 = encode in-process
     dedup: bool = True  # drop exact duplicate documents (by hash), across all sources
