@@ -93,9 +93,13 @@ def flops_per_token(cfg: GPTConfig, n_params: int) -> float:
 
 @functools.cache
 def measured_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
-    """Best square-matmul FLOP/s on this CPU with the current thread count (measured once per process)."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+    """Best square-matmul FLOP/s on this CPU with the current thread count (measured once per process).
+
+    The operands come from a private generator: drawing from the global RNG would shift the dropout masks
+    of a run resumed in a new process (which measures again) against the run it continues."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, dtype=dtype, generator=g)
+    b = torch.randn(n, n, dtype=dtype, generator=g)
     a @ b  # warm up oneDNN / MKL kernels
     best = float("inf")
     deadline = time.perf_counter() + seconds
