@@ -1,4 +1,4 @@
-"""Exact resume after kill -9, crash-safe checkpoint writes, and resume refusals.
+"""Exact resume after kill -9 (pretraining and fine-tuning), crash-safe checkpoint writes, and resume refusals.
 
 The kills are real SIGKILLs of a child process at a chosen point, so nothing (no `finally`, no
 signal handler) gets a chance to tidy up, as with an out-of-memory kill or a power cut.
@@ -27,17 +27,21 @@ from .conftest import tiny_recipe
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-PRETRAIN = textwrap.dedent("""
+# argv: stage, run dir, kill_after, fresh|resume, data dir. kill_after > 0: SIGKILL right after the train record of
+# that step is logged (checkpoints at 6 and 12, so 9 dies between two). Dropout draws from the global RNG, and
+# 40 QA examples (5 batches of 8) make fine-tuning cross epochs before and after the kill.
+TRAIN_STAGE = textwrap.dedent("""
     import os, signal, sys
     import torch
     torch.set_num_threads(1)
     from pathlib import Path
     from lmforge.config import load_recipe
-    from lmforge.pipeline import pretrain_stage
+    from lmforge.pipeline import finetune_stage, pretrain_stage
     from lmforge.rundir import RunDir
     from lmforge.train.metrics import MetricsLogger
 
-    run_dir, kill_after, resume = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "resume"
+    stage, run_dir, kill_after = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    resume, data_dir = sys.argv[4] == "resume", sys.argv[5]
     if kill_after:
         log = MetricsLogger.log
         def log_then_die(self, record):
@@ -45,11 +49,15 @@ PRETRAIN = textwrap.dedent("""
             if record.get("split") == "train" and record["step"] == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
         MetricsLogger.log = log_then_die
-    overrides = {"pretrain.max_steps": "16", "pretrain.checkpoint_interval": "6", "pretrain.eval_interval": "4",
-                 "pretrain.eval_batches": "2", "pretrain.log_interval": "1", "pretrain.batch_size": "8", "pretrain.warmup_steps": "4",
-                 "pretrain.device": "cpu", "pretrain.dtype": "float32"}
-    recipe = load_recipe(run_dir / "config.toml", overrides)
-    pretrain_stage(recipe, RunDir(run_dir), resume=resume)
+    settings = {"max_steps": "16", "checkpoint_interval": "6", "eval_interval": "4", "eval_batches": "2",
+                "log_interval": "1", "batch_size": "8", "warmup_steps": "4", "dropout": "0.1", "patience": "0",
+                "epochs": "0", "device": "cpu", "dtype": "float32"}
+    overrides = {f"{stage}.{key}": value for key, value in settings.items()}
+    recipe = load_recipe(run_dir / "config.toml", {**overrides, "qa.max_train_examples": "40"})
+    if stage == "pretrain":
+        pretrain_stage(recipe, RunDir(run_dir), resume=resume)
+    else:
+        finetune_stage(recipe, RunDir(run_dir), data_dir, resume=resume)
 """)
 
 CRASH_MID_SAVE = textwrap.dedent("""
@@ -85,12 +93,15 @@ def run_child(script: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def fresh_run(tiny_run: Path, dst: Path) -> Path:
-    """A run directory with the tiny run's recipe, tokenizer and shards, and nothing trained yet."""
+def fresh_run(tiny_run: Path, dst: Path, stage: str = "pretrain") -> Path:
+    """A run directory with the tiny run's recipe, tokenizer and shards, ready to start `stage` (fine-tuning
+    starts from the tiny run's pretrained checkpoint), and nothing trained in it yet."""
     dst.mkdir(parents=True)
     for name in ("config.toml", "tokenizer.json"):
         shutil.copy2(tiny_run / name, dst / name)
     shutil.copytree(tiny_run / "data", dst / "data")
+    if stage == "finetune":
+        copy_checkpoint(RunDir(tiny_run).checkpoint("pretrained"), RunDir(dst).checkpoint("pretrained"))
     return dst
 
 
@@ -100,17 +111,18 @@ def losses(run_dir: Path, split: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_kill_9_between_checkpoints_then_resume_matches_an_uninterrupted_run(tiny_run, tmp_path):
-    straight = fresh_run(tiny_run, tmp_path / "straight")
-    killed = fresh_run(tiny_run, tmp_path / "killed")
-    done = run_child(PRETRAIN, straight, 0, "fresh")
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_kill_9_between_checkpoints_then_resume_matches_an_uninterrupted_run(stage, tiny_run, data_dir, tmp_path):
+    straight = fresh_run(tiny_run, tmp_path / "straight", stage)
+    killed = fresh_run(tiny_run, tmp_path / "killed", stage)
+    done = run_child(TRAIN_STAGE, stage, straight, 0, "fresh", data_dir)
     assert done.returncode == 0, done.stderr[-2000:]
 
-    died = run_child(PRETRAIN, killed, 9, "fresh")  # checkpoints at 6 and 12: dies after step 9
-    assert died.returncode == -signal.SIGKILL
+    died = run_child(TRAIN_STAGE, stage, killed, 9, "fresh", data_dir)  # checkpoints at 6 and 12: dies after step 9
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
     assert read_state(killed / "checkpoints" / "last")["step"] == 6
     assert max(losses(killed, "train")) == 9
-    resumed = run_child(PRETRAIN, killed, 0, "resume")
+    resumed = run_child(TRAIN_STAGE, stage, killed, 0, "resume", data_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
     a, b = losses(straight, "train"), losses(killed, "train")
@@ -126,6 +138,7 @@ def test_kill_9_between_checkpoints_then_resume_matches_an_uninterrupted_run(tin
     # both attempts' steps 7-9 are in the log (the plot keeps the resumed ones)
     steps = [r["step"] for r in read_metrics(killed / "metrics.jsonl") if r.get("split") == "train"]
     assert steps.count(8) == 2 and steps.count(10) == 1
+    assert read_state(killed / "checkpoints" / "last")["stage"] == stage
 
 
 @pytest.mark.parametrize("where", ["before_state", "between_renames"])
