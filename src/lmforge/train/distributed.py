@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,11 +23,18 @@ from torch import nn
 from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
 from lmforge.model import Block
+from lmforge.train.control import CONTROL_KEYS, LiveControl
 
 log = logging.getLogger("lmforge")
 
 MODES = ("none", "ddp", "fsdp")
+STOP_REASONS = (None, "interrupted", "stop_file")  # a stop request's code in the per-step all_reduce (MAX wins)
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def stop_code(reason: str | None) -> int:
+    """A stop reason as a number for the per-step all_reduce; an unknown reason counts as an interruption."""
+    return STOP_REASONS.index(reason) if reason in STOP_REASONS else STOP_REASONS.index("interrupted")
 
 
 def launched_by_torchrun() -> bool:
@@ -194,23 +202,28 @@ class Parallel:
     def mean(self, value: float) -> float:
         return self.sum(value)[0] / self.world_size
 
-    def follow_main(self, control, changes: dict) -> dict:
-        """Rank 0 reads control.toml; the other ranks take its values, so all change at the same step."""
-        if not self.active:
-            return changes
-        from lmforge.train.control import CONTROL_KEYS
+    def between_steps(self, control: LiveControl, changes: dict[str, Any],
+                      stop: str | None) -> tuple[dict[str, Any], str | None]:
+        """Share what decides the next step: rank 0's control-file `changes` and any rank's `stop` request.
 
+        Returns (the changes this rank applies, the stop reason every rank agrees on). One small tensor
+        all_reduce per step carries [rank 0 changed control values, stop code]; rank 0 broadcasts its control
+        values only in the steps where they changed. A stop seen by any rank stops every rank after the same
+        step (else they would deadlock). One process shares nothing: no collective.
+        """
+        if not self.active:
+            return changes, stop
+        flags = torch.tensor([int(self.is_main and bool(changes)), stop_code(stop)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        changed, code = flags.tolist()
+        if changed:
+            changes = self._follow_main(control, changes)
+        return changes, STOP_REASONS[code]
+
+    def _follow_main(self, control: LiveControl, changes: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0's control values on every rank, so that all change at the same step (a collective)."""
         values = from_main({k: getattr(control.cfg, k) for k in CONTROL_KEYS} if self.is_main else None)
         return changes if self.is_main else control.restore(values)
-
-    def agree_stop(self, reason: str | None) -> str | None:
-        """A stop request seen by any rank stops every rank after the same step (else they would deadlock)."""
-        if not self.active:
-            return reason
-        codes = [None, "interrupted", "stop_file"]
-        t = torch.tensor([codes.index(reason) if reason in codes else 1])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return codes[int(t)]
 
 
 def clip_grad_norm(params, max_norm: float) -> float:

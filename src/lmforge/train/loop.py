@@ -239,6 +239,14 @@ def train_stage(
                      "perplexity": math.exp(min(last_val, 50)), "best": best})
         return cfg.patience > 0 and bad_evals >= cfg.patience
 
+    def between_steps(requested: str | None) -> tuple[dict[str, Any], str | None]:
+        """Rank 0 reads control.toml unless a stop is requested or the stage is over; every rank learns
+        its changes and whether any rank was asked to stop (one collective under torchrun)."""
+        changes: dict[str, Any] = {}
+        if parallel.is_main and requested is None and step < total_steps:
+            changes = control.poll(metrics, stage, step)
+        return parallel.between_steps(control, changes, requested)
+
     model.train()
     stop_reason = "completed"
     bar = tqdm(total=total_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True,
@@ -248,8 +256,8 @@ def train_stage(
         with StopRequest(run) as stop:
             if step == 0:
                 evaluate_now()
+            changes, _ = between_steps(None)
             while step < total_steps:
-                changes = parallel.follow_main(control, control.poll(metrics, stage, step) if parallel.is_main else {})
                 if "dropout" in changes:
                     model.set_dropout(cfg.dropout)
                 if "eval_batches" in changes:
@@ -300,7 +308,8 @@ def train_stage(
                 if step % cfg.checkpoint_interval == 0:
                     checkpoint("last", with_trainer=True)
                 if stop_reason == "completed":
-                    stop_reason = parallel.agree_stop(stop.check()) or stop_reason
+                    changes, requested = between_steps(stop.check())
+                    stop_reason = requested or stop_reason
                 if stop_reason != "completed":
                     break
             checkpoint("last", with_trainer=True)
