@@ -1,6 +1,6 @@
 """Live control (RUN/control.toml), graceful stop, kept checkpoints, metrics/TensorBoard, plots.
 
-These drive the real training loop on a tiny synthetic task (no tokenizer or shards), so each runs in
+These drive the real training loop on a tiny synthetic task (tests/synthetic.py), so each runs in
 a second or two; hooks inside the batch source act at an exact step, like a user editing the file.
 """
 
@@ -12,24 +12,19 @@ import math
 import os
 import shutil
 import signal
-from pathlib import Path
 
 import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import TrainConfig
-from lmforge.model import GPT, GPTConfig
 from lmforge.rundir import RunDir
 from lmforge.train.checkpoint import model_from_checkpoint, read_state
 from lmforge.train.control import read_control_file, write_controls
-from lmforge.train.loop import train_stage
 from lmforge.train.metrics import plot_losses, plot_runs, read_metrics
 from lmforge.train.schedule import lr_at
 
 from .conftest import tiny_recipe
-
-VOCAB, BLOCK, BATCH = 64, 16, 4
+from .synthetic import BATCH, BLOCK, Progressions, cfg, make_run, train
 
 
 @pytest.fixture(autouse=True)
@@ -41,54 +36,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-class Progressions:
-    """Arithmetic progressions mod VOCAB: learnable, seeded, with a restorable position.
-
-    `hooks[k]` runs just before the k-th training batch (1-based) is drawn, i.e. during step k's
-    forward pass for grad_accum = 1.
-    """
-
-    def __init__(self, seed: int = 0, hooks: dict | None = None):
-        self.g = torch.Generator().manual_seed(seed)
-        self.calls = 0
-        self.hooks = hooks or {}
-
-    def _batch(self, g: torch.Generator):
-        a = torch.randint(VOCAB, (BATCH, 1), generator=g)
-        b = torch.randint(1, 7, (BATCH, 1), generator=g)
-        seq = (a + b * torch.arange(BLOCK + 1)) % VOCAB
-        return seq[:, :-1], seq[:, 1:]
-
-    def next_batch(self):
-        self.calls += 1
-        if self.calls in self.hooks:
-            self.hooks[self.calls]()
-        return self._batch(self.g)
-
-    def fixed_batches(self, n: int):
-        g = torch.Generator().manual_seed(999)
-        return [self._batch(g) for _ in range(n)]
-
-    def state_dict(self) -> dict:
-        return {"generator": self.g.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.g.set_state(state["generator"])
-
-
-def make_run(tmp_path: Path) -> RunDir:
-    run = RunDir(tmp_path / "run")
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.config.write_text("name = 'synthetic'\n")
-    return run
-
-
-def cfg(**kw) -> TrainConfig:
-    base = dict(max_steps=12, batch_size=BATCH, lr=1e-2, warmup_steps=2, eval_interval=4, eval_batches=2,
-                checkpoint_interval=4, log_interval=1, device="cpu", dtype="float32")
-    return TrainConfig(**{**base, **kw})
-
-
 class ValProgressions(Progressions):
     def __init__(self):
         super().__init__(1)
@@ -97,13 +44,6 @@ class ValProgressions(Progressions):
     def fixed_batches(self, n: int):
         self.requested.append(n)
         return super().fixed_batches(n)
-
-
-def train(run: RunDir, c: TrainConfig, hooks: dict | None = None, resume: bool = False, val=None):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=32, block_size=BLOCK))
-    return train_stage(model, Progressions(0, hooks), val or Progressions(1), c, run, "pretrain", c.max_steps,
-                       resume=resume), model
 
 
 def train_records(run: RunDir) -> dict[int, dict]:
