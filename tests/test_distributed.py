@@ -1,4 +1,5 @@
-"""Issue 5 (part B): torchrun DDP / FSDP2 on CPU with gloo, against one process with the same recipe."""
+"""Issue 5 (part B): torchrun DDP / FSDP2 on CPU with gloo, against one process with the same recipe; live control
+and stop requests reaching every rank."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,12 @@ import torch
 
 from lmforge.cli import main
 from lmforge.train.checkpoint import load_weights, model_from_checkpoint, read_state
+from lmforge.train.metrics import read_metrics
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from .synthetic import BATCH, BLOCK, make_run
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
 # fp32 so that 1 and 2 processes differ only by the order of floating-point sums
 STEPS = ["--pretrain.max_steps=6", "--pretrain.log_interval=1", "--pretrain.eval_interval=3",
          "--pretrain.checkpoint_interval=3", "--pretrain.dtype=float32"]
@@ -28,17 +34,59 @@ def fresh_run(tiny_run: Path, dst: Path) -> Path:
     return dst
 
 
-def lmforge(args: list[str], nproc: int = 1) -> None:
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+def launch(args: list[str], nproc: int = 1) -> str:
+    """`python ARGS` in one process, or under torchrun in `nproc` processes; returns what they printed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(REPO)]), "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "lmforge.cli", *args]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + args
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def lmforge(args: list[str], nproc: int = 1) -> None:
+    launch(["-m", "lmforge.cli", *args], nproc)
 
 
 def losses(run: Path) -> list[tuple[int, str, float]]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["split"], r["loss"]) for r in records if "loss" in r]
+
+# The synthetic task (tests/synthetic.py) under torchrun, or in one process without it. Rank 0 alone writes the
+# control file (during step 3); argv[3] names the rank that asks to stop during step 6, by STOP file or SIGTERM.
+# Each rank prints what it trained.
+CONTROL_AND_STOP = textwrap.dedent("""
+    import json, os, signal, sys
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    from lmforge.rundir import RunDir
+    from lmforge.train.control import request_stop, write_controls
+    from lmforge.train.distributed import rank, shutdown_distributed
+    from tests.synthetic import cfg, train
+
+    run, how, who = RunDir(Path(sys.argv[1])), sys.argv[2], int(sys.argv[3])
+    def on_rank(r, action):
+        return lambda: action() if rank() == r else None
+    stops = {"stop_file": lambda: request_stop(run), "interrupted": lambda: os.kill(os.getpid(), signal.SIGTERM)}
+    # batches: 1-3 are steps 1-3; with grad_accum 2 from step 4 on, 4-5 are step 4, 6-7 step 5, 8-9 step 6
+    hooks = {3: on_rank(0, lambda: write_controls(run, {"lr": 2e-3, "grad_accum": 2})), 8: on_rank(who, stops[how])}
+    result, model = train(run, cfg(distributed="ddp"), hooks)  # without torchrun: one process (with a warning)
+    weights = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
+    print(json.dumps({"rank": rank(), "steps": result.steps, "stop": result.stop_reason, "tokens": result.tokens,
+                      "weights": weights}))
+    shutdown_distributed()
+""")
+
+
+def control_and_stop(tmp_path: Path, how: str, who: int, nproc: int) -> tuple[Path, dict[int, dict]]:
+    """A synthetic run with a control change and a stop request (CONTROL_AND_STOP): its directory, and what
+    each rank printed, by rank."""
+    script, run = tmp_path / "control_and_stop.py", make_run(tmp_path)
+    script.write_text(CONTROL_AND_STOP)
+    printed = launch([str(script), str(run.root), how, str(who)], nproc)
+    reports = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
+    return run.root, {r["rank"]: r for r in reports}
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +157,26 @@ def test_load_weights_accepts_checkpoints_written_by_any_world_size(single):
     state = read_state(single / "checkpoints" / "last")
     names = json.dumps(state["trainer"]["optimizer"]["param_groups"])
     assert "layers.0.attn.q_proj.weight" in names  # optimizer state keyed by parameter name, not position
+
+
+@pytest.fixture(scope="module")
+def one_process_control_and_stop(tmp_path_factory) -> Path:
+    run, ranks = control_and_stop(tmp_path_factory.mktemp("one"), "stop_file", 0, nproc=1)
+    assert sorted(ranks) == [0]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how, who", [("stop_file", 0), ("interrupted", 1)])
+def test_control_changes_and_stop_requests_reach_every_rank(how, who, tmp_path, one_process_control_and_stop):
+    run, ranks = control_and_stop(tmp_path, how, who, nproc=2)
+    assert sorted(ranks) == [0, 1]
+    tokens = (3 + 2 * 3) * BATCH * BLOCK  # grad_accum = 2 from step 4 on, in every rank
+    assert all((r["steps"], r["stop"], r["tokens"]) == (6, how, tokens) for r in ranks.values()), ranks
+    assert ranks[1]["weights"] == pytest.approx(ranks[0]["weights"], rel=1e-9)  # rank 1 took rank 0's lr too
+    changes = [(r["step"], r["changes"]) for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "control"]
+    assert changes == [(3, {"lr": 2e-3, "grad_accum": 2})]
+    ours, ref = losses(run), losses(one_process_control_and_stop)
+    assert [(s, k) for s, k, _ in ours] == [(s, k) for s, k, _ in ref]
+    for (step, split, a), (_, _, b) in zip(ours, ref, strict=True):
+        assert a == pytest.approx(b, rel=1e-5), (step, split)
