@@ -52,7 +52,9 @@ def init_distributed(mode: str) -> None:
                            f"torchrun --nproc-per-node 2 -m lmforge.cli pretrain --distributed {mode} --run-dir RUN")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # on GPUs, NCCL carries the CUDA tensors (gradients, shards) and gloo the small CPU ones (loss sums,
+    # the per-step control/stop flags), which NCCL would reject
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     log.info("distributed (%s): rank %d of %d", mode, dist.get_rank(), dist.get_world_size())
 
 
