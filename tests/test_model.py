@@ -25,6 +25,19 @@ def test_logits_shape_and_causality(model):
     assert not torch.allclose(model(changed)[:, 10:], logits[:, 10:], atol=1e-3)
 
 
+def test_output_mask_gives_the_logits_and_loss_of_the_marked_positions(model):
+    from lmforge.train.loop import batch_loss, has_sparse_targets, lm_loss
+
+    x = torch.randint(0, 97, (3, 20))
+    y = torch.full((3, 20), -100)
+    y[0, 15:18] = torch.tensor([1, 2, 3])
+    y[2, 19] = 4
+    marked = y != -100
+    assert torch.allclose(model(x, output_mask=marked), model(x)[marked], atol=1e-6)
+    assert has_sparse_targets(y) and not has_sparse_targets(torch.zeros(3, 20, dtype=torch.long))
+    assert torch.allclose(batch_loss(model, x, y, True), lm_loss(model(x), y), atol=1e-6)
+
+
 def test_kv_cache_matches_full_forward(model):
     x = torch.randint(0, 97, (2, 16))
     full = model(x)

@@ -17,10 +17,14 @@ def example(context="Paris is the capital of France.", answer="Paris", start=0, 
 
 
 def test_loss_is_on_answer_tokens_only(tok):
-    enc = encode_for_training(tok, example(), "context", block_size=128, max_answer_tokens=16)
+    context = "The capital of France is Paris."
+    enc = encode_for_training(tok, example(context=context, start=context.index("Paris")), "context",
+                              block_size=128, max_answer_tokens=16)
     x, y = collate([enc], tok.pad_id)
     targets = [t for t in y[0].tolist() if t != -100]
-    assert targets == tok.encode("Paris") + [tok.eot_id]
+    # the answer is encoded as it reads inside the passage (" Paris"): the tokens to produce are tokens to copy
+    assert targets == tok.encode(" Paris") + [tok.eot_id]
+    assert targets[0] in enc.ids[: enc.prompt_len]
     # the position predicting the first answer token is the <|answer|> token
     first = (y[0] != -100).nonzero()[0].item()
     assert x[0, first].item() == tok.answer_id
@@ -30,7 +34,7 @@ def test_loss_is_on_answer_tokens_only(tok):
 def test_closed_book_has_no_context(tok):
     enc = encode_for_training(tok, example(), "closed_book", block_size=128, max_answer_tokens=16)
     assert tok.context_id not in enc.ids and enc.ids[0] == tok.question_id
-    assert tok.decode(enc.ids) == "What is the capital?Paris"
+    assert tok.decode(enc.ids) == "What is the capital? Paris"
 
 
 def test_padding_never_learned(tok):
@@ -50,6 +54,32 @@ def test_long_context_keeps_a_window_around_the_answer(tok):
     assert enc is not None and enc.context_truncated and len(enc.ids) <= 65
     prompt = tok.decode(enc.ids[: enc.prompt_len])
     assert "Paris is the capital" in prompt
+
+
+def test_answer_windows_place_the_answer_at_varying_positions(tok):
+    filler = "The river Seine flows through the city. " * 30
+    context = filler + "Paris is the capital of France. " + filler
+    start = context.index("Paris")
+    positions = set()
+    for i in range(12):
+        enc = encode_for_training(tok, example(context=context, start=start, question=f"What is the capital {i}?"),
+                                  "context", 128, 16, context_tokens=48)
+        ctx = enc.ids[1 : enc.ids.index(tok.question_id)]
+        assert len(ctx) == 48 and enc.context_truncated
+        assert "Paris is" in tok.decode(ctx)
+        positions.add(ctx.index(tok.encode(" Paris")[0]) if tok.encode(" Paris")[0] in ctx else 0)
+    assert len(positions) >= 4  # not always centred: the model cannot learn "the answer is in the middle"
+
+
+def test_best_match_window_holds_the_question_words(tok):
+    filler = "The river Seine flows through the city. " * 30
+    context = filler + "The Eiffel tower was built by Gustave Eiffel in 1889. " + filler
+    question = "Who built the Eiffel tower?"
+    best = encode_for_inference(tok, question, context, 128, 16, context_tokens=64, select="best_match")
+    first = encode_for_inference(tok, question, context, 128, 16, context_tokens=64, select="truncate")
+    assert best.context_truncated and first.context_truncated
+    assert "Gustave Eiffel" in tok.decode(best.ids) and "Gustave" not in tok.decode(first.ids)
+    assert best.ids.index(tok.question_id) - 1 == 64  # <|context|> + 64 context tokens
 
 
 def test_too_long_question_and_answer_are_skipped(tok, caplog):

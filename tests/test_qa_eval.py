@@ -78,7 +78,10 @@ def test_squad_eval_long_context_modes(tiny_run, data_dir):
     trunc = squad_eval(model, tok, examples, "context", 8, 8, 5)
     slide = squad_eval(model, tok, examples, "context", 8, 8, 5, long_context="sliding_window")
     closed = squad_eval(model, tok, examples, "closed_book", 8, 8, 5)
-    assert trunc["n"] == slide["n"] == closed["n"] == 12
+    best = squad_eval(model, tok, examples, "context", 8, 8, 5, long_context="best_match", context_tokens=48)
+    assert trunc["n"] == slide["n"] == closed["n"] == best["n"] == 12
+    assert best["contexts_truncated"] == 12 and best["context_tokens"] == 48  # every dev context is over 48 tokens
+    assert "most words with the question" in best["context_truncation"]
     assert trunc["contexts_truncated"] > 0 and trunc["contexts_windowed"] == 0
     assert slide["contexts_windowed"] == trunc["contexts_truncated"] and slide["contexts_truncated"] == 0
     assert "windows" in slide["context_truncation"] and slide["long_context"] == "sliding_window"
@@ -97,7 +100,7 @@ def test_report_fields(tiny_run):
     for key in ("checkpoint", "bpb", "perplexity", "val_loss"):
         assert key in report
     md = (tiny_run / "eval" / "report.md").read_text()
-    assert "Contexts longer than the block" in md and "bits per byte" in md
+    assert "Contexts longer than the room for them" in md and "bits per byte" in md
 
 
 def test_eval_compare_prints_one_table(tiny_run, tmp_path, capsys):

@@ -168,7 +168,11 @@ def cmd_generate(args, overrides) -> int:
         raise LmforgeError(f"generate takes no recipe overrides (got --{next(iter(overrides))})")
     model, tok = load(args.run_dir, args.checkpoint)
     if args.question:
-        print(answer_question(model, tok, args.question, args.context, args.max_new_tokens))
+        from lmforge.config import load_recipe
+
+        run_recipe = Path(args.run_dir) / "config.toml"
+        context_tokens = load_recipe(run_recipe).qa.context_tokens if run_recipe.is_file() else 0
+        print(answer_question(model, tok, args.question, args.context, args.max_new_tokens, context_tokens))
         return 0
     if not args.prompt:
         raise LmforgeError("give a PROMPT, or --question (with optional --context)")

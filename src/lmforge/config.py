@@ -78,6 +78,9 @@ class QAConfig:
     max_train_examples: int = 0  # 0 = all
     max_dev_examples: int = 500  # dev examples used for the fine-tuning validation loss
     max_answer_tokens: int = 32
+    # context tokens in a prompt, 0 = as many as fit the block. Training cuts a longer context to a window
+    # holding the answer; evaluation picks a window by eval.long_context (best_match: most like the question)
+    context_tokens: int = 0
 
 
 @dataclass
@@ -137,7 +140,7 @@ class EvalConfig:
     max_new_tokens: int = 24
     batch_size: int = 16
     n_examples: int = 20  # examples listed in the report
-    long_context: str = "truncate"  # contexts longer than the block: truncate | sliding_window
+    long_context: str = "truncate"  # contexts longer than the room: truncate | best_match | sliding_window
 
 
 @dataclass
@@ -325,14 +328,15 @@ def validate(recipe: Recipe) -> Recipe:
     validate_source(recipe.qa.train, "qa.train")
     validate_source(recipe.qa.dev, "qa.dev")
     _check(recipe.qa.max_answer_tokens > 0, "qa.max_answer_tokens", "must be > 0")
+    _check(recipe.qa.context_tokens >= 0, "qa.context_tokens", "must be >= 0 (0 = as many as fit the block)")
     validate_train(recipe.pretrain, "pretrain")
     validate_train(recipe.finetune, "finetune")
     _check(recipe.eval.val_batches > 0, "eval.val_batches", "must be > 0")
     _check(recipe.eval.squad_questions >= 0, "eval.squad_questions", "must be >= 0")
     _check(recipe.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
     _check(recipe.eval.batch_size > 0, "eval.batch_size", "must be > 0")
-    _check(recipe.eval.long_context in ("truncate", "sliding_window"), "eval.long_context",
-           "must be 'truncate' or 'sliding_window'")
+    _check(recipe.eval.long_context in ("truncate", "best_match", "sliding_window"), "eval.long_context",
+           "must be 'truncate', 'best_match' or 'sliding_window'")
     g = recipe.generate
     _check(g.temperature >= 0, "generate.temperature", "must be >= 0")
     _check(0 < g.top_p <= 1, "generate.top_p", "must be in (0, 1]")

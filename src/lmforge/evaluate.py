@@ -109,23 +109,25 @@ class SquadPrediction:
 
 LONG_CONTEXT = {
     "truncate": "keep the beginning of the context (the answer position is unknown at evaluation)",
+    "best_match": "keep the window sharing the most words with the question (stride a quarter window)",
     "sliding_window": "overlapping windows over the whole context (stride: half a window); the answer with "
                       "the highest mean token log-probability wins",
 }
 
 
 def question_prompts(tokenizer: Tokenizer, ex: QAExample, mode: str, block_size: int, max_new_tokens: int,
-                     long_context: str) -> list[EncodedQA] | None:
+                     long_context: str, context_tokens: int = 0) -> list[EncodedQA] | None:
     """The prompt(s) for one question: one, or one per context window; None when the question does not fit."""
     if mode == "context" and long_context == "sliding_window":
-        return context_windows(tokenizer, ex.question, ex.context, block_size, max_new_tokens)
+        return context_windows(tokenizer, ex.question, ex.context, block_size, max_new_tokens, context_tokens)
     enc = encode_for_inference(tokenizer, ex.question, ex.context if mode == "context" else None, block_size,
-                               max_new_tokens)
+                               max_new_tokens, context_tokens, long_context)
     return None if enc is None else [enc]
 
 
 def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode: str, max_new_tokens: int,
-                    batch_size: int, long_context: str = "truncate") -> tuple[dict[str, str], int, int]:
+                    batch_size: int, long_context: str = "truncate",
+                    context_tokens: int = 0) -> tuple[dict[str, str], int, int]:
     """Greedy answers for every example; returns (predictions by id, #skipped, #contexts too long).
 
     Prompts are built as in fine-tuning. A question that does not fit the block is skipped and scores
@@ -136,7 +138,8 @@ def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample],
     prompts: list[tuple[str, list[int]]] = []
     skipped = too_long = 0
     for ex in examples:
-        encs = question_prompts(tokenizer, ex, mode, model.cfg.block_size, max_new_tokens, long_context)
+        encs = question_prompts(tokenizer, ex, mode, model.cfg.block_size, max_new_tokens, long_context,
+                                context_tokens)
         predictions[ex.id] = ""
         if encs is None:
             skipped += 1
@@ -157,10 +160,10 @@ def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample],
 
 
 def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode: str, max_new_tokens: int,
-               batch_size: int, n_examples: int, long_context: str = "truncate") -> dict:
+               batch_size: int, n_examples: int, long_context: str = "truncate", context_tokens: int = 0) -> dict:
     start = time.time()
     predictions, skipped, too_long = predict_answers(model, tokenizer, examples, mode, max_new_tokens, batch_size,
-                                                     long_context)
+                                                     long_context, context_tokens)
     elapsed = max(time.time() - start, 1e-9)
     scores = squad_scores(predictions, examples)
     listed = []
@@ -173,9 +176,10 @@ def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode
         **scores,
         "mode": mode,
         "skipped": skipped,
-        "contexts_truncated": too_long if long_context == "truncate" and mode == "context" else 0,
+        "contexts_truncated": too_long if long_context != "sliding_window" and mode == "context" else 0,
         "contexts_windowed": too_long if long_context == "sliding_window" and mode == "context" else 0,
         "long_context": long_context if mode == "context" else "n/a (closed-book)",
+        "context_tokens": context_tokens or "as many as fit the block",
         "context_truncation": LONG_CONTEXT[long_context] if mode == "context" else "no context (closed-book)",
         "questions_per_s": len(examples) / elapsed,
         "decoding": {"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
@@ -209,8 +213,10 @@ def report_markdown(report: dict) -> str:
         "",
         f"Decoding: {squad.get('decoding', {})}.",
         "",
-        f"Contexts longer than the block: {squad.get('context_truncation', '')} "
-        f"({squad.get('contexts_truncated', 0)} truncated, {squad.get('contexts_windowed', 0)} split into windows). "
+        f"Contexts longer than the room for them (the block; at most {squad.get('context_tokens', 'the block')} "
+        f"tokens): {squad.get('context_truncation', '')} "
+        f"({squad.get('contexts_truncated', 0)} cut to one window, {squad.get('contexts_windowed', 0)} split into "
+        "windows). "
         f"Questions longer than the block: {squad.get('skipped', 0)} (scored 0). "
         f"Unusable dev examples left out: {_dropped_text(squad.get('invalid_skipped', {}))}.",
         "",

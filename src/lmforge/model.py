@@ -221,7 +221,7 @@ class GPT(nn.Module):
         diag[torch.arange(t), start + torch.arange(t)] = True
         return positions, (mask | diag)[:, None]
 
-    def _run(self, idx, cache, attention_mask, capture, last_only):
+    def _run(self, idx, cache, attention_mask, capture, last_only, output_mask=None):
         if idx.shape[1] + (cache.length if cache is not None else 0) > (cache.max_len if cache else self.cfg.block_size):
             raise ValueError(f"sequence of {idx.shape[1]} tokens exceeds the model's block size {self.cfg.block_size}")
         positions, mask = self._positions_and_mask(idx, cache, attention_mask)
@@ -233,15 +233,20 @@ class GPT(nn.Module):
             cache.length += idx.shape[1]
         if last_only:
             x = x[:, -1:]
+        elif output_mask is not None:
+            x = x[output_mask]
         return self.lm_head(self.norm(x))
 
     def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, last_only: bool = False,
+                output_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T); (B, 1, vocab) with last_only.
 
-        `attention_mask` (B, T) marks real tokens (1) vs left padding (0).
+        `attention_mask` (B, T) marks real tokens (1) vs left padding (0). `output_mask` (B, T, bool)
+        asks for the logits of the marked positions only, as (N, vocab): fine-tuning scores a few answer
+        tokens per sequence, and skipping the output layer elsewhere saves most of its cost.
         """
-        return self._run(idx, cache, attention_mask, None, last_only)
+        return self._run(idx, cache, attention_mask, None, last_only, output_mask)
 
     def forward_with_attention(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits and, per layer, attention probabilities of shape (B, n_head, T, T)."""

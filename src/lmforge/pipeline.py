@@ -222,8 +222,9 @@ def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = No
     splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
     train_ex, val_ex = splits.train, splits.val
     mode, max_ans = recipe.qa.mode, recipe.qa.max_answer_tokens
-    train_items = encode_examples(tok, train_ex, mode, cfg.block_size, max_ans, "fine-tuning train")
-    val_items = encode_examples(tok, val_ex, mode, cfg.block_size, max_ans, "fine-tuning validation")
+    ctx = recipe.qa.context_tokens
+    train_items = encode_examples(tok, train_ex, mode, cfg.block_size, max_ans, "fine-tuning train", ctx)
+    val_items = encode_examples(tok, val_ex, mode, cfg.block_size, max_ans, "fine-tuning validation", ctx)
     if not train_items:
         raise LmforgeError("no usable QA training examples (all too long for the block or without answers)")
     if not val_items:
@@ -271,7 +272,7 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
     report.update(text_metrics(model, val.fixed_batches(e.val_batches), tok.token_byte_lengths()))
     splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
     report["squad"] = squad_eval(model, tok, splits.eval, recipe.qa.mode, e.max_new_tokens, e.batch_size,
-                                 e.n_examples, e.long_context)
+                                 e.n_examples, e.long_context, recipe.qa.context_tokens)
     report["squad"]["invalid_skipped"] = splits.dropped_dev
     atomic_write_json(run.eval / "report.json", report)
     atomic_write_text(run.eval / "report.md", report_markdown(report))
@@ -280,9 +281,9 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
 
 
 def answer_question(model: GPT, tok: Tokenizer, question: str, context: str | None = None,
-                    max_new_tokens: int = 32) -> str:
-    """Greedy answer in the fine-tuning prompt format."""
-    enc = encode_for_inference(tok, question, context or None, model.cfg.block_size, max_new_tokens)
+                    max_new_tokens: int = 32, context_tokens: int = 0) -> str:
+    """Greedy answer in the fine-tuning prompt format (a long context is cut to its best-matching window)."""
+    enc = encode_for_inference(tok, question, context or None, model.cfg.block_size, max_new_tokens, context_tokens)
     if enc is None:
         raise LmforgeError("question is longer than the model's block size")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids={tok.eot_id})
@@ -329,7 +330,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, data_dir: str 
     model, tok = load(run.root, "best")
     context = recipe.sample_context or None
     report["sample"] = {"question": recipe.sample_question, "context": context,
-                        "answer": answer_question(model, tok, recipe.sample_question, context)}
+                        "answer": answer_question(model, tok, recipe.sample_question, context,
+                                                  context_tokens=recipe.qa.context_tokens)}
     report["run_dir"] = str(run.root)
     return report
 

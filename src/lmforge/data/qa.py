@@ -8,9 +8,13 @@ The loss is on the answer and its end-of-text only; prompt and padding positions
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
+import re
+import zlib
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -87,8 +91,58 @@ def _encode_with_offsets(tokenizer: Tokenizer, text: str) -> tuple[tuple[int, ..
     return tuple(enc.ids), tuple(enc.offsets)
 
 
-def _context_window(tokenizer: Tokenizer, context: str, budget: int, answer_start: int | None) -> tuple[list[int], bool]:
-    """Context tokens cut to `budget`; when the answer position is known, the window keeps the answer."""
+# words too common to say which part of a passage a question is about (for best-match windows)
+STOP_WORDS = frozenset(
+    "a an the of in on at to for by with from and or is was were are be been being what which who whom whose "
+    "when where why how did do does that this these those as it its into than there their they he she his her "
+    "not no".split())
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"\w+", text.lower()) if w not in STOP_WORDS}
+
+
+def best_match_start(context: str, offsets: Sequence[tuple[int, int]], budget: int, question: str) -> int:
+    """Start token of the `budget`-token window most like the question (the retrieval step of the SQuAD
+    paper's sliding-window baseline): the window sharing the most content words with it (stride a quarter
+    window), then moved to centre the shared words, as answers sit near them on either side."""
+    wanted = content_words(question)
+    n = len(offsets)
+    ends = [end for _, end in offsets]
+    # (question word, index of the token it starts in) for every occurrence in the context
+    hits = [(m.group().lower(), bisect.bisect_right(ends, m.start())) for m in re.finditer(r"\w+", context)
+            if m.group().lower() in wanted]
+
+    def shared(start: int) -> int:
+        return len({word for word, at in hits if start <= at < start + budget})
+
+    starts = sorted(set(range(0, n - budget + 1, max(1, budget // 4))) | {n - budget})
+    best = max(starts, key=lambda s: (shared(s), -s))
+    inside = [at for _, at in hits if best <= at < best + budget]
+    if not inside:
+        return best
+    centre = (inside[0] + inside[-1]) // 2
+    return min(max(0, centre - budget // 2), n - budget)
+
+
+def answer_window_start(offsets: Sequence[tuple[int, int]], budget: int, answer_start: int, salt: str) -> int:
+    """Start token of a `budget`-token window holding the answer at a position that varies between
+    examples (fixed per example: derived from `salt`), so the model does not learn that answers sit
+    in the middle of the passage, as they would if every window were centred on them."""
+    n = len(offsets)
+    answer_tok = next((i for i, (_, end) in enumerate(offsets) if end > answer_start), n - 1)
+    lowest = max(0, answer_tok - budget + min(8, budget // 2))  # leave room for the answer's tokens
+    highest = min(answer_tok, n - budget)
+    if highest <= lowest:
+        return min(max(0, lowest), n - budget)
+    return lowest + zlib.crc32(salt.encode()) % (highest - lowest + 1)
+
+
+def _context_window(tokenizer: Tokenizer, context: str, budget: int, answer_start: int | None,
+                    question: str, select: str) -> tuple[list[int], bool]:
+    """Context tokens cut to `budget`, and whether they were cut. With the answer position known
+    (training) the window holds the answer; otherwise `select` says which window: "truncate" (the
+    beginning) or "best_match" (the one most like the question)."""
     ids, offsets = _encode_with_offsets(tokenizer, context)
     if len(ids) <= budget:
         return list(ids), False
@@ -96,8 +150,9 @@ def _context_window(tokenizer: Tokenizer, context: str, budget: int, answer_star
         return [], True
     start = 0
     if answer_start is not None and answer_start >= 0:
-        answer_tok = next((i for i, (a, b) in enumerate(offsets) if b > answer_start), len(ids) - 1)
-        start = min(max(0, answer_tok - budget // 2), len(ids) - budget)
+        start = answer_window_start(offsets, budget, answer_start, question)
+    elif select == "best_match":
+        start = best_match_start(context, offsets, budget, question)
     return list(ids[start : start + budget]), True
 
 
@@ -112,48 +167,63 @@ def answer_position(ex: QAExample) -> int | None:
 
 
 def build_prompt(tokenizer: Tokenizer, question: str, context: str | None, budget: int,
-                 answer_start: int | None = None) -> tuple[list[int], bool] | None:
-    """Prompt ids fitting `budget` tokens, or None when even the question does not fit."""
+                 answer_start: int | None = None, context_tokens: int = 0,
+                 select: str = "best_match") -> tuple[list[int], bool] | None:
+    """Prompt ids fitting `budget` tokens, or None when even the question does not fit.
+
+    The context gets what the question leaves of the budget, at most `context_tokens` (0: no cap).
+    """
     q_ids = [tokenizer.question_id] + tokenizer.encode(question) + [tokenizer.answer_id]
     if len(q_ids) > budget:
         return None
     if context is None:
         return q_ids, False
-    ctx_ids, truncated = _context_window(tokenizer, context, budget - len(q_ids) - 1, answer_start)
+    room = budget - len(q_ids) - 1
+    if context_tokens:
+        room = min(room, context_tokens)
+    ctx_ids, truncated = _context_window(tokenizer, context, room, answer_start, question, select)
     return [tokenizer.context_id] + ctx_ids + q_ids, truncated
 
 
+def answer_ids(tokenizer: Tokenizer, answer: str) -> list[int]:
+    """The answer's tokens with a leading space, as it reads inside a passage (" Denver Broncos"), so
+    the tokens to produce are the very tokens to copy from the context; decoding strips the space."""
+    return tokenizer.encode(" " + answer.strip())
+
+
 def encode_for_training(tokenizer: Tokenizer, ex: QAExample, mode: str, block_size: int,
-                        max_answer_tokens: int) -> EncodedQA | str:
+                        max_answer_tokens: int, context_tokens: int = 0) -> EncodedQA | str:
     """The training sequence, or the reason the example cannot be used."""
     if not ex.answers or not ex.answers[0].strip():
         return "empty answer"
-    answer_ids = tokenizer.encode(ex.answers[0].strip()) + [tokenizer.eot_id]
-    if len(answer_ids) - 1 > max_answer_tokens:
+    target = answer_ids(tokenizer, ex.answers[0]) + [tokenizer.eot_id]
+    if len(target) - 1 > max_answer_tokens:
         return f"answer longer than {max_answer_tokens} tokens"
-    budget = block_size + 1 - len(answer_ids)
+    budget = block_size + 1 - len(target)
     context = ex.context if mode == "context" else None
-    built = build_prompt(tokenizer, ex.question, context, budget, answer_position(ex))
+    built = build_prompt(tokenizer, ex.question, context, budget, answer_position(ex), context_tokens)
     if built is None:
         return "question longer than the block"
     prompt, truncated = built
-    return EncodedQA(prompt + answer_ids, len(prompt), truncated)
+    return EncodedQA(prompt + target, len(prompt), truncated)
 
 
 def encode_for_inference(tokenizer: Tokenizer, question: str, context: str | None, block_size: int,
-                         max_new_tokens: int) -> EncodedQA | None:
-    built = build_prompt(tokenizer, question, context, block_size - max_new_tokens)
+                         max_new_tokens: int, context_tokens: int = 0,
+                         select: str = "best_match") -> EncodedQA | None:
+    """The prompt for a question; a context longer than the room left is cut to one window (`select`)."""
+    built = build_prompt(tokenizer, question, context, block_size - max_new_tokens, None, context_tokens, select)
     if built is None:
         return None
     return EncodedQA(built[0], len(built[0]), built[1])
 
 
 def encode_examples(tokenizer: Tokenizer, examples: list[QAExample], mode: str, block_size: int,
-                    max_answer_tokens: int, what: str) -> list[EncodedQA]:
+                    max_answer_tokens: int, what: str, context_tokens: int = 0) -> list[EncodedQA]:
     encoded = []
     skipped: Counter = Counter()
     for ex in examples:
-        item = encode_for_training(tokenizer, ex, mode, block_size, max_answer_tokens)
+        item = encode_for_training(tokenizer, ex, mode, block_size, max_answer_tokens, context_tokens)
         if isinstance(item, str):
             skipped[item] += 1
         else:
@@ -163,17 +233,19 @@ def encode_examples(tokenizer: Tokenizer, examples: list[QAExample], mode: str, 
         log.warning("%s: %d of %d QA examples skipped (%s)", what, sum(skipped.values()), len(examples), reasons)
     truncated = sum(e.context_truncated for e in encoded)
     if truncated:
-        log.info("%s: %d contexts truncated to a window around the answer to fit block_size=%d", what, truncated,
-                 block_size)
+        log.info("%s: %d contexts cut to a window holding the answer (block_size=%d, qa.context_tokens=%d)", what,
+                 truncated, block_size, context_tokens)
     return encoded
 
 
 def context_windows(tokenizer: Tokenizer, question: str, context: str, block_size: int,
-                    max_new_tokens: int) -> list[EncodedQA] | None:
+                    max_new_tokens: int, context_tokens: int = 0) -> list[EncodedQA] | None:
     """Prompts covering the whole context in overlapping windows (stride: half a window), or None when
     the question alone does not fit. A context that fits gives exactly one prompt."""
     q_ids = [tokenizer.question_id] + tokenizer.encode(question) + [tokenizer.answer_id]
     budget = block_size - max_new_tokens - len(q_ids) - 1
+    if context_tokens:
+        budget = min(budget, context_tokens)
     if budget <= 0:
         return None
     ctx = tokenizer.encode(context)

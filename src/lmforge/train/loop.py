@@ -92,6 +92,20 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
+def batch_loss(model, x: torch.Tensor, y: torch.Tensor, sparse_targets: bool) -> torch.Tensor:
+    """`lm_loss` of a batch. With `sparse_targets` (a QA batch: most targets are -100) the model computes
+    logits at the scored positions only, which is much cheaper and gives the same loss."""
+    if not sparse_targets:
+        return lm_loss(model(x), y)
+    scored = y != -100
+    return F.cross_entropy(model(x, output_mask=scored).float(), y[scored])
+
+
+def has_sparse_targets(y: torch.Tensor) -> bool:
+    """True when under half of the batch's positions are scored (checked on the CPU copy: no device sync)."""
+    return int((y != -100).sum()) * 2 < y.numel()
+
+
 @torch.no_grad()
 def validation_loss(model: GPT, batches: list[Batch], device: torch.device, dtype: torch.dtype,
                     parallel: Parallel | None = None) -> float:
@@ -102,11 +116,14 @@ def validation_loss(model: GPT, batches: list[Batch], device: torch.device, dtyp
     total, count = 0.0, 0
     for batch in batches:
         x, y = parallel.local_rows(batch)
+        n = int((y != -100).sum())
+        if n == 0:
+            continue
+        sparse = has_sparse_targets(y)
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
-            logits = model(x)
-        n = int((y != -100).sum())
-        total += float(lm_loss(logits, y)) * n
+            loss = batch_loss(model, x, y, sparse)
+        total += float(loss) * n
         count += n
     model.train(was_training)
     total, count = parallel.sum(total, count)
@@ -267,9 +284,10 @@ def train_stage(
                 loss_sum = 0.0
                 for micro in range(cfg.grad_accum):
                     x, y = parallel.local_rows(train_data.next_batch())
+                    sparse = has_sparse_targets(y)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with parallel.grad_sync(model, micro == cfg.grad_accum - 1), autocast(device, dtype):
-                        loss = lm_loss(engine(x), y) / cfg.grad_accum
+                        loss = batch_loss(engine, x, y, sparse) / cfg.grad_accum
                     loss.backward()
                     loss_sum += float(loss.detach())
                     tokens += x.numel() * parallel.world_size
