@@ -105,3 +105,27 @@ def test_override_values_are_never_taken_for_the_recipe(capsys):
     assert "give a RECIPE, or a --run-dir" in err and "recipe not found: 5" not in err
     assert main(["pretrain", "--pretrain.max_steps"]) == 2
     assert "override --pretrain.max_steps needs a value" in capsys.readouterr().err
+
+
+def test_extends_starts_from_another_recipe(tmp_path):
+    from lmforge.config import recipe_to_dict
+
+    closed = load_recipe(REPO / "recipes" / "cpu-small-closed-book.toml")
+    base = load_recipe(REPO / "recipes" / "cpu-small.toml")
+    assert closed.qa.mode == "closed_book" and base.qa.mode == "context"
+    differ = {k for k, v in recipe_to_dict(closed).items() if recipe_to_dict(base)[k] != v}
+    assert differ == {"name", "qa"}
+    assert recipe_to_dict(closed)["qa"] | {"mode": "context"} == recipe_to_dict(base)["qa"]
+
+    (tmp_path / "a.toml").write_text('name = "a"\n[model]\nn_layer = 3\nn_head = 2\n[[data.sources]]\nname = "x"\nlocal = "x.txt"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n[model]\nn_head = 4\n[[data.sources]]\nname = "y"\nlocal = "y.txt"\n')
+    b = load_recipe(tmp_path / "b.toml")
+    assert (b.name, b.model.n_layer, b.model.n_head) == ("a", 3, 4)  # tables merge key by key
+    assert [s.name for s in b.data.sources] == ["y"]  # lists are replaced
+
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe(tmp_path / "b.toml")
+    (tmp_path / "c.toml").write_text("extends = 3\n")
+    with pytest.raises(ConfigError, match="extends must be a recipe file name"):
+        load_recipe(tmp_path / "c.toml")

@@ -425,15 +425,44 @@ def apply_override(data: dict[str, Any], dotted: str, text: str) -> None:
 # --------------------------------------------------------------------------- files
 
 
-def load_recipe(path: str | Path, overrides: dict[str, str] | None = None) -> Recipe:
-    """Read a recipe TOML, apply command-line overrides, validate, return a Recipe."""
-    path = Path(path)
+def _read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+
+
+def merge_tables(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` laid over it: tables merge key by key, anything else (lists included) replaces."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = merge_tables(merged[key], value)
+        merged[key] = value
+    return merged
+
+
+def read_recipe_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file's tables; `extends = "other.toml"` (a path relative to the file) starts from another
+    recipe and changes only what the file sets, e.g. a closed-book variant of a recipe in three lines."""
+    data = _read_toml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must be a recipe file name, not {parent!r}")
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in seen or parent_path == path.resolve():
+        raise ConfigError(f"{path}: extends '{parent}' makes a cycle")
+    return merge_tables(read_recipe_data(parent_path, (*seen, path.resolve())), data)
+
+
+def load_recipe(path: str | Path, overrides: dict[str, str] | None = None) -> Recipe:
+    """Read a recipe TOML (following `extends`), apply command-line overrides, validate, return a Recipe."""
+    path = Path(path)
+    data = read_recipe_data(path)
     data.setdefault("name", path.stem)
     return recipe_from_dict(data, overrides, origin=str(path))
 
