@@ -10,6 +10,7 @@ matmul peak, measured in the same run in the same dtype (lmforge.train.precision
 
     python bench/train.py                 # tiny, cpu-small, seed-67m (a few minutes on 2 cores)
     python bench/train.py --rounds 5      # more timed steps per variant: steadier figures
+    python bench/train.py --compile       # also both models under torch.compile (train.compile = true)
 
 Ends with the contract line:
     train: cpu-small lmforge/hf tokens/s X.XX, default/hf-fp32 X.XX, seed-67m X.XX, mfu X%
@@ -77,19 +78,24 @@ class Variant:
         return time.perf_counter() - start
 
 
-def make_variant(name: str, cfg: GPTConfig, hf: bool, dtype: torch.dtype) -> Variant:
+def make_variant(name: str, cfg: GPTConfig, hf: bool, dtype: torch.dtype, compiled: bool = False) -> Variant:
     torch.manual_seed(0)
     model = hf_llama(cfg) if hf else GPT(cfg)
     model.train()
+    if compiled:  # what train.compile = true does; the first (untimed) round pays the compilation
+        model = torch.compile(model)
     optimizer = make_optimizer(model, TrainConfig(lr=1e-4), CPU)  # same AdamW groups and kernel for both
     return Variant(name, model, optimizer, dtype, hf, [])
 
 
-def bench_shape(recipe: str, batch: int, rounds: int) -> dict[str, float]:
+def bench_shape(recipe: str, batch: int, rounds: int, compiled: bool = False) -> dict[str, float]:
     cfg = gpt_config(recipe)
     f32, bf16 = torch.float32, torch.bfloat16
     variants = [make_variant("lmforge fp32", cfg, False, f32), make_variant("hf fp32", cfg, True, f32),
                 make_variant("lmforge bf16", cfg, False, bf16), make_variant("hf bf16", cfg, True, bf16)]
+    if compiled:
+        variants += [make_variant("lmforge bf16 compiled", cfg, False, bf16, compiled=True),
+                     make_variant("hf bf16 compiled", cfg, True, bf16, compiled=True)]
     g = torch.Generator().manual_seed(0)
     tokens = batch * cfg.block_size
     default = resolve_dtype("auto", CPU)
@@ -127,6 +133,11 @@ def bench_shape(recipe: str, batch: int, rounds: int) -> dict[str, float]:
         "mfu": tok_s[f"lmforge {default_name}"] * fpt / peak,
         "peak_gflops": peak / 1e9,
     }
+    if compiled:
+        out["lm_compiled"] = tok_s["lmforge bf16 compiled"]
+        out["compiled_vs_hf_bf16"] = ratio("lmforge bf16 compiled", "hf bf16")
+        out["compiled_vs_hf_compiled"] = ratio("lmforge bf16 compiled", "hf bf16 compiled")
+        out["compiled_vs_hf_fp32"] = ratio("lmforge bf16 compiled", "hf fp32")
     return out
 
 
@@ -134,6 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=4, help="timed steps per variant and recipe (default 3)")
     parser.add_argument("--only", nargs="*", help="recipes to run (default: tiny cpu-small seed-67m)")
+    parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile "
+                        "(bf16; adds a compilation of each model per recipe)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a busy "
                         "shared machine 1 thread avoids OpenMP barrier stalls")
     args = parser.parse_args()
@@ -145,13 +158,17 @@ def main() -> None:
     for recipe, batch in SHAPES:
         if args.only and recipe not in args.only:
             continue
-        r = bench_shape(recipe, batch, args.rounds)
+        r = bench_shape(recipe, batch, args.rounds, args.compile)
         results[recipe] = r
         print(f"{recipe:10s} {r['params_M']:.1f}M params, batch {batch} x {r['tokens'] // batch}: tokens/s "
               f"lmforge fp32 {r['lm_fp32']:,.0f} / hf fp32 {r['hf_fp32']:,.0f} = {r['ratio_fp32']:.2f}x | "
               f"lmforge bf16 {r['lm_bf16']:,.0f} / hf bf16 {r['hf_bf16']:,.0f} = {r['ratio_bf16']:.2f}x | "
               f"default/hf-fp32 {r['default_vs_hf_fp32']:.2f}x | MFU {r['mfu']:.0%} of measured "
               f"{r['peak_gflops']:.0f} GFLOP/s", flush=True)
+        if args.compile:
+            print(f"{'':10s} compiled: lmforge bf16 {r['lm_compiled']:,.0f} tokens/s = {r['compiled_vs_hf_bf16']:.2f}x hf "
+                  f"bf16, {r['compiled_vs_hf_compiled']:.2f}x hf bf16 compiled, {r['compiled_vs_hf_fp32']:.2f}x hf fp32",
+                  flush=True)
     if {"cpu-small", "seed-67m"} <= results.keys():
         cs, seed = results["cpu-small"], results["seed-67m"]
         print(f"train: cpu-small lmforge/hf tokens/s {cs['ratio_same']:.2f}, default/hf-fp32 "

@@ -78,6 +78,10 @@ def test_cpu_mfu_uses_a_measured_peak():
     assert meter.peak is not None and meter.peak > 1e8  # any CPU does > 0.1 GFLOP/s
     assert "measured" in meter.source
     assert meter.mfu(meter.peak / meter.flops_per_token) == pytest.approx(1.0)
+    # fine-tuning runs the output layer at the answer tokens only: the FLOPs it skips are not counted
+    head = 6.0 * 96 * GPTConfig(vocab_size=96).n_embd
+    tok_s = meter.peak / meter.flops_per_token
+    assert meter.mfu(tok_s, output_fraction=0.25) == pytest.approx(1.0 - 0.75 * head / meter.flops_per_token)
 
 
 def test_training_metrics_report_mfu(tiny_run):

@@ -268,7 +268,7 @@ def train_stage(
     stop_reason = "completed"
     bar = tqdm(total=total_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True,
                disable=not parallel.is_main)
-    window_tokens, window_start = 0, time.time()
+    window_tokens, window_outputs, window_start = 0, 0, time.time()
     try:
         with StopRequest(run) as stop:
             if step == 0:
@@ -285,6 +285,7 @@ def train_stage(
                 for micro in range(cfg.grad_accum):
                     x, y = parallel.local_rows(train_data.next_batch())
                     sparse = has_sparse_targets(y)
+                    outputs = int((y != -100).sum()) if sparse else y.numel()  # CPU copy: no device sync
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with parallel.grad_sync(model, micro == cfg.grad_accum - 1), autocast(device, dtype):
                         loss = batch_loss(engine, x, y, sparse) / cfg.grad_accum
@@ -292,6 +293,7 @@ def train_stage(
                     loss_sum += float(loss.detach())
                     tokens += x.numel() * parallel.world_size
                     window_tokens += x.numel() * parallel.world_size
+                    window_outputs += outputs * parallel.world_size
                 grad_norm = None
                 if cfg.grad_clip > 0:
                     grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
@@ -308,7 +310,7 @@ def train_stage(
                     tok_s = window_tokens / elapsed
                     record = {"stage": stage, "step": step, "split": "train", "loss": loss_sum, "tokens": tokens,
                               "lr": lr, "tokens_per_s": round(tok_s, 1), "memory_mb": memory_mb(device)}
-                    mfu = mfu_meter.mfu(tok_s / parallel.world_size)
+                    mfu = mfu_meter.mfu(tok_s / parallel.world_size, window_outputs / max(window_tokens, 1))
                     if mfu is not None:
                         record["mfu"] = round(mfu, 4)
                     if grad_norm is not None:
@@ -316,7 +318,7 @@ def train_stage(
                     metrics.log(record)
                     bar.set_postfix(loss=f"{loss_sum:.3f}", val=f"{last_val:.3f}", lr=f"{lr:.1e}",
                                     tok_s=f"{tok_s:,.0f}", **({"mfu": f"{mfu:.0%}"} if mfu is not None else {}))
-                    window_tokens, window_start = 0, time.time()
+                    window_tokens, window_outputs, window_start = 0, 0, time.time()
                 bar.update(1)
                 if step % cfg.eval_interval == 0 or step == total_steps:
                     if evaluate_now():

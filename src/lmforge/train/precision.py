@@ -139,6 +139,7 @@ class MFUMeter:
 
     def __init__(self, cfg: GPTConfig, n_params: int, device: torch.device, dtype: torch.dtype, quiet: bool = False):
         self.flops_per_token = flops_per_token(cfg, n_params)
+        self.output_layer_flops = 6.0 * cfg.vocab_size * cfg.n_embd  # per token, forward + backward
         self.peak, self.source = peak_flops(device, dtype)
         if quiet:  # e.g. torchrun ranks other than 0
             return
@@ -148,7 +149,10 @@ class MFUMeter:
             log.info("MFU against %.4g GFLOP/s (%s); %.3g FLOPs per token", self.peak / 1e9, self.source,
                      self.flops_per_token)
 
-    def mfu(self, tokens_per_s: float) -> float | None:
+    def mfu(self, tokens_per_s: float, output_fraction: float = 1.0) -> float | None:
+        """`output_fraction`: the share of positions whose output layer ran (fine-tuning computes logits
+        at answer tokens only, so the FLOPs it skips do not count as work done)."""
         if self.peak is None:
             return None
-        return tokens_per_s * self.flops_per_token / self.peak
+        skipped = self.output_layer_flops * (1.0 - output_fraction)
+        return tokens_per_s * (self.flops_per_token - skipped) / self.peak
