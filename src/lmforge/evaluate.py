@@ -192,6 +192,10 @@ def _dropped_text(dropped: dict) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in dropped.items()) or "none"
 
 
+def _context_room(context_tokens) -> str:
+    return f"at most {context_tokens} tokens" if isinstance(context_tokens, int) else "what the block leaves"
+
+
 def report_markdown(report: dict) -> str:
     """A Markdown page: headline metrics table, then example predictions."""
     squad = report.get("squad", {})
@@ -213,8 +217,8 @@ def report_markdown(report: dict) -> str:
         "",
         f"Decoding: {squad.get('decoding', {})}.",
         "",
-        f"Contexts longer than the room for them (the block; at most {squad.get('context_tokens', 'the block')} "
-        f"tokens): {squad.get('context_truncation', '')} "
+        f"Contexts longer than the room for them ({_context_room(squad.get('context_tokens'))}): "
+        f"{squad.get('context_truncation', '')} "
         f"({squad.get('contexts_truncated', 0)} cut to one window, {squad.get('contexts_windowed', 0)} split into "
         "windows). "
         f"Questions longer than the block: {squad.get('skipped', 0)} (scored 0). "

@@ -1,9 +1,10 @@
 """SQuAD-style question answering as language modelling.
 
 Prompt format (special tokens from lmforge.tokenizer):
-  with context:  <|context|>{context}<|question|>{question}<|answer|>{answer}<|endoftext|>
-  closed-book:                      <|question|>{question}<|answer|>{answer}<|endoftext|>
-The loss is on the answer and its end-of-text only; prompt and padding positions are masked (-100).
+  with context:  <|context|>{context}<|question|>{question}<|answer|> {answer}<|endoftext|>
+  closed-book:                      <|question|>{question}<|answer|> {answer}<|endoftext|>
+The answer keeps a leading space, so its tokens are those it has inside the passage. The loss is on the
+answer and its end-of-text only; prompt and padding positions are masked (-100).
 """
 
 from __future__ import annotations
