@@ -26,7 +26,7 @@ def test_logits_shape_and_causality(model):
 
 
 def test_output_mask_gives_the_logits_and_loss_of_the_marked_positions(model):
-    from lmforge.train.loop import batch_loss, has_sparse_targets, lm_loss
+    from lmforge.train.loop import batch_loss, lm_loss, scored_positions
 
     x = torch.randint(0, 97, (3, 20))
     y = torch.full((3, 20), -100)
@@ -34,7 +34,7 @@ def test_output_mask_gives_the_logits_and_loss_of_the_marked_positions(model):
     y[2, 19] = 4
     marked = y != -100
     assert torch.allclose(model(x, output_mask=marked), model(x)[marked], atol=1e-6)
-    assert has_sparse_targets(y) and not has_sparse_targets(torch.zeros(3, 20, dtype=torch.long))
+    assert scored_positions(y) == (4, True) and scored_positions(torch.zeros(3, 20, dtype=torch.long)) == (60, False)
     assert torch.allclose(batch_loss(model, x, y, True), lm_loss(model(x), y), atol=1e-6)
 
 

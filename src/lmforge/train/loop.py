@@ -101,9 +101,11 @@ def batch_loss(model, x: torch.Tensor, y: torch.Tensor, sparse_targets: bool) ->
     return F.cross_entropy(model(x, output_mask=scored).float(), y[scored])
 
 
-def has_sparse_targets(y: torch.Tensor) -> bool:
-    """True when under half of the batch's positions are scored (checked on the CPU copy: no device sync)."""
-    return int((y != -100).sum()) * 2 < y.numel()
+def scored_positions(y: torch.Tensor) -> tuple[int, bool]:
+    """(how many targets are scored, whether that is under half of the batch: sparse, as in a QA batch).
+    Counted on the CPU copy of the targets, so no device sync."""
+    scored = int((y != -100).sum())
+    return scored, scored * 2 < y.numel()
 
 
 @torch.no_grad()
@@ -116,10 +118,9 @@ def validation_loss(model: GPT, batches: list[Batch], device: torch.device, dtyp
     total, count = 0.0, 0
     for batch in batches:
         x, y = parallel.local_rows(batch)
-        n = int((y != -100).sum())
+        n, sparse = scored_positions(y)
         if n == 0:
             continue
-        sparse = has_sparse_targets(y)
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             loss = batch_loss(model, x, y, sparse)
@@ -284,8 +285,8 @@ def train_stage(
                 loss_sum = 0.0
                 for micro in range(cfg.grad_accum):
                     x, y = parallel.local_rows(train_data.next_batch())
-                    sparse = has_sparse_targets(y)
-                    outputs = int((y != -100).sum()) if sparse else y.numel()  # CPU copy: no device sync
+                    scored, sparse = scored_positions(y)
+                    outputs = scored if sparse else y.numel()  # positions whose output layer runs
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with parallel.grad_sync(model, micro == cfg.grad_accum - 1), autocast(device, dtype):
                         loss = batch_loss(engine, x, y, sparse) / cfg.grad_accum
