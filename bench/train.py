@@ -143,7 +143,7 @@ def bench_shape(recipe: str, batch: int, rounds: int, compiled: bool = False) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=4, help="timed steps per variant and recipe (default 3)")
+    parser.add_argument("--rounds", type=int, default=4, help="timed steps per variant and recipe (default 4)")
     parser.add_argument("--only", nargs="*", help="recipes to run (default: tiny cpu-small seed-67m)")
     parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile "
                         "(bf16; adds a compilation of each model per recipe)")
