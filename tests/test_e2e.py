@@ -72,6 +72,19 @@ def test_cli_generate_is_reproducible_with_a_seed(tiny_run):
     assert answer.returncode == 0, answer.stderr
 
 
+def test_cli_generate_question_follows_the_runs_decoding(copy_run):
+    """With eval.decoding = "span" in the run's config, `generate --question` answers with a passage span."""
+    run = copy_run()
+    config = run / "config.toml"
+    text = config.read_text()
+    assert 'decoding = "greedy"' in text
+    config.write_text(text.replace('decoding = "greedy"', 'decoding = "span"'))
+    context = "Marie Curie was born in Warsaw in 1867 and won two Nobel Prizes."
+    answer = cli("generate", "--run-dir", run, "--question", "Where was Marie Curie born?", "--context", context)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() and answer.stdout.strip() in context
+
+
 def test_cli_refuses_to_overwrite_an_existing_run(tiny_run):
     before = (tiny_run / "config.toml").read_bytes()
     proc = cli("run", TINY, "--run-dir", tiny_run, "--data-dir", "/nonexistent")

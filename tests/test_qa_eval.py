@@ -146,3 +146,98 @@ def test_validation_examples_never_overlap_the_scored_questions(data_dir):
         assert len(scored) == (64 if n_eval == "64" else 10570)
         assert len(splits.val) > 1 and not scored & {ex.id for ex in splits.val}
         assert not {ex.id for ex in splits.train} & {ex.id for ex in splits.val}
+
+
+# --------------------------------------------------------------------------- extractive (span) decoding
+
+
+def test_best_span_is_the_brute_force_best(tiny_run):
+    """Scoring every span at once on copies of the prompt's KV cache gives what one full forward per span gives."""
+    import lmforge
+    from lmforge.generate import best_span
+
+    model, tok = lmforge.load(tiny_run)
+    prompt = tok.encode("Once upon a time there was a little dog named Max.") + [tok.question_id]
+    passage = tok.encode(" The little dog ran to the big red barn and hid.")
+    starts, ends, width = [0, 2, 3, 5, 9], [1, 3, 4, 6, 7, len(passage)], 4
+
+    def mean_logprob(span: list[int]) -> float:
+        seq = prompt + span + [tok.eot_id]
+        with torch.no_grad():
+            logp = model(torch.tensor([seq])).log_softmax(-1)[0]
+        targets = torch.tensor(span + [tok.eot_id])
+        return float(logp[len(prompt) - 1 : len(seq) - 1].gather(-1, targets[:, None]).mean())
+
+    scored = {(s, e): mean_logprob(passage[s:e]) for s in starts for e in ends if 0 < e - s <= width}
+    (s, e), expected = max(scored.items(), key=lambda item: item[1])
+    for max_rows in (256, 2):  # one batch, and starts split over several batches
+        span, score = best_span(model, prompt, passage, starts, ends, width, tok.eot_id, max_rows=max_rows)
+        assert span == passage[s:e]
+        assert score == pytest.approx(expected, abs=1e-4)
+    # spans end only where allowed: with a single end, every answer stops there
+    span, _ = best_span(model, prompt, passage, starts, [7], width, tok.eot_id)
+    assert span in [passage[s:7] for s in starts if 0 < 7 - s <= width]
+    assert best_span(model, prompt, passage, [], ends, width, tok.eot_id) == ([], float("-inf"))
+
+
+def test_word_bounds_and_prompt_passage(tiny_run):
+    import lmforge
+    from lmforge.data.qa import build_prompt, prompt_passage, word_bounds
+
+    _, tok = lmforge.load(tiny_run)
+    text = "The dog (born 1998) barked.\n\nThen it slept."
+    ids = tok.encode(text)
+    starts, ends = word_bounds(tok, ids)
+    words = [tok.decode(ids[s : min(e for e in ends if e > s)]).strip() for s in starts]  # shortest spans
+    assert words == ["The", "dog", "(", "born", "1998", ")", "barked", ".", "Then", "it", "slept", "."]
+    assert ends[-1] == len(ids) and 0 not in ends
+    assert all(tok.decode(ids[s:e]).strip() in text for s in starts for e in ends if e > s)
+    prompt, _ = build_prompt(tok, "Who barked?", "The dog barked.", 100)
+    assert tok.decode(prompt_passage(tok, prompt)) == "The dog barked."
+    assert prompt_passage(tok, build_prompt(tok, "Who barked?", None, 100)[0]) == []
+
+
+def test_span_decoding_answers_are_passage_spans(tiny_run, data_dir):
+    import lmforge
+    from lmforge.evaluate import squad_eval
+    from lmforge.pipeline import answer_question
+
+    model, tok = lmforge.load(tiny_run)
+    examples = _dev(data_dir, 8)
+    report = squad_eval(model, tok, examples, "context", 8, 8, 8, long_context="best_match", context_tokens=48,
+                        decoding="span")
+    assert report["n"] == 8 and report["decoding"]["strategy"] == "span"
+    assert "span" in report["decoding"]["description"]
+    for ex, row in zip(examples, report["examples"], strict=True):
+        assert row["prediction"] and row["prediction"] in ex.context
+    context = "Paris is the capital and most populous city of France."
+    answer = answer_question(model, tok, "What is the capital of France?", context, 8, decoding="span")
+    assert answer and answer in context
+
+
+@pytest.mark.slow
+def test_eval_cli_span_decoding_uses_the_answer_window(copy_run, data_dir):
+    """`lmforge eval` passes eval.decoding and eval.context_tokens through; the window overrides qa.context_tokens."""
+    from lmforge.cli import main
+    from lmforge.data.sources import iter_qa_examples
+
+    run = copy_run()
+    assert main(["eval", "--run-dir", str(run), "--data-dir", str(data_dir), "--eval.squad_questions=8",
+                 "--eval.decoding=span", "--eval.context_tokens=32", "--qa.context_tokens=96",
+                 "--eval.long_context=best_match"]) == 0
+    squad = json.loads((run / "eval" / "report.json").read_text())["squad"]
+    assert squad["n"] == 8 and squad["decoding"]["strategy"] == "span" and squad["context_tokens"] == 32
+    contexts = {ex.id: ex.context for ex in iter_qa_examples(
+        SourceConfig(name="dev", local="squad/dev-v1.1.json", format="squad"), data_dir)}
+    assert all(row["prediction"] in contexts[row["id"]] for row in squad["examples"])
+
+
+def test_span_decoding_is_validated():
+    assert tiny_recipe(**{"eval.decoding": "span"}).eval.decoding == "span"
+    with pytest.raises(ConfigError, match="eval.decoding"):
+        tiny_recipe(**{"eval.decoding": "beam"})
+    with pytest.raises(ConfigError, match="needs qa.mode"):
+        tiny_recipe(**{"eval.decoding": "span", "qa.mode": "closed_book"})
+    recipe = tiny_recipe(**{"qa.context_tokens": "96"})
+    assert recipe.answer_context_tokens == 96  # 0: as in fine-tuning
+    assert tiny_recipe(**{"qa.context_tokens": "96", "eval.context_tokens": "32"}).answer_context_tokens == 32

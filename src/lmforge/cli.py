@@ -171,8 +171,11 @@ def cmd_generate(args, overrides) -> int:
         from lmforge.config import load_recipe
 
         run_recipe = Path(args.run_dir) / "config.toml"
-        context_tokens = load_recipe(run_recipe).qa.context_tokens if run_recipe.is_file() else 0
-        print(answer_question(model, tok, args.question, args.context, args.max_new_tokens, context_tokens))
+        recipe = load_recipe(run_recipe) if run_recipe.is_file() else None
+        context_tokens = recipe.answer_context_tokens if recipe else 0
+        decoding = recipe.eval.decoding if recipe else "greedy"
+        print(answer_question(model, tok, args.question, args.context, args.max_new_tokens, context_tokens,
+                              decoding))
         return 0
     if not args.prompt:
         raise LmforgeError("give a PROMPT, or --question (with optional --context)")
@@ -417,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", help="text to continue")
     p.add_argument("--run-dir", required=True, help="run directory")
     p.add_argument("--checkpoint", default="best", help="best | last | pretrained | PATH (default: best)")
-    p.add_argument("--question", help="answer this question in the fine-tuned QA format (greedy)")
+    p.add_argument("--question", help="answer this question in the fine-tuned QA format (greedy; with --context "
+                                      "and the run's eval.decoding = 'span', the passage span it finds likeliest)")
     p.add_argument("--context", help="optional context passage for --question")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")

@@ -141,6 +141,11 @@ class EvalConfig:
     batch_size: int = 16
     n_examples: int = 20  # examples listed in the report
     long_context: str = "truncate"  # contexts longer than the room: truncate | best_match | sliding_window
+    # greedy: generate the answer freely; span: pick the passage span the model finds likeliest (context mode)
+    decoding: str = "greedy"
+    # cap on passage tokens when answering (0: qa.context_tokens, as in fine-tuning); a smaller window around
+    # the question's words leaves fewer wrong spans to choose from
+    context_tokens: int = 0
 
 
 @dataclass
@@ -184,6 +189,11 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+
+    @property
+    def answer_context_tokens(self) -> int:
+        """The passage cap when answering questions (evaluation, `generate --question`, the sample answer)."""
+        return self.eval.context_tokens or self.qa.context_tokens
 
 
 # --------------------------------------------------------------------------- typed loading
@@ -337,6 +347,10 @@ def validate(recipe: Recipe) -> Recipe:
     _check(recipe.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     _check(recipe.eval.long_context in ("truncate", "best_match", "sliding_window"), "eval.long_context",
            "must be 'truncate', 'best_match' or 'sliding_window'")
+    _check(recipe.eval.decoding in ("greedy", "span"), "eval.decoding", "must be 'greedy' or 'span'")
+    _check(recipe.eval.context_tokens >= 0, "eval.context_tokens", "must be >= 0 (0 = qa.context_tokens)")
+    _check(recipe.eval.decoding != "span" or recipe.qa.mode == "context", "eval.decoding",
+           "'span' picks a span of the passage, so it needs qa.mode = 'context'")
     g = recipe.generate
     _check(g.temperature >= 0, "generate.temperature", "must be >= 0")
     _check(0 < g.top_p <= 1, "generate.top_p", "must be in (0, 1]")

@@ -13,16 +13,17 @@ import re
 import string
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lmforge.data.qa import EncodedQA, context_windows, encode_for_inference
+from lmforge.data.qa import EncodedQA, context_windows, encode_for_inference, prompt_passage, word_bounds
 from lmforge.data.sources import QAExample
 from lmforge.errors import LmforgeError
-from lmforge.generate import greedy_batch_scored
+from lmforge.generate import best_span, greedy_batch_scored
 from lmforge.model import GPT
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.loop import Batch, lm_loss
@@ -125,13 +126,46 @@ def question_prompts(tokenizer: Tokenizer, ex: QAExample, mode: str, block_size:
     return None if enc is None else [enc]
 
 
-def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode: str, max_new_tokens: int,
-                    batch_size: int, long_context: str = "truncate",
-                    context_tokens: int = 0) -> tuple[dict[str, str], int, int]:
-    """Greedy answers for every example; returns (predictions by id, #skipped, #contexts too long).
+DECODING = {
+    "greedy": "greedy generation",
+    "span": "extractive: the passage span (whole words, at most max_new_tokens tokens) whose tokens and "
+            "end-of-text get the highest mean log-probability",
+}
 
-    Prompts are built as in fine-tuning. A question that does not fit the block is skipped and scores
-    0 (it still counts in the average, as a missing prediction does in the official script).
+
+def greedy_answers(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, list[int]]], max_new_tokens: int,
+                   batch_size: int) -> Iterator[tuple[str, list[int], float]]:
+    """(question id, answer ids, mean token log-probability) per prompt, decoded greedily in batches."""
+    prompts = sorted(prompts, key=lambda item: len(item[1]))  # similar lengths together: less padding
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        outputs, scores = greedy_batch_scored(model, [p for _, p in chunk], max_new_tokens, tokenizer.eot_id,
+                                              tokenizer.pad_id)
+        yield from ((qid, out, score) for (qid, _), out, score in zip(chunk, outputs, scores, strict=True))
+
+
+def span_answer(model: GPT, tokenizer: Tokenizer, prompt: list[int], max_tokens: int) -> tuple[list[int], float]:
+    """The likeliest span of a with-context prompt's passage, and its mean token log-probability."""
+    passage = prompt_passage(tokenizer, prompt)
+    return best_span(model, prompt, passage, *word_bounds(tokenizer, passage), max_tokens, tokenizer.eot_id)
+
+
+def span_answers(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, list[int]]],
+                 max_tokens: int) -> Iterator[tuple[str, list[int], float]]:
+    """(question id, answer ids, mean token log-probability) per prompt (see span_answer)."""
+    for qid, ids in prompts:
+        yield qid, *span_answer(model, tokenizer, ids, max_tokens)
+
+
+def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode: str, max_new_tokens: int,
+                    batch_size: int, long_context: str = "truncate", context_tokens: int = 0,
+                    decoding: str = "greedy") -> tuple[dict[str, str], int, int]:
+    """An answer for every example; returns (predictions by id, #skipped, #contexts too long).
+
+    Prompts are built as in fine-tuning; `decoding` is a key of DECODING. Where a question has several
+    prompts (sliding windows), the answer with the highest mean token log-probability wins. A question that
+    does not fit the block is skipped and scores 0 (it still counts in the average, as a missing
+    prediction does in the official script).
     """
     predictions: dict[str, str] = {}
     best: dict[str, float] = {}
@@ -146,24 +180,23 @@ def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample],
             continue
         too_long += encs[0].context_truncated
         prompts.extend((ex.id, enc.ids) for enc in encs)
-    # similar lengths together: less padding per batch
-    prompts.sort(key=lambda item: len(item[1]))
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        outputs, scores = greedy_batch_scored(model, [p for _, p in chunk], max_new_tokens, tokenizer.eot_id,
-                                              tokenizer.pad_id)
-        for (qid, _), out, score in zip(chunk, outputs, scores, strict=True):
-            if score > best.get(qid, -math.inf):
-                best[qid] = score
-                predictions[qid] = tokenizer.decode(out).strip()
+    if decoding == "span":
+        answers = span_answers(model, tokenizer, prompts, max_new_tokens)
+    else:
+        answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    for qid, out, score in answers:
+        if score > best.get(qid, -math.inf):
+            best[qid] = score
+            predictions[qid] = tokenizer.decode(out).strip()
     return predictions, skipped, too_long
 
 
 def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode: str, max_new_tokens: int,
-               batch_size: int, n_examples: int, long_context: str = "truncate", context_tokens: int = 0) -> dict:
+               batch_size: int, n_examples: int, long_context: str = "truncate", context_tokens: int = 0,
+               decoding: str = "greedy") -> dict:
     start = time.time()
     predictions, skipped, too_long = predict_answers(model, tokenizer, examples, mode, max_new_tokens, batch_size,
-                                                     long_context, context_tokens)
+                                                     long_context, context_tokens, decoding)
     elapsed = max(time.time() - start, 1e-9)
     scores = squad_scores(predictions, examples)
     listed = []
@@ -182,8 +215,9 @@ def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode
         "context_tokens": context_tokens or "as many as fit the block",
         "context_truncation": LONG_CONTEXT[long_context] if mode == "context" else "no context (closed-book)",
         "questions_per_s": len(examples) / elapsed,
-        "decoding": {"strategy": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                     "kv_cache": True, "padding": "left"},
+        "decoding": {"strategy": decoding, "description": DECODING[decoding], "max_new_tokens": max_new_tokens,
+                     "batch_size": batch_size, "kv_cache": True,
+                     "padding": "left" if decoding == "greedy" else "none (one prompt, a batch of its spans)"},
         "examples": listed,
     }
 
@@ -194,6 +228,11 @@ def _dropped_text(dropped: dict) -> str:
 
 def _context_room(context_tokens) -> str:
     return f"at most {context_tokens} tokens" if isinstance(context_tokens, int) else "what the block leaves"
+
+
+def _decoding_text(decoding: dict) -> str:
+    details = ", ".join(f"{k} {v}" for k, v in decoding.items() if k not in ("strategy", "description"))
+    return f"{decoding.get('strategy', '?')} ({decoding.get('description', '')}; {details})"
 
 
 def report_markdown(report: dict) -> str:
@@ -215,7 +254,7 @@ def report_markdown(report: dict) -> str:
         f"| QA mode | {squad.get('mode', '')} |",
         f"| questions/s | {squad.get('questions_per_s', 0):.1f} |",
         "",
-        f"Decoding: {squad.get('decoding', {})}.",
+        f"Decoding: {_decoding_text(squad.get('decoding', {}))}.",
         "",
         f"Contexts longer than the room for them ({_context_room(squad.get('context_tokens'))}): "
         f"{squad.get('context_truncation', '')} "
@@ -242,7 +281,7 @@ def report_markdown(report: dict) -> str:
 # --------------------------------------------------------------------------- comparing runs
 
 COMPARE_COLUMNS = ("run", "checkpoint", "mode", "questions", "EM", "F1", "bpb", "perplexity", "questions/s",
-                   "long contexts")
+                   "long contexts", "decoding")
 
 
 def compare_row(report: dict) -> list[str]:
@@ -258,6 +297,7 @@ def compare_row(report: dict) -> list[str]:
         f"{report.get('perplexity', float('nan')):.2f}",
         f"{squad.get('questions_per_s', 0):.1f}",
         squad.get("long_context", "-"),
+        squad.get("decoding", {}).get("strategy", "-"),
     ]
 
 

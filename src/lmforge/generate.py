@@ -1,8 +1,10 @@
-"""Text generation with the KV cache: sampling (temperature, top-k, top-p, repetition penalty) and
-batched greedy decoding with left padding (used by evaluation)."""
+"""Text generation with the KV cache: sampling (temperature, top-k, top-p, repetition penalty),
+batched greedy decoding with left padding (used by evaluation), and extractive span scoring (an answer
+that is the passage span the model finds likeliest)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -146,6 +148,45 @@ def greedy_batch_scored(model: GPT, prompts: list[list[int]], max_new_tokens: in
 def greedy_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop_id: int, pad_id: int) -> list[list[int]]:
     """Greedy continuations of several prompts at once (see greedy_batch_scored)."""
     return greedy_batch_scored(model, prompts, max_new_tokens, stop_id, pad_id)[0]
+
+
+@torch.inference_mode()
+def best_span(model: GPT, prompt: list[int], passage: list[int], starts: Sequence[int], ends: Sequence[int],
+              max_tokens: int, stop_id: int, max_rows: int = 256) -> tuple[list[int], float]:
+    """Extractive decoding: of the spans passage[s:e] with s in `starts`, e in `ends` and at most
+    `max_tokens` tokens, the one the model likes best as the continuation of `prompt`, and its score.
+
+    The score is the mean log-probability per token of the span followed by `stop_id`, as in
+    greedy_batch_scored, so answers from different windows compare. The prompt runs once; the spans then
+    run as one batch (up to `max_rows` rows) on copies of its KV cache, one row per start.
+    """
+    model.eval()
+    device = model.tok_emb.weight.device
+    width = min(max_tokens, model.cfg.block_size - len(prompt))
+    if width <= 0 or not starts:
+        return [], -math.inf
+    cache = model.new_cache(1, len(prompt) + width)
+    first = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[0, -1].float().log_softmax(-1)
+    best: tuple[list[int], float] = ([], -math.inf)
+    lengths = torch.arange(1, width + 1, device=device)
+    may_end = torch.zeros(len(passage) + width + 1, dtype=torch.bool, device=device)
+    may_end[[e for e in ends if 0 < e <= len(passage)]] = True
+    for at in range(0, len(starts), max_rows):
+        rows = list(starts[at : at + max_rows])
+        spans = torch.full((len(rows), width), stop_id, dtype=torch.long, device=device)
+        for r, s in enumerate(rows):
+            piece = passage[s : s + width]
+            spans[r, : len(piece)] = torch.tensor(piece, dtype=torch.long)
+        logp = model(spans, cache=cache.repeat(len(rows))).float().log_softmax(-1)  # (rows, width, vocab)
+        token_lp = torch.cat([first[spans[:, :1]], logp[:, :-1].gather(-1, spans[:, 1:, None]).squeeze(-1)], 1)
+        # column j: the first j+1 tokens of the span, then the stop token
+        mean = (token_lp.cumsum(1) + logp[..., stop_id]) / (lengths + 1)
+        mean = mean.masked_fill(~may_end[torch.tensor(rows, device=device)[:, None] + lengths[None]], -math.inf)
+        score, flat = mean.flatten().max(0)
+        if float(score) > best[1]:
+            r, j = divmod(int(flat), width)
+            best = (list(passage[rows[r] : rows[r] + j + 1]), float(score))
+    return best
 
 
 def _held_back(text: str, stop: list[str]) -> int:

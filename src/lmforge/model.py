@@ -85,6 +85,18 @@ class KVCache:
         self.max_len = max_len
         self.has_padding = False
 
+    def repeat(self, batch: int) -> KVCache:
+        """A cache of `batch` rows, each a copy of this one-row cache: one prompt, several continuations."""
+        if self.k.shape[1] != 1:
+            raise ValueError("only a one-row cache can be repeated")
+        out = KVCache.__new__(KVCache)
+        out.k = self.k.expand(-1, batch, -1, -1, -1).clone()
+        out.v = self.v.expand(-1, batch, -1, -1, -1).clone()
+        out.valid = self.valid.expand(batch, -1).clone()
+        out.next_pos = self.next_pos.expand(batch).clone()
+        out.length, out.max_len, out.has_padding = self.length, self.max_len, self.has_padding
+        return out
+
 
 # --------------------------------------------------------------------------- layers
 

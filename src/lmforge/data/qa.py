@@ -239,6 +239,33 @@ def encode_examples(tokenizer: Tokenizer, examples: list[QAExample], mode: str, 
     return encoded
 
 
+def prompt_passage(tokenizer: Tokenizer, prompt: Sequence[int]) -> list[int]:
+    """The passage tokens inside a with-context prompt (between the context and question markers)."""
+    if not prompt or prompt[0] != tokenizer.context_id or tokenizer.question_id not in prompt:
+        return []
+    return list(prompt[1 : list(prompt).index(tokenizer.question_id)])
+
+
+def _char_class(ch: str) -> int:
+    return 0 if ch.isalpha() else 1 if ch.isdigit() else 2
+
+
+def word_bounds(tokenizer: Tokenizer, ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Where an answer extracted from these tokens may start, and where it may end (exclusive): whole words.
+
+    A token begins a word (or number, or punctuation run) when its text starts with a space, or when its
+    first character is of another kind (letter, digit, other) than the last character of the token before
+    it, as in "(" + "1998". A span starts at such a token (not at whitespace alone) and ends before one, or
+    before whitespace, or at the end.
+    """
+    texts = [tokenizer.decode([i]) for i in ids]
+    begins = [i == 0 or not texts[i] or not texts[i - 1] or texts[i][0].isspace()
+              or _char_class(texts[i][0]) != _char_class(texts[i - 1][-1]) for i in range(len(texts))]
+    starts = [i for i, text in enumerate(texts) if begins[i] and text.strip()]
+    ends = [i for i in range(1, len(texts)) if begins[i]] + ([len(texts)] if texts else [])
+    return starts, ends
+
+
 def context_windows(tokenizer: Tokenizer, question: str, context: str, block_size: int,
                     max_new_tokens: int, context_tokens: int = 0) -> list[EncodedQA] | None:
     """Prompts covering the whole context in overlapping windows (stride: half a window), or None when
