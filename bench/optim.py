@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train import add_threads_option, apply_threads_option  # noqa: E402
 
 from lmforge.config import load_recipe  # noqa: E402
 from lmforge.data.sources import data_dir_from_env  # noqa: E402
@@ -103,11 +104,9 @@ def main() -> None:
     parser.add_argument("--adamw-lr-for-muon", default="3e-3", help="AdamW lr of the embedding/norms under muon")
     parser.add_argument("--only", nargs="*", help="grid entries to run, e.g. muon:0.01 (finished runs in --out "
                         "are read back, so entries can run as separate, even parallel, commands)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a busy "
-                        "shared machine 1 thread avoids OpenMP barrier stalls")
+    add_threads_option(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads_option(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = data_dir_from_env(args.data_dir) or Path(__file__).resolve().parents[2] / "shared" / "data"

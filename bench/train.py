@@ -141,17 +141,25 @@ def bench_shape(recipe: str, batch: int, rounds: int, compiled: bool = False) ->
     return out
 
 
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a busy "
+                        "shared machine 1 thread avoids OpenMP barrier stalls")
+
+
+def apply_threads_option(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=4, help="timed steps per variant and recipe (default 4)")
     parser.add_argument("--only", nargs="*", help="recipes to run (default: tiny cpu-small seed-67m)")
     parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile "
                         "(bf16; adds a compilation of each model per recipe)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a busy "
-                        "shared machine 1 thread avoids OpenMP barrier stalls")
+    add_threads_option(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads_option(args)
     default = resolve_dtype("auto", CPU)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, default dtype here: {default}")
     results = {}

@@ -63,3 +63,18 @@ def copy_run(tiny_run, tmp_path):
         return dst
 
     return _copy
+
+
+def fresh_run(tiny_run: Path, dst: Path, stage: str = "pretrain") -> Path:
+    """A run directory with the tiny run's recipe, tokenizer and shards, ready to start `stage` (fine-tuning
+    starts from the tiny run's pretrained checkpoint), and nothing trained in it yet."""
+    from lmforge.rundir import RunDir
+    from lmforge.train.checkpoint import copy_checkpoint
+
+    dst.mkdir(parents=True)
+    for name in ("config.toml", "tokenizer.json"):
+        shutil.copy2(tiny_run / name, dst / name)
+    shutil.copytree(tiny_run / "data", dst / "data")
+    if stage == "finetune":
+        copy_checkpoint(RunDir(tiny_run).checkpoint("pretrained"), RunDir(dst).checkpoint("pretrained"))
+    return dst

@@ -18,6 +18,7 @@ from lmforge.cli import main
 from lmforge.train.checkpoint import load_weights, model_from_checkpoint, read_state
 from lmforge.train.metrics import read_metrics
 
+from .conftest import fresh_run
 from .synthetic import BATCH, BLOCK, make_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,13 +26,6 @@ SRC = REPO / "src"
 # fp32 so that 1 and 2 processes differ only by the order of floating-point sums
 STEPS = ["--pretrain.max_steps=6", "--pretrain.log_interval=1", "--pretrain.eval_interval=3",
          "--pretrain.checkpoint_interval=3", "--pretrain.dtype=float32"]
-
-
-def fresh_run(tiny_run: Path, dst: Path) -> Path:
-    """The tiny run's tokenizer and shards, without any training output."""
-    skip = shutil.ignore_patterns("checkpoints", "tensorboard", "plots", "eval", "metrics.jsonl", "progress.json")
-    shutil.copytree(tiny_run, dst, ignore=skip)
-    return dst
 
 
 def launch(args: list[str], nproc: int = 1) -> str:

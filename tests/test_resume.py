@@ -7,7 +7,6 @@ signal handler) gets a chance to tidy up, as with an out-of-memory kill or a pow
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from lmforge.rundir import RunDir
 from lmforge.train.checkpoint import copy_checkpoint, model_from_checkpoint, read_state, save_checkpoint
 from lmforge.train.metrics import read_metrics
 
-from .conftest import tiny_recipe
+from .conftest import fresh_run, tiny_recipe
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -91,18 +90,6 @@ def run_child(script: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
                           timeout=300)
-
-
-def fresh_run(tiny_run: Path, dst: Path, stage: str = "pretrain") -> Path:
-    """A run directory with the tiny run's recipe, tokenizer and shards, ready to start `stage` (fine-tuning
-    starts from the tiny run's pretrained checkpoint), and nothing trained in it yet."""
-    dst.mkdir(parents=True)
-    for name in ("config.toml", "tokenizer.json"):
-        shutil.copy2(tiny_run / name, dst / name)
-    shutil.copytree(tiny_run / "data", dst / "data")
-    if stage == "finetune":
-        copy_checkpoint(RunDir(tiny_run).checkpoint("pretrained"), RunDir(dst).checkpoint("pretrained"))
-    return dst
 
 
 def losses(run_dir: Path, split: str) -> dict[int, float]:
