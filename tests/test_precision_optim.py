@@ -246,3 +246,13 @@ def test_fp32_and_distributed_flags_set_both_training_stages():
     assert recipe.pretrain.dtype == "float32" and recipe.pretrain.distributed == "ddp"
     assert recipe.finetune.distributed == "ddp"
     assert recipe.finetune.dtype == "bfloat16"  # an explicit override wins over the shorthand
+    assert recipe.seed == tiny_recipe().seed  # no --seed: the recipe's
+
+
+def test_seed_flag_sets_the_recipe_seed_but_not_generate_sampling():
+    from lmforge.cli import build_parser, training_overrides
+
+    args, _ = build_parser().parse_known_args(["pretrain", "tiny", "--seed", "7"])
+    assert tiny_recipe(**training_overrides(args, {})).seed == 7
+    args, _ = build_parser().parse_known_args(["generate", "--run-dir", "r", "hello", "--seed", "7"])
+    assert training_overrides(args, {}) == {} and args.seed == 7  # generate's own sampling seed

@@ -336,8 +336,11 @@ def cmd_resize_vocab(args, overrides) -> int:
 
 
 def training_overrides(args, overrides: dict[str, str]) -> dict[str, str]:
-    """--distributed / --fp32 are shorthands for the same key in both training stages."""
+    """--distributed / --fp32 are shorthands for the same key in both training stages; --seed sets the
+    recipe's top-level seed."""
     out = dict(overrides)
+    if getattr(args, "recipe_seed", None) is not None:
+        out.setdefault("seed", str(args.recipe_seed))
     for section in ("pretrain", "finetune"):
         if getattr(args, "distributed", None):
             out.setdefault(f"{section}.distributed", args.distributed)
@@ -382,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--distributed", choices=["none", "ddp", "fsdp"],
                            help="data-parallel (ddp) or fully-sharded (fsdp) training; launch with torchrun")
             p.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 where supported)")
+            p.add_argument("--seed", type=int, dest="recipe_seed",
+                           help="the recipe's seed: initial weights, data order, dropout (default: the recipe's)")
         p.set_defaults(func=func)
         return p
 
