@@ -170,3 +170,24 @@ def test_resuming_pretraining_over_a_finetuned_run_is_refused(copy_run):
     with pytest.raises(LmforgeError, match="is a fine-tuning checkpoint: pretraining in this run is over"):
         pretrain_stage(tiny_recipe(), run, resume=True)
     assert before == {n: (run.checkpoint(n) / "model.safetensors").read_bytes() for n in before}
+
+
+def test_resuming_from_an_incompatible_checkpoint_is_a_clear_error(copy_run):
+    import json
+
+    from lmforge.pipeline import pretrain_stage
+
+    run = RunDir(copy_run())
+    copy_checkpoint(run.checkpoint("pretrained"), run.checkpoint("last"))
+    state_file = run.checkpoint("last") / "state.json"
+    state = json.loads(state_file.read_text())
+    with pytest.raises(LmforgeError, match="trained with optimizer 'adamw'.*pretrain.optimizer = 'muon'"):
+        pretrain_stage(tiny_recipe(**{"pretrain.optimizer": "muon"}), run, resume=True)
+    del state["bad_evals"]  # as a checkpoint of another lmforge version might lack it
+    state_file.write_text(json.dumps(state))
+    before = (run.checkpoint("last") / "model.safetensors").read_bytes()
+    with pytest.raises(LmforgeError) as err:
+        pretrain_stage(tiny_recipe(), run, resume=True)
+    assert "cannot resume from this checkpoint" in str(err.value) and "'bad_evals'" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert (run.checkpoint("last") / "model.safetensors").read_bytes() == before

@@ -208,12 +208,19 @@ def train_stage(
     engine = parallel.wrap(model, cfg)
     optimizer = make_optimizer(model, cfg, device)
     if resume:
+        if state.get("optimizer", cfg.optimizer) != cfg.optimizer:
+            raise LmforgeError(f"{last_ckpt}: trained with optimizer '{state['optimizer']}', the recipe says "
+                               f"{stage}.optimizer = '{cfg.optimizer}' (resume with the same optimizer)")
         trainer = load_trainer_state(last_ckpt, state)
-        optimizer.load_state_dict(trainer["optimizer"])
-        set_rng_state(trainer["rng"])
-        train_data.load_state_dict(trainer["data"])
-        step, tokens = state["step"], state["tokens"]
-        best, bad_evals = state["best_val_loss"], state["bad_evals"]
+        try:
+            optimizer.load_state_dict(trainer["optimizer"])
+            set_rng_state(trainer["rng"])
+            train_data.load_state_dict(trainer["data"])
+            step, tokens = state["step"], state["tokens"]
+            best, bad_evals = state["best_val_loss"], state["bad_evals"]
+        except (KeyError, ValueError, TypeError) as exc:  # a checkpoint of another lmforge version
+            raise LmforgeError(f"{last_ckpt}: cannot resume from this checkpoint ({type(exc).__name__}: {exc}); it "
+                               "was written by another lmforge version (start a new run)") from None
         log.info("%s: resumed from %s at step %d", stage, last_ckpt, step)
         if restored := control.restore(state.get("control", {})):
             log.info("%s: control values in effect: %s", stage, describe(restored))
