@@ -172,22 +172,22 @@ def test_resuming_pretraining_over_a_finetuned_run_is_refused(copy_run):
     assert before == {n: (run.checkpoint(n) / "model.safetensors").read_bytes() for n in before}
 
 
-def test_resuming_from_an_incompatible_checkpoint_is_a_clear_error(copy_run):
+def test_resuming_from_an_incompatible_checkpoint_is_a_clear_error(copy_run, data_dir):
     import json
 
-    from lmforge.pipeline import pretrain_stage
+    from lmforge.pipeline import finetune_stage
 
     run = RunDir(copy_run())
-    copy_checkpoint(run.checkpoint("pretrained"), run.checkpoint("last"))
     state_file = run.checkpoint("last") / "state.json"
     state = json.loads(state_file.read_text())
-    with pytest.raises(LmforgeError, match="trained with optimizer 'adamw'.*pretrain.optimizer = 'muon'"):
-        pretrain_stage(tiny_recipe(**{"pretrain.optimizer": "muon"}), run, resume=True)
+    assert state["stage"] == "finetune" and (run.checkpoint("last") / "trainer.safetensors").is_file()
+    before = (run.checkpoint("last") / "model.safetensors").read_bytes()
+    with pytest.raises(LmforgeError, match="trained with optimizer 'adamw'.*finetune.optimizer = 'muon'"):
+        finetune_stage(tiny_recipe(**{"finetune.optimizer": "muon"}), run, data_dir, resume=True)
     del state["bad_evals"]  # as a checkpoint of another lmforge version might lack it
     state_file.write_text(json.dumps(state))
-    before = (run.checkpoint("last") / "model.safetensors").read_bytes()
     with pytest.raises(LmforgeError) as err:
-        pretrain_stage(tiny_recipe(), run, resume=True)
+        finetune_stage(tiny_recipe(), run, data_dir, resume=True)
     assert "cannot resume from this checkpoint" in str(err.value) and "'bad_evals'" in str(err.value)
     assert "\n" not in str(err.value)
     assert (run.checkpoint("last") / "model.safetensors").read_bytes() == before
