@@ -114,8 +114,9 @@ def test_extends_starts_from_another_recipe(tmp_path):
     base = load_recipe(REPO / "recipes" / "cpu-small.toml")
     assert closed.qa.mode == "closed_book" and base.qa.mode == "context"
     differ = {k for k, v in recipe_to_dict(closed).items() if recipe_to_dict(base)[k] != v}
-    assert differ == {"name", "qa"}
+    assert differ == {"name", "qa", "eval"}
     assert recipe_to_dict(closed)["qa"] | {"mode": "context"} == recipe_to_dict(base)["qa"]
+    assert recipe_to_dict(closed)["eval"] | {"decoding": "span"} == recipe_to_dict(base)["eval"]
 
     (tmp_path / "a.toml").write_text('name = "a"\n[model]\nn_layer = 3\nn_head = 2\n[[data.sources]]\nname = "x"\nlocal = "x.txt"\n')
     (tmp_path / "b.toml").write_text('extends = "a.toml"\n[model]\nn_head = 4\n[[data.sources]]\nname = "y"\nlocal = "y.txt"\n')
