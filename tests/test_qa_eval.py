@@ -189,7 +189,7 @@ def test_word_bounds_and_prompt_passage(tiny_run):
     ids = tok.encode(text)
     starts, ends = word_bounds(tok, ids)
     words = [tok.decode(ids[s : min(e for e in ends if e > s)]).strip() for s in starts]  # shortest spans
-    assert words == ["The", "dog", "(", "born", "1998", ")", "barked", ".", "Then", "it", "slept", "."]
+    assert words == ["dog", "born", "1998", "barked", "Then", "it", "slept"]  # no article or punctuation starts
     assert ends[-1] == len(ids) and 0 not in ends
     assert all(tok.decode(ids[s:e]).strip() in text for s in starts for e in ends if e > s)
     prompt, _ = build_prompt(tok, "Who barked?", "The dog barked.", 100)

@@ -128,8 +128,8 @@ def question_prompts(tokenizer: Tokenizer, ex: QAExample, mode: str, block_size:
 
 DECODING = {
     "greedy": "greedy generation",
-    "span": "extractive: the passage span (whole words, at most max_new_tokens tokens) whose tokens and "
-            "end-of-text get the highest mean log-probability",
+    "span": "extractive: the passage span (whole words, not starting with an article or punctuation, at most "
+            "max_new_tokens tokens) whose tokens and end-of-text get the highest mean log-probability",
 }
 
 

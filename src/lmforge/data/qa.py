@@ -255,13 +255,15 @@ def word_bounds(tokenizer: Tokenizer, ids: Sequence[int]) -> tuple[list[int], li
 
     A token begins a word (or number, or punctuation run) when its text starts with a space, or when its
     first character is of another kind (letter, digit, other) than the last character of the token before
-    it, as in "(" + "1998". A span starts at such a token (not at whitespace alone) and ends before one, or
-    before whitespace, or at the end.
+    it, as in "(" + "1998". A span starts at such a token when it holds a letter or digit and is not an
+    article (SQuAD scoring drops articles and punctuation, so a span never needs to start with them, and
+    one of them alone would score nothing), and ends before such a token, or before whitespace, or at the end.
     """
     texts = [tokenizer.decode([i]) for i in ids]
     begins = [i == 0 or not texts[i] or not texts[i - 1] or texts[i][0].isspace()
               or _char_class(texts[i][0]) != _char_class(texts[i - 1][-1]) for i in range(len(texts))]
-    starts = [i for i, text in enumerate(texts) if begins[i] and text.strip()]
+    starts = [i for i, text in enumerate(texts) if begins[i] and any(ch.isalnum() for ch in text)
+              and text.strip().lower() not in ("a", "an", "the")]
     ends = [i for i in range(1, len(texts)) if begins[i]] + ([len(texts)] if texts else [])
     return starts, ends
 
