@@ -229,7 +229,7 @@ def test_eval_cli_span_decoding_uses_the_answer_window(copy_run, data_dir):
     assert squad["n"] == 8 and squad["decoding"]["strategy"] == "span" and squad["context_tokens"] == 32
     contexts = {ex.id: ex.context for ex in iter_qa_examples(
         SourceConfig(name="dev", local="squad/dev-v1.1.json", format="squad"), data_dir)}
-    assert all(row["prediction"] in contexts[row["id"]] for row in squad["examples"])
+    assert all(row["prediction"] and row["prediction"] in contexts[row["id"]] for row in squad["examples"])
 
 
 def test_span_decoding_is_validated():
