@@ -257,7 +257,8 @@ def word_bounds(tokenizer: Tokenizer, ids: Sequence[int]) -> tuple[list[int], li
     first character is of another kind (letter, digit, other) than the last character of the token before
     it, as in "(" + "1998". A span starts at such a token when it holds a letter or digit and is not an
     article (SQuAD scoring drops articles and punctuation, so a span never needs to start with them, and
-    one of them alone would score nothing), and ends before such a token, or before whitespace, or at the end.
+    one of them alone would score nothing). It ends before any token that begins a word or is whitespace,
+    or at the end.
     """
     texts = [tokenizer.decode([i]) for i in ids]
     begins = [i == 0 or not texts[i] or not texts[i - 1] or texts[i][0].isspace()
