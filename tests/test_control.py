@@ -245,6 +245,28 @@ def test_metrics_tensorboard_and_plots_with_markers(tmp_path):
     assert (tmp_path / "cli.png").stat().st_size > 10_000
 
 
+def test_tokens_per_second_leave_out_evaluation_time(tmp_path, monkeypatch):
+    """A slow evaluation (here 1 s, hundreds of steps' worth) must not show up as a slow training window."""
+    import time
+
+    from lmforge.train import loop
+
+    real = loop.validation_loss
+
+    def slow_validation(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "validation_loss", slow_validation)
+    run = make_run(tmp_path)
+    train(run, cfg(max_steps=8, log_interval=2, eval_interval=2))
+    speeds = [r["tokens_per_s"] for r in train_records(run).values()]
+    assert len(speeds) == 4
+    # each window (2 steps of a 1-layer model: milliseconds) would take over 1 s with an evaluation in it
+    window_tokens = 2 * BATCH * BLOCK
+    assert min(speeds) > 2 * window_tokens, speeds
+
+
 def test_plot_keeps_the_resumed_values_of_steps_logged_twice(tmp_path):
     from lmforge.train.metrics import _latest_per_step
 

@@ -282,6 +282,7 @@ def train_stage(
             if step == 0:
                 evaluate_now()
             changes, _ = between_steps(None)
+            window_start = time.time()  # the first window starts with the first step, not before evaluation
             while step < total_steps:
                 if "dropout" in changes:
                     model.set_dropout(cfg.dropout)
@@ -328,6 +329,7 @@ def train_stage(
                                     tok_s=f"{tok_s:,.0f}", **({"mfu": f"{mfu:.0%}"} if mfu is not None else {}))
                     window_tokens, window_outputs, window_start = 0, 0, time.time()
                 bar.update(1)
+                paused = time.time()  # evaluation and checkpoints stay out of the tokens/s window
                 if step % cfg.eval_interval == 0 or step == total_steps:
                     if evaluate_now():
                         stop_reason = "early_stopping"
@@ -335,6 +337,7 @@ def train_stage(
                                  cfg.patience)
                 if step % cfg.checkpoint_interval == 0:
                     checkpoint("last", with_trainer=True)
+                window_start += time.time() - paused
                 if stop_reason == "completed":
                     changes, requested = between_steps(stop.check())
                     stop_reason = requested or stop_reason
