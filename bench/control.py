@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from lmforge.config import TrainConfig
-from lmforge.model import GPT, GPTConfig
+from lmforge.model import GPT, GPTConfig, lm_loss
 from lmforge.rundir import RunDir
 from lmforge.train.checkpoint import keep_recent, rng_state, save_checkpoint
 from lmforge.train.control import LiveControl, write_controls
-from lmforge.train.loop import lm_loss
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.optim import make_optimizer
 

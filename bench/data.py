@@ -116,8 +116,8 @@ def child_loader(shards: Path) -> None:
 
     from lmforge.config import load_recipe
     from lmforge.data.loader import TokenBatcher
-    from lmforge.model import GPT, GPTConfig
-    from lmforge.train.loop import lm_loss, make_optimizer
+    from lmforge.model import GPT, GPTConfig, lm_loss
+    from lmforge.train.loop import make_optimizer
 
     recipe = load_recipe(REPO / "recipes" / "cpu-small.toml")
     m, p = recipe.model, recipe.pretrain

@@ -31,8 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lmforge.config import TrainConfig, load_recipe  # noqa: E402
-from lmforge.model import GPT, GPTConfig  # noqa: E402
-from lmforge.train.loop import lm_loss  # noqa: E402
+from lmforge.model import GPT, GPTConfig, lm_loss  # noqa: E402
 from lmforge.train.optim import make_optimizer  # noqa: E402
 from lmforge.train.precision import autocast, flops_per_token, measured_matmul_peak, resolve_dtype  # noqa: E402
 

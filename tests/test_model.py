@@ -26,7 +26,8 @@ def test_logits_shape_and_causality(model):
 
 
 def test_output_mask_gives_the_logits_and_loss_of_the_marked_positions(model):
-    from lmforge.train.loop import batch_loss, lm_loss, scored_positions
+    from lmforge.model import lm_loss
+    from lmforge.train.loop import batch_loss, scored_positions
 
     x = torch.randint(0, 97, (3, 20))
     y = torch.full((3, 20), -100)
@@ -36,6 +37,27 @@ def test_output_mask_gives_the_logits_and_loss_of_the_marked_positions(model):
     assert torch.allclose(model(x, output_mask=marked), model(x)[marked], atol=1e-6)
     assert scored_positions(y) == (4, True) and scored_positions(torch.zeros(3, 20, dtype=torch.long)) == (60, False)
     assert torch.allclose(batch_loss(model, x, y, True), lm_loss(model(x), y), atol=1e-6)
+
+
+def test_targets_return_the_loss_of_the_logits_and_train_the_same(model):
+    """forward(x, targets=y) (what training calls, so compile fuses the loss) is lm_loss of the logits,
+    to the bit, and its gradients are those of the loss computed outside."""
+    from lmforge.model import lm_loss
+    from lmforge.train.loop import batch_loss
+
+    x = torch.randint(0, 97, (2, 16))
+    y = torch.randint(0, 97, (2, 16))
+    y[0, :5] = -100
+    inside = model(x, targets=y)
+    outside = lm_loss(model(x), y)
+    assert inside.dim() == 0 and torch.equal(inside, outside)
+    assert torch.equal(batch_loss(model, x, y, False), outside)
+    grads = []
+    for loss_of in (lambda: model(x, targets=y), lambda: lm_loss(model(x), y)):
+        model.zero_grad()
+        loss_of().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
 def test_kv_cache_matches_full_forward(model):

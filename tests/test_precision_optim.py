@@ -11,11 +11,10 @@ import torch
 
 from lmforge.config import TrainConfig
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.model import GPT, GPTConfig, SwiGLU
+from lmforge.model import GPT, GPTConfig, SwiGLU, lm_loss
 from lmforge.train import precision
 from lmforge.train.checkpoint import load_trainer_state, read_state, save_checkpoint
 from lmforge.train.distributed import Parallel
-from lmforge.train.loop import lm_loss
 from lmforge.train.optim import make_optimizer
 
 from .conftest import tiny_recipe

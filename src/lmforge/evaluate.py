@@ -24,9 +24,9 @@ from lmforge.data.qa import EncodedQA, context_windows, encode_for_inference, pr
 from lmforge.data.sources import QAExample
 from lmforge.errors import LmforgeError
 from lmforge.generate import best_span, greedy_batch_scored
-from lmforge.model import GPT
+from lmforge.model import GPT, lm_loss
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.loop import Batch, lm_loss
+from lmforge.train.loop import Batch
 
 # --------------------------------------------------------------------------- SQuAD metrics (official v1.1)
 

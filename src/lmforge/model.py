@@ -169,6 +169,11 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (in fp32) over positions whose target is not -100."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -251,14 +256,18 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False,
-                output_mask: torch.Tensor | None = None) -> torch.Tensor:
+                output_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T); (B, 1, vocab) with last_only.
 
         `attention_mask` (B, T) marks real tokens (1) vs left padding (0). `output_mask` (B, T, bool)
         asks for the logits of the marked positions only, as (N, vocab): fine-tuning scores a few answer
         tokens per sequence, and skipping the output layer elsewhere saves most of its cost.
+        With `targets` (B, T) the result is `lm_loss` of the logits instead: inside forward, so that
+        torch.compile of the model fuses the fp32 cross-entropy with the output layer rather than making
+        extra fp32 copies of the B x T x vocab logits.
         """
-        return self._run(idx, cache, attention_mask, None, last_only, output_mask)
+        logits = self._run(idx, cache, attention_mask, None, last_only, output_mask)
+        return logits if targets is None else lm_loss(logits, targets)
 
     def forward_with_attention(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits and, per layer, attention probabilities of shape (B, n_head, T, T)."""

@@ -87,16 +87,11 @@ def resolve_device(name: str) -> torch.device:
 # --------------------------------------------------------------------------- pieces of a step
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose target is not -100."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-
-
 def batch_loss(model, x: torch.Tensor, y: torch.Tensor, sparse_targets: bool) -> torch.Tensor:
     """`lm_loss` of a batch. With `sparse_targets` (a QA batch: most targets are -100) the model computes
     logits at the scored positions only, which is much cheaper and gives the same loss."""
     if not sparse_targets:
-        return lm_loss(model(x), y)
+        return model(x, targets=y)  # the loss inside forward: compiled with the model when train.compile
     scored = y != -100
     return F.cross_entropy(model(x, output_mask=scored).float(), y[scored])
 
