@@ -60,6 +60,21 @@ def test_targets_return_the_loss_of_the_logits_and_train_the_same(model):
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
+def test_rotary_tables_are_made_once_and_not_saved(model):
+    """cos/sin come from tables made at construction (row p = position p, HF Llama's layout); they follow
+    the model to its device but stay out of the weights, so checkpoints keep their format."""
+    cfg = model.cfg
+    d = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2).float() / d)
+    angles = torch.tensor([0.0, 5.0, 47.0])[:, None] * inv_freq
+    expected = torch.cat([angles, angles], -1)
+    assert model.rope_cos.shape == (cfg.block_size, d)
+    assert torch.allclose(model.rope_cos[[0, 5, 47]], expected.cos()) and torch.allclose(model.rope_sin[[0, 5, 47]], expected.sin())
+    assert not any(k.startswith("rope_") for k in model.state_dict())
+    with pytest.raises(ValueError, match="exceeds the model's block size"):
+        model.new_cache(1, cfg.block_size + 1)
+
+
 def test_kv_cache_matches_full_forward(model):
     x = torch.randint(0, 97, (2, 16))
     full = model(x)
