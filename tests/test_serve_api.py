@@ -131,6 +131,37 @@ def test_chat_answer_matches_the_pipeline(client, tiny_run):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_span_answers_are_those_of_eval_and_need_a_context(client, tiny_run):
+    """decoding "span": the context's likeliest span, made as `lmforge eval`/`generate --question` make it
+    (the run's eval settings), whole in one piece; streamed or not; refused in one line without a context."""
+    from lmforge.config import load_recipe
+
+    recipe = load_recipe(tiny_run / "config.toml")
+    model, tok = load(tiny_run, "best")
+    expected = answer_question(model, tok, QUESTION, CONTEXT, max_new_tokens=recipe.eval.max_new_tokens,
+                               context_tokens=recipe.answer_context_tokens, decoding="span")
+    assert expected and expected in CONTEXT
+    info = client.get("/api/info").json()["answering"]
+    assert info == {"decoding": recipe.eval.decoding, "max_new_tokens": recipe.eval.max_new_tokens,
+                    "context_tokens": recipe.answer_context_tokens}
+    body = {"decoding": "span", "context": CONTEXT, "messages": [{"role": "user", "content": QUESTION}]}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["choices"][0]["message"]["content"] == expected
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert 0 < answer["usage"]["completion_tokens"] <= recipe.eval.max_new_tokens  # the span's passage tokens
+    assert answer["usage"]["prompt_tokens"] > len(tok.encode(QUESTION))
+    streamed, chunks = stream_completion(client, "/v1/chat/completions",
+                                         {**body, "stream_options": {"include_usage": True}})
+    assert streamed == expected and chunks[-1]["usage"] == answer["usage"]
+    r = client.post("/v1/chat/completions", json={"decoding": "span", "messages": [{"role": "user", "content": QUESTION}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "decoding"
+    assert "context" in r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={**body, "decoding": "beam"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "decoding"
+
+
 def test_completion_streaming_matches_non_streaming(client):
     # min_tokens: the tiny model may otherwise end at once, which would make these checks vacuous
     body = {"model": "pretrained", "prompt": "Once upon a time", "max_tokens": 24, "min_tokens": 12,

@@ -63,7 +63,7 @@ def _painted_pixels(driver, canvas_id: str) -> int:
 @pytest.mark.slow
 def test_web_page_in_headless_chromium(tiny_run, browser, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     shots = []
     with ServerThread(build_app(tiny_run)) as url:
@@ -73,6 +73,8 @@ def test_web_page_in_headless_chromium(tiny_run, browser, tmp_path):
         d.get(f"{url}/")
         wait.until(lambda _: find("run-name").text == tiny_run.name)
         assert find("temperature-v").text == "0.8"  # sampling values are shown
+        # the answer style defaults to the run's eval.decoding (the tiny recipe generates: greedy)
+        assert Select(find("answer-style")).first_selected_option.get_attribute("value") == "sample"
 
         # ask a question; count DOM updates of the output to see that the text really streams in
         _set_slider(d, "temperature", 0)
@@ -81,6 +83,7 @@ def test_web_page_in_headless_chromium(tiny_run, browser, tmp_path):
         assert find("temperature-v").text == "0 (greedy)" and find("max_tokens-v").text == "24"
         find("question").clear()
         find("question").send_keys("What is the capital of France?")
+        Select(find("answer-style")).select_by_value("sample")  # generated: streams token by token
         d.execute_script("window.__updates = 0; new MutationObserver(() => window.__updates++)"
                          ".observe(document.getElementById('output'), {subtree: true, childList: true, characterData: true});")
         find("generate").click()
@@ -93,6 +96,13 @@ def test_web_page_in_headless_chromium(tiny_run, browser, tmp_path):
         assert len(d.find_elements(By.CSS_SELECTOR, "#focus-bars .bar")) > 5  # input focus bars, one per word
         shots.append(tmp_path / "generate.png")
         d.save_screenshot(str(shots[-1]))
+
+        # a span answer: a piece of the context, whole
+        Select(find("answer-style")).select_by_value("span")
+        find("generate").click()
+        wait.until(lambda _: find("gen-status").text in ("done", "error"))
+        assert find("gen-status").text == "done", find("output").text
+        assert find("output").text.strip() and find("output").text.strip() in find("context").get_attribute("value")
 
         # the attention explorer: a rendered heatmap and the most-attended list
         find("tab-attention").click()

@@ -13,7 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from lmforge.config import GenerateConfig, ServeConfig
-from lmforge.serve.host import ModelHost, qa_prompt_text
+from lmforge.serve.host import AnswerSettings, ModelHost, qa_prompt_text
 from lmforge.serve.limits import Admission, BodyLimit
 from lmforge.serve.memory import free_memory, memory_report
 from lmforge.serve.openai_api import openai_router
@@ -76,8 +76,10 @@ class InternalErrors:
                 await JSONResponse(body, status_code=500)(scope, receive, send)
 
 
-def create_app(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig | None = None) -> FastAPI:
+def create_app(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig | None = None,
+               answering: AnswerSettings | None = None) -> FastAPI:
     defaults = defaults or GenerateConfig()
+    answering = answering or AnswerSettings()
     admission = Admission(cfg.max_concurrent, cfg.max_queue)
     app = FastAPI(title="lmforge", version="0.1.0", docs_url="/docs", redoc_url=None)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
@@ -100,7 +102,7 @@ def create_app(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig | Non
     async def _http(request: Request, exc: HTTPException):
         return JSONResponse(error_body(str(exc.detail), None), status_code=exc.status_code)
 
-    app.include_router(openai_router(host, cfg, defaults, admission))
+    app.include_router(openai_router(host, cfg, defaults, admission, answering))
 
     @app.get("/health")
     async def health():
@@ -114,7 +116,8 @@ def create_app(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig | Non
                 "limits": {"max_tokens": min(cfg.max_tokens, m.cfg.block_size - 1),
                            "max_attention_tokens": min(cfg.max_attention_tokens, m.cfg.block_size),
                            "max_concurrent": cfg.max_concurrent, "max_queue": cfg.max_queue},
-                "defaults": {k: v for k, v in defaults.__dict__.items() if k != "seed"}}
+                "defaults": {k: v for k, v in defaults.__dict__.items() if k != "seed"},
+                "answering": answering.__dict__}
 
     @app.post("/api/checkpoint")
     async def switch_checkpoint(req: CheckpointRequest):

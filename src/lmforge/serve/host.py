@@ -24,8 +24,9 @@ from lmforge.attention import (
     token_attention,
     tokenize_words,
 )
-from lmforge.data.qa import build_prompt
+from lmforge.data.qa import build_prompt, encode_for_inference
 from lmforge.errors import LmforgeError
+from lmforge.evaluate import span_answer
 from lmforge.generate import SamplingParams, generate_stream, stream_text
 from lmforge.model import GPT
 from lmforge.pipeline import resolve_checkpoint
@@ -43,6 +44,19 @@ class Piece:
     text: str
     tokens: int  # completion tokens so far
     finish_reason: str | None = None  # set on the last piece: "stop" or "length"
+
+
+@dataclass
+class AnswerSettings:
+    """How span answers are made: the run's [eval] settings, so the server answers as `lmforge eval` scored."""
+
+    decoding: str = "greedy"  # the recipe's eval.decoding: the web page's default answer style
+    max_new_tokens: int = 32  # longest span, in tokens
+    context_tokens: int = 0  # passage window (0: as much as fits the block)
+
+    @classmethod
+    def of(cls, recipe) -> AnswerSettings:
+        return cls(recipe.eval.decoding, recipe.eval.max_new_tokens, recipe.answer_context_tokens)
 
 
 def qa_prompt_text(question: str, context: str | None) -> str:
@@ -143,6 +157,17 @@ class ModelHost:
             raise RequestError(f"the question does not fit the model's {model.cfg.block_size}-token block with "
                                f"max_tokens={max_tokens}", "messages")
         return built[0]
+
+    def span_answer(self, name: str, question: str, context: str, settings: AnswerSettings) -> tuple[str, int, int]:
+        """(answer, answer tokens, prompt tokens): the passage span checkpoint `name` finds likeliest, from
+        the prompt `lmforge eval` builds (a long context cut to its window most like the question)."""
+        model = self.model(name)
+        enc = encode_for_inference(self.tokenizer, question, context, model.cfg.block_size, settings.max_new_tokens,
+                                   settings.context_tokens)
+        if enc is None:
+            raise RequestError(f"the question does not fit the model's {model.cfg.block_size}-token block", "messages")
+        ids, _ = span_answer(model, self.tokenizer, enc.ids, settings.max_new_tokens)
+        return self.tokenizer.decode(ids).strip(), len(ids), len(enc.ids)
 
     # ----------------------------------------------------------------- generation
 

@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from lmforge.config import GenerateConfig, ServeConfig
 from lmforge.generate import SamplingParams
 from lmforge.model import GPT
-from lmforge.serve.host import ModelHost, Piece
+from lmforge.serve.host import AnswerSettings, ModelHost, Piece
 from lmforge.serve.limits import Admission, Ticket
 from lmforge.serve.schemas import ChatRequest, CompletionRequest, RequestError, SamplingFields
 
@@ -66,19 +66,36 @@ async def _pieces(ticket: Ticket, host: ModelHost, name: str, ids: list[int], pa
         ticket.release()
 
 
-def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, admission: Admission) -> APIRouter:
-    router = APIRouter(prefix="/v1")
+async def _span_piece(ticket: Ticket, host: ModelHost, name: str, question: str, context: str,
+                      settings: AnswerSettings, sizes: dict) -> AsyncIterator[Piece]:
+    """The span answer as one piece (it is chosen whole, not token by token), made in a worker thread."""
+    try:
+        async with ticket.slot():
+            text, n, sizes["prompt"] = await anyio.to_thread.run_sync(host.span_answer, name, question, context,
+                                                                      settings)
+            yield Piece(text, n, "stop")
+    finally:
+        ticket.release()
 
-    async def respond(req: SamplingFields, model_name: str, ids: list[int], params: SamplingParams,
-                      kind: str, chunk: Callable[[str, str | None, dict], dict], whole: Callable[[str, str, dict], dict]):
+
+def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, admission: Admission,
+                  answering: AnswerSettings | None = None) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+    answering = answering or AnswerSettings()
+
+    async def respond(req: SamplingFields, model_name: str, sizes: dict,
+                      pieces_for: Callable[[Ticket], AsyncIterator[Piece]], kind: str,
+                      chunk: Callable[[str, str | None, dict], dict], whole: Callable[[str, str, dict], dict]):
+        """`pieces_for(ticket)` yields the completion's pieces; sizes["prompt"] is its prompt's token count
+        (known before the first piece for generation, after it for span answers)."""
         ticket = admission.admit()
-        pieces = _pieces(ticket, host, model_name, ids, params, req.stop_list())
+        pieces = pieces_for(ticket)
         meta = {"id": f"{kind}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
         if not req.stream:
             text, last = [], None
             async for last in pieces:
                 text.append(last.text)
-            return whole("".join(text), last.finish_reason, {**meta, "usage": _usage(len(ids), last.tokens)})
+            return whole("".join(text), last.finish_reason, {**meta, "usage": _usage(sizes["prompt"], last.tokens)})
 
         async def events():
             first = True
@@ -89,7 +106,7 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
                         first = False
                     if piece.finish_reason and req.include_usage():
                         yield _sse({**meta, "object": chunk("", None, meta)["object"], "choices": [],
-                                    "usage": _usage(len(ids), piece.tokens)})
+                                    "usage": _usage(sizes["prompt"], piece.tokens)})
                 yield _sse("[DONE]")
             except Exception as exc:  # noqa: BLE001 - the response has started: report in-band, as OpenAI does
                 yield _sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
@@ -119,14 +136,25 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
             return {**meta, "object": "text_completion",
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
-        return await respond(req, name, ids, params, "cmpl", chunk, whole)
+        source = lambda ticket: _pieces(ticket, host, name, ids, params, req.stop_list())  # noqa: E731
+        return await respond(req, name, {"prompt": len(ids)}, source, "cmpl", chunk, whole)
 
     @router.post("/chat/completions")
     async def chat_completions(req: ChatRequest):
         name = host.resolve_model_name(req.model)
         model = host.model(name)
-        params = sampling_params(req, req.max_completion_tokens or req.max_tokens, defaults, cfg, model)
-        ids = host.chat_ids(model, req.question(), req.context_text(), params.max_new_tokens)
+        question, context = req.question(), req.context_text()
+        if req.decoding == "span":
+            if context is None:
+                raise RequestError("decoding: span answers are taken from a context; give one (or use "
+                                   "decoding 'sample')", "decoding")
+            sizes: dict = {}
+            source = lambda ticket: _span_piece(ticket, host, name, question, context, answering, sizes)  # noqa: E731
+        else:
+            params = sampling_params(req, req.max_completion_tokens or req.max_tokens, defaults, cfg, model)
+            ids = host.chat_ids(model, question, context, params.max_new_tokens)
+            sizes = {"prompt": len(ids)}
+            source = lambda ticket: _pieces(ticket, host, name, ids, params, req.stop_list())  # noqa: E731
 
         def chunk(text, finish, meta, first=False):
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
@@ -138,6 +166,6 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
                                  "logprobs": None, "finish_reason": finish}]}
 
-        return await respond(req, name, ids, params, "chatcmpl", chunk, whole)
+        return await respond(req, name, sizes, source, "chatcmpl", chunk, whole)
 
     return router

@@ -124,6 +124,9 @@ class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     context: str | None = None  # lmforge extra: the passage to answer from (else: the system messages)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # lmforge extra: "sample" generates with the sampling fields; "span" answers with the passage span the
+    # model finds likeliest (as `lmforge eval` with eval.decoding = "span"), which needs a context
+    decoding: Literal["sample", "span"] = "sample"
 
     def question(self) -> str:
         """The last non-empty user message (the model answers single questions, not conversations)."""

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from lmforge.config import Recipe, ServeConfig, load_recipe
 from lmforge.errors import LmforgeError
 from lmforge.serve.app import create_app
-from lmforge.serve.host import ModelHost
+from lmforge.serve.host import AnswerSettings, ModelHost
 
 log = logging.getLogger("lmforge")
 
@@ -32,7 +32,7 @@ def build_app(run_dir: str | Path, checkpoint: str | None = None, serve_cfg: Ser
     cfg = serve_cfg or recipe.serve
     host = ModelHost(run_dir, checkpoint or cfg.checkpoint, device=device,
                      batch_rows=cfg.max_concurrent if cfg.batching else 0)
-    return create_app(host, cfg, recipe.generate)
+    return create_app(host, cfg, recipe.generate, AnswerSettings.of(recipe))
 
 
 def serve(run_dir: str | Path, checkpoint: str | None = None, host: str | None = None, port: int | None = None,

@@ -73,6 +73,10 @@ async function loadInfo() {
     ["checkpoint", info.active], ["parameters", m.parameters.toLocaleString()], ["layers", m.n_layer],
     ["heads", m.n_head], ["n_embd", m.n_embd], ["block", m.block_size], ["vocab", m.vocab_size],
   ]);
+  if (!state.answerStyleSet) {  // the run's eval.decoding, once: a later checkpoint switch keeps the user's choice
+    $("answer-style").value = info.answering && info.answering.decoding === "span" ? "span" : "sample";
+    state.answerStyleSet = true;
+  }
   const mt = $("max_tokens");
   mt.max = info.limits.max_tokens;
   if (+mt.value > info.limits.max_tokens) mt.value = info.limits.max_tokens;
@@ -133,6 +137,7 @@ function requestBody() {
     body.messages = [{ role: "user", content: $("question").value }];
     const ctx = $("context").value.trim();
     if (ctx) body.context = ctx;
+    if (ctx && $("answer-style").value === "span") body.decoding = "span";  // without a context: generated
   } else {
     body.prompt = $("prompt").value;
   }
