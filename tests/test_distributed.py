@@ -124,17 +124,41 @@ def test_two_processes_follow_the_single_process_loss(mode, single, two_ranks):
 
 @pytest.mark.slow
 def test_sharded_checkpoint_resumes_in_one_process(single, two_ranks, tmp_path):
-    """FSDP (2 ranks) -> resume on 1 process gives the same continuation as a 1-process run resumed."""
-    run, ref = tmp_path / "fsdp", tmp_path / "single"
+    """FSDP (2 ranks) writes the optimizer state sharded (one DCP file per rank, nothing gathered); resumed
+    on 1 process, and again on 2, it gives the same continuation as a 1-process run resumed."""
+    last = two_ranks("fsdp") / "checkpoints" / "last"
+    assert read_state(last)["optimizer_format"] == "sharded"
+    shards = sorted(f.name for f in (last / "optimizer").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards
+    assert "optimizer" not in read_state(last)["trainer"]  # not also gathered into trainer.safetensors
+    assert read_state(single / "checkpoints" / "last")["optimizer_format"] == "full"
+    run, again, ref = tmp_path / "fsdp", tmp_path / "fsdp-again", tmp_path / "single"
     shutil.copytree(two_ranks("fsdp"), run)
+    shutil.copytree(two_ranks("fsdp"), again)
     shutil.copytree(single, ref)
     more = [*STEPS, "--pretrain.max_steps=8"]
     lmforge(["pretrain", "--resume", "--run-dir", str(run), *more])  # config says fsdp: runs in one process
+    lmforge(["pretrain", "--resume", "--distributed", "fsdp", "--run-dir", str(again), *more], nproc=2)
     lmforge(["pretrain", "--resume", "--run-dir", str(ref), *more])
-    ours, theirs = losses(run), losses(ref)
-    assert [s for s, k, _ in ours if k == "train"][-2:] == [7, 8]
-    for (step, split, a), (_, _, b) in zip(ours, theirs, strict=True):
-        assert a == pytest.approx(b, rel=1e-5), (step, split)
+    theirs = losses(ref)
+    for ours in (losses(run), losses(again)):
+        assert [s for s, k, _ in ours if k == "train"][-2:] == [7, 8]
+        for (step, split, a), (_, _, b) in zip(ours, theirs, strict=True):
+            assert a == pytest.approx(b, rel=1e-5), (step, split)
+
+
+@pytest.mark.slow
+def test_missing_optimizer_shards_are_one_clear_line(two_ranks, tmp_path, capsys):
+    run = tmp_path / "fsdp"
+    shutil.copytree(two_ranks("fsdp"), run)
+    (run / "checkpoints" / "last" / "optimizer" / "__1_0.distcp").unlink()
+    before = (run / "checkpoints" / "last" / "model.safetensors").read_bytes()
+    assert main(["pretrain", "--resume", "--run-dir", str(run), *STEPS, "--pretrain.max_steps=8"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("lmforge: error:")]
+    assert len(errors) == 1 and "cannot read the optimizer shards (FileNotFoundError" in errors[0], err
+    assert "__1_0.distcp" in errors[0] and "Traceback" not in err
+    assert (run / "checkpoints" / "last" / "model.safetensors").read_bytes() == before  # left as it was
 
 
 def test_distributed_without_torchrun_is_a_one_line_error(capsys, tmp_path, monkeypatch):

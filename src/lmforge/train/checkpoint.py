@@ -3,6 +3,8 @@
 A checkpoint directory `checkpoints/<name>/` holds
   model.safetensors    the weights (the tied output matrix is stored once, as the embedding)
   trainer.safetensors  optimizer moments, RNG states and tensor-valued data positions (resume only)
+  optimizer/           instead of the moments in trainer.safetensors, under FSDP: the optimizer state as
+                       torch.distributed.checkpoint shards, one file per rank (resume only, any world size)
   state.json           stage, step, tokens, model config, optimizer hyper-parameters, data position,
                        early-stopping state
 The directory is written under a staging name and swapped into place, so a crash mid-write leaves
@@ -27,6 +29,7 @@ from lmforge.io import atomic_write_json, existing_dir, replace_dir
 from lmforge.model import GPT, GPTConfig
 
 TIED_KEY = "lm_head.weight"
+SHARDED_OPTIMIZER = "optimizer"  # the directory of a checkpoint's optimizer shards (FSDP)
 
 
 def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -87,11 +90,12 @@ def _remove_dead_staging(path: Path) -> None:
 
 
 def save_checkpoint(path: Path, model: GPT, state: dict[str, Any], trainer: dict[str, Any] | None = None,
-                    weights: dict[str, torch.Tensor] | None = None) -> None:
+                    weights: dict[str, torch.Tensor] | None = None, sharded_optimizer: Path | None = None) -> None:
     """Write checkpoint `path` atomically. `state` must be JSON-able apart from tensors inside `trainer`.
 
     `weights` are the model's full weights when they were gathered elsewhere (FSDP shards); by default
-    they are read from `model`.
+    they are read from `model`. `sharded_optimizer`: a directory of optimizer shards the ranks wrote
+    (Optimizers.save_sharded); it moves into the checkpoint as `optimizer/`, published with the rest.
     """
     _remove_dead_staging(path)
     staging = path.with_name(f".staging-{path.name}-{os.getpid()}")
@@ -109,10 +113,13 @@ def save_checkpoint(path: Path, model: GPT, state: dict[str, Any], trainer: dict
             tensors: dict[str, torch.Tensor] = {}
             full_state["trainer"] = _split_tensors(trainer, "trainer", tensors)
             save_file(tensors, staging / "trainer.safetensors")
+        if sharded_optimizer is not None:
+            sharded_optimizer.rename(staging / SHARDED_OPTIMIZER)
         atomic_write_json(staging / "state.json", full_state)
-        for f in staging.iterdir():  # make the data durable before the rename publishes it
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in staging.rglob("*"):  # make the data durable before the rename publishes it
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         replace_dir(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

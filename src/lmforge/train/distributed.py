@@ -4,8 +4,10 @@ The same recipe runs on one process or many: `torchrun --nproc-per-node N -m lmf
 --distributed ddp|fsdp ...`. The recipe's `batch_size` stays the *global* batch: every rank draws the
 same global batch from the same data stream and trains on its own rows of it, so N processes follow the
 loss trajectory of one process with the same recipe, and the data position in a checkpoint is valid
-for any world size. Only rank 0 writes metrics, plots and checkpoints; checkpoints hold full
-(unsharded) weights and optimizer state, so they load in any world size, a single process included.
+for any world size. Only rank 0 writes metrics, plots and checkpoints' weights (full, gathered: what
+evaluation, serving and export read); under FSDP the optimizer state (two thirds of a checkpoint) is
+written sharded, each rank its own shards, with torch.distributed.checkpoint. Checkpoints load in any
+world size, a single process included.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -180,6 +184,15 @@ class Parallel:
         if self.mode != "fsdp":
             return None
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def fresh_shared_dir(self, path: Path) -> Path:
+        """An empty directory at `path` that every rank may write into (rank 0 clears it; all wait)."""
+        if self.is_main:
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+        if self.active:
+            dist.barrier()
+        return path
 
     # ------------------------------------------------------------------ data and reductions
 

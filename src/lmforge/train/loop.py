@@ -26,6 +26,8 @@ from lmforge.errors import LmforgeError
 from lmforge.model import GPT
 from lmforge.rundir import RunDir
 from lmforge.train.checkpoint import (
+    SHARDED_OPTIMIZER,
+    checkpoint_dir,
     keep_recent,
     load_trainer_state,
     load_weights,
@@ -208,7 +210,10 @@ def train_stage(
                                f"{stage}.optimizer = '{cfg.optimizer}' (resume with the same optimizer)")
         trainer = load_trainer_state(last_ckpt, state)
         try:
-            optimizer.load_state_dict(trainer["optimizer"])
+            if state.get("optimizer_format") == "sharded":
+                optimizer.load_sharded(checkpoint_dir(last_ckpt) / SHARDED_OPTIMIZER)
+            else:
+                optimizer.load_state_dict(trainer["optimizer"])
             set_rng_state(trainer["rng"])
             train_data.load_state_dict(trainer["data"])
             step, tokens = state["step"], state["tokens"]
@@ -229,17 +234,22 @@ def train_stage(
         metrics.log({"event": f"{stage}_start", "stage": stage, "step": 0, "label": f"{stage} start"})
 
     def checkpoint(name: str, with_trainer: bool) -> None:
-        # gathering full weights / optimizer state is collective under FSDP: every rank takes part
+        # gathering full weights and writing optimizer shards are collective under FSDP: every rank takes part
         weights = parallel.full_state_dict(model)
-        trainer = None
+        trainer, shards = None, None
         if with_trainer:
-            trainer = {"optimizer": optimizer.state_dict(), "rng": rng_state(), "data": train_data.state_dict()}
+            trainer = {"rng": rng_state(), "data": train_data.state_dict()}
+            if parallel.mode == "fsdp":  # each rank writes its own optimizer shards: nothing is gathered
+                shards = parallel.fresh_shared_dir(run.checkpoints / f".optimizer-{name}")
+                optimizer.save_sharded(shards)
+            else:
+                trainer["optimizer"] = optimizer.state_dict()
         if not parallel.is_main:  # rank 0 alone writes the run directory
             return
         state = {"stage": stage, "step": step, "tokens": tokens, "best_val_loss": best, "bad_evals": bad_evals,
                  "total_steps": total_steps, "val_loss": last_val, "control": control.overrides,
-                 "optimizer": cfg.optimizer}
-        save_checkpoint(run.checkpoint(name), model, state, trainer, weights=weights)
+                 "optimizer": cfg.optimizer, "optimizer_format": "sharded" if shards else "full"}
+        save_checkpoint(run.checkpoint(name), model, state, trainer, weights=weights, sharded_optimizer=shards)
         if with_trainer:  # ranks read the same stream in step: one deleter is enough
             _data_hook(train_data, "checkpoint_saved")  # e.g. shards consumed before this point may go
         if name == "last":

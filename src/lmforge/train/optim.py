@@ -4,13 +4,15 @@ Muon (torch.optim.Muon) orthogonalizes the momentum of 2-D weight matrices; it i
 layers only, so, as in modded-nanogpt and nanochat, the embedding (tied to the output), the norms and
 anything not 2-D stay with AdamW. Both optimizers are stepped together behind one small object.
 
-Optimizer state is saved keyed by parameter name (torch.distributed.checkpoint's state-dict helpers,
-which also gather FSDP shards), so a checkpoint written by one process loads in any world size and the
-other way round.
+Optimizer state is saved keyed by parameter name (torch.distributed.checkpoint's state-dict helpers), so
+a checkpoint written in one world size loads in any other. One process (and DDP) saves it whole; FSDP
+saves it sharded, each rank its own shards (save_sharded), which DCP reshards when it is loaded.
 """
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,6 +74,31 @@ class Optimizers:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_optimizer_state_dict(self.model, self.optimizers, options=options)
         return {"kind": self.kind, **state}
+
+    def save_sharded(self, path: Path) -> None:
+        """Write the state with torch.distributed.checkpoint (DCP): under FSDP each rank writes its own
+        shards, nothing is gathered; collective (call on every rank). Loads in any world size."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"optimizer": get_optimizer_state_dict(self.model, self.optimizers)}, checkpoint_id=str(path))
+
+    def load_sharded(self, path: Path) -> None:
+        """Read state written by save_sharded, in this process's world size (one process included): DCP
+        reshards it to this model's (sharded or whole) parameters."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizers)}  # allocated, to be filled
+        try:
+            with warnings.catch_warnings():  # one process without a process group is what we mean here
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, checkpoint_id=str(path))
+        except (CheckpointException, OSError, RuntimeError, ValueError) as exc:  # missing or foreign shards
+            if isinstance(exc, CheckpointException) and exc.failures:  # a rank's own error, not the wrapper's
+                exc = next(iter(exc.failures.values()))[0]
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            raise LmforgeError(f"{path}: cannot read the optimizer shards ({type(exc).__name__}: {reason})") from None
+        set_optimizer_state_dict(self.model, self.optimizers, state["optimizer"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)
