@@ -196,6 +196,7 @@ def test_control_cli_writes_merges_and_validates(tmp_path, capsys):
 @pytest.mark.parametrize("argv", [
     ["control", "{d}", "--lr", "1e-4"], ["stop", "{d}"], ["plot", "{d}"],
     ["resize-vocab", "{d}", "--vocab-size", "600"], ["run", "--resume", "--run-dir", "{d}"],
+    ["eval", "--run-dir", "{d}"],
 ])
 def test_a_directory_that_is_not_a_run_is_one_clear_line(tmp_path, capsys, argv):
     (tmp_path / "notes.txt").write_text("not a run")

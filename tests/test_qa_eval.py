@@ -222,11 +222,13 @@ def test_eval_cli_span_decoding_uses_the_answer_window(copy_run, data_dir):
     from lmforge.data.sources import iter_qa_examples
 
     run = copy_run()
+    config = (run / "config.toml").read_text()
     assert main(["eval", "--run-dir", str(run), "--data-dir", str(data_dir), "--eval.squad_questions=8",
                  "--eval.decoding=span", "--eval.context_tokens=32", "--qa.context_tokens=96",
                  "--eval.long_context=best_match"]) == 0
     squad = json.loads((run / "eval" / "report.json").read_text())["squad"]
     assert squad["n"] == 8 and squad["decoding"]["strategy"] == "span" and squad["context_tokens"] == 32
+    assert (run / "config.toml").read_text() == config  # the overrides were this evaluation's, not the run's
     contexts = {ex.id: ex.context for ex in iter_qa_examples(
         SourceConfig(name="dev", local="squad/dev-v1.1.json", format="squad"), data_dir)}
     assert all(row["prediction"] and row["prediction"] in contexts[row["id"]] for row in squad["examples"])

@@ -151,8 +151,12 @@ def cmd_eval(args, overrides) -> int:
     if args.compare:
         print(compare_table([load_report(r) for r in args.compare]), end="")
         return 0
+    if not args.run_dir:
+        raise LmforgeError("--run-dir is required")
+    # the run's config.toml records how it was trained; eval's overrides are this evaluation's alone (its
+    # report records them), so that a later `generate --question` or eval still follows the run's settings
+    run = _run_dir(args.run_dir)
     recipe = load_recipe_for(args, overrides)
-    run = _stage_run(args, recipe)
     report = eval_stage(recipe, run, args.data_dir, args.checkpoint)
     _print_report(report)
     print(f"report: {run.eval / 'report.md'}")
