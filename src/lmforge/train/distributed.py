@@ -241,11 +241,12 @@ class Parallel:
         return changes if self.is_main else control.restore(values)
 
 
-def clip_grad_norm(params, max_norm: float) -> float:
-    """Clip the global gradient norm; works on plain and on FSDP2-sharded (DTensor) gradients."""
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm; works on plain and on FSDP2-sharded (DTensor) gradients. Returns the
+    norm before clipping as a tensor on the device (reading it waits for the device: do so when logging)."""
     from torch.distributed.tensor import DTensor
 
     norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
-    return float(norm)
+    return norm.detach()

@@ -295,7 +295,7 @@ def train_stage(
                     val_batches = val_data.fixed_batches(cfg.eval_batches)
                 lr = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
                 optimizer.set_lr(cfg, lr / cfg.lr)
-                loss_sum = 0.0
+                loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per micro-step
                 for micro in range(cfg.grad_accum):
                     x, y = parallel.local_rows(train_data.next_batch())
                     scored, sparse = scored_positions(y)
@@ -304,7 +304,7 @@ def train_stage(
                     with parallel.grad_sync(model, micro == cfg.grad_accum - 1), autocast(device, dtype):
                         loss = batch_loss(engine, x, y, sparse) / cfg.grad_accum
                     loss.backward()
-                    loss_sum += float(loss.detach())
+                    loss_sum += loss.detach()
                     tokens += x.numel() * parallel.world_size
                     window_tokens += x.numel() * parallel.world_size
                     window_outputs += outputs * parallel.world_size
@@ -314,7 +314,7 @@ def train_stage(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                loss_sum = parallel.mean(loss_sum)
+                loss_sum = parallel.mean(float(loss_sum))  # the step's one wait for the device
                 for event in _data_hook(train_data, "pop_events") or []:  # e.g. a data phase change
                     metrics.log({"stage": stage, "step": step, **event})
                 if not math.isfinite(loss_sum):
@@ -328,7 +328,7 @@ def train_stage(
                     if mfu is not None:
                         record["mfu"] = round(mfu, 4)
                     if grad_norm is not None:
-                        record["grad_norm"] = grad_norm
+                        record["grad_norm"] = float(grad_norm)
                     metrics.log(record)
                     bar.set_postfix(loss=f"{loss_sum:.3f}", val=f"{last_val:.3f}", lr=f"{lr:.1e}",
                                     tok_s=f"{tok_s:,.0f}", **({"mfu": f"{mfu:.0%}"} if mfu is not None else {}))
