@@ -171,12 +171,11 @@ def best_span(model: GPT, prompt: list[int], passage: list[int], starts: Sequenc
     lengths = torch.arange(1, width + 1, device=device)
     may_end = torch.zeros(len(passage) + width + 1, dtype=torch.bool, device=device)
     may_end[[e for e in ends if 0 < e <= len(passage)]] = True
+    # row s of the batch is passage[s : s + width], then stop tokens: gathered on the device in one go
+    padded = torch.tensor(list(passage) + [stop_id] * width, dtype=torch.long, device=device)
     for at in range(0, len(starts), max_rows):
         rows = list(starts[at : at + max_rows])
-        spans = torch.full((len(rows), width), stop_id, dtype=torch.long, device=device)
-        for r, s in enumerate(rows):
-            piece = passage[s : s + width]
-            spans[r, : len(piece)] = torch.tensor(piece, dtype=torch.long)
+        spans = padded[torch.tensor(rows, device=device)[:, None] + torch.arange(width, device=device)]
         logp = model(spans, cache=cache.repeat(len(rows))).float().log_softmax(-1)  # (rows, width, vocab)
         token_lp = torch.cat([first[spans[:, :1]], logp[:, :-1].gather(-1, spans[:, 1:, None]).squeeze(-1)], 1)
         # column j: the first j+1 tokens of the span, then the stop token
