@@ -161,17 +161,26 @@ def test_best_span_is_the_brute_force_best(tiny_run):
     passage = tok.encode(" The little dog ran to the big red barn and hid.")
     starts, ends, width = [0, 2, 3, 5, 9], [1, 3, 4, 6, 7, len(passage)], 4
 
-    def mean_logprob(span: list[int]) -> float:
-        seq = prompt + span + [tok.eot_id]
+    def mean_logprob(span: list[int], before: list[int] = prompt) -> float:
+        seq = before + span + [tok.eot_id]
         with torch.no_grad():
             logp = model(torch.tensor([seq])).log_softmax(-1)[0]
         targets = torch.tensor(span + [tok.eot_id])
-        return float(logp[len(prompt) - 1 : len(seq) - 1].gather(-1, targets[:, None]).mean())
+        return float(logp[len(before) - 1 : len(seq) - 1].gather(-1, targets[:, None]).mean())
 
     scored = {(s, e): mean_logprob(passage[s:e]) for s in starts for e in ends if 0 < e - s <= width}
     (s, e), expected = max(scored.items(), key=lambda item: item[1])
     for max_rows in (256, 2):  # one batch, and starts split over several batches
         span, score = best_span(model, prompt, passage, starts, ends, width, tok.eot_id, max_rows=max_rows)
+        assert span == passage[s:e]
+        assert score == pytest.approx(expected, abs=1e-4)
+    # calibrated: minus w x the span's score after another prompt (the question left out)
+    baseline = tok.encode("Once upon a time") + [tok.question_id]
+    calibrated = {k: v - 0.7 * mean_logprob(passage[k[0]:k[1]], baseline) for k, v in scored.items()}
+    (s, e), expected = max(calibrated.items(), key=lambda item: item[1])
+    for max_rows in (256, 2):
+        span, score = best_span(model, prompt, passage, starts, ends, width, tok.eot_id, max_rows=max_rows,
+                                baseline=baseline, baseline_weight=0.7)
         assert span == passage[s:e]
         assert score == pytest.approx(expected, abs=1e-4)
     # spans end only where allowed: with a single end, every answer stops there
@@ -225,9 +234,10 @@ def test_eval_cli_span_decoding_uses_the_answer_window(copy_run, data_dir):
     config = (run / "config.toml").read_text()
     assert main(["eval", "--run-dir", str(run), "--data-dir", str(data_dir), "--eval.squad_questions=8",
                  "--eval.decoding=span", "--eval.context_tokens=32", "--qa.context_tokens=96",
-                 "--eval.long_context=best_match"]) == 0
+                 "--eval.long_context=best_match", "--eval.span_calibration=0.5"]) == 0
     squad = json.loads((run / "eval" / "report.json").read_text())["squad"]
     assert squad["n"] == 8 and squad["decoding"]["strategy"] == "span" and squad["context_tokens"] == 32
+    assert squad["decoding"]["span_calibration"] == 0.5
     assert (run / "config.toml").read_text() == config  # the overrides were this evaluation's, not the run's
     contexts = {ex.id: ex.context for ex in iter_qa_examples(
         SourceConfig(name="dev", local="squad/dev-v1.1.json", format="squad"), data_dir)}
@@ -240,6 +250,9 @@ def test_span_decoding_is_validated():
         tiny_recipe(**{"eval.decoding": "beam"})
     with pytest.raises(ConfigError, match="needs qa.mode"):
         tiny_recipe(**{"eval.decoding": "span", "qa.mode": "closed_book"})
+    assert tiny_recipe(**{"eval.span_calibration": "0.5"}).eval.span_calibration == 0.5
+    with pytest.raises(ConfigError, match="eval.span_calibration"):
+        tiny_recipe(**{"eval.span_calibration": "-0.5"})
     recipe = tiny_recipe(**{"qa.context_tokens": "96"})
     assert recipe.answer_context_tokens == 96  # 0: as in fine-tuning
     assert tiny_recipe(**{"qa.context_tokens": "96", "eval.context_tokens": "32"}).answer_context_tokens == 32

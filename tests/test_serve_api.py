@@ -26,7 +26,8 @@ QUESTION = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def server(tiny_run):
-    with ServerThread(build_app(tiny_run)) as url:
+    # span answers calibrated by their no-question score (eval.span_calibration): the server must follow it
+    with ServerThread(build_app(tiny_run, overrides={"eval.span_calibration": "1.0"})) as url:
         yield url
 
 
@@ -136,14 +137,15 @@ def test_span_answers_are_those_of_eval_and_need_a_context(client, tiny_run):
     (the run's eval settings), whole in one piece; streamed or not; refused in one line without a context."""
     from lmforge.config import load_recipe
 
-    recipe = load_recipe(tiny_run / "config.toml")
+    recipe = load_recipe(tiny_run / "config.toml", {"eval.span_calibration": "1.0"})
     model, tok = load(tiny_run, "best")
     expected = answer_question(model, tok, QUESTION, CONTEXT, max_new_tokens=recipe.eval.max_new_tokens,
-                               context_tokens=recipe.answer_context_tokens, decoding="span")
+                               context_tokens=recipe.answer_context_tokens, decoding="span",
+                               span_calibration=recipe.eval.span_calibration)
     assert expected and expected in CONTEXT
     info = client.get("/api/info").json()["answering"]
     assert info == {"decoding": recipe.eval.decoding, "max_new_tokens": recipe.eval.max_new_tokens,
-                    "context_tokens": recipe.answer_context_tokens}
+                    "context_tokens": recipe.answer_context_tokens, "span_calibration": recipe.eval.span_calibration}
     body = {"decoding": "span", "context": CONTEXT, "messages": [{"role": "user", "content": QUESTION}]}
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text

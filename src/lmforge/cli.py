@@ -178,8 +178,9 @@ def cmd_generate(args, overrides) -> int:
         recipe = load_recipe(run_recipe) if run_recipe.is_file() else None
         context_tokens = recipe.answer_context_tokens if recipe else 0
         decoding = recipe.eval.decoding if recipe else "greedy"
+        calibration = recipe.eval.span_calibration if recipe else 0.0
         print(answer_question(model, tok, args.question, args.context, args.max_new_tokens, context_tokens,
-                              decoding))
+                              decoding, calibration))
         return 0
     if not args.prompt:
         raise LmforgeError("give a PROMPT, or --question (with optional --context)")

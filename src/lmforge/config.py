@@ -146,6 +146,9 @@ class EvalConfig:
     # cap on passage tokens when answering (0: qa.context_tokens, as in fine-tuning); a smaller window around
     # the question's words leaves fewer wrong spans to choose from
     context_tokens: int = 0
+    # span decoding: subtract this times each span's score without the question (0 = off), so that spans the
+    # model likes whatever is asked lose to those this question makes likely (costs a second scoring pass)
+    span_calibration: float = 0.0
 
 
 @dataclass
@@ -349,6 +352,7 @@ def validate(recipe: Recipe) -> Recipe:
            "must be 'truncate', 'best_match' or 'sliding_window'")
     _check(recipe.eval.decoding in ("greedy", "span"), "eval.decoding", "must be 'greedy' or 'span'")
     _check(recipe.eval.context_tokens >= 0, "eval.context_tokens", "must be >= 0 (0 = qa.context_tokens)")
+    _check(0 <= recipe.eval.span_calibration <= 2, "eval.span_calibration", "must be in [0, 2] (0 = off)")
     _check(recipe.eval.decoding != "span" or recipe.qa.mode == "context", "eval.decoding",
            "'span' picks a span of the passage, so it needs qa.mode = 'context'")
     g = recipe.generate

@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.data.qa import EncodedQA, context_windows, encode_for_inference, prompt_passage, word_bounds
+from lmforge.data.qa import (
+    EncodedQA,
+    context_windows,
+    encode_for_inference,
+    prompt_passage,
+    without_question,
+    word_bounds,
+)
 from lmforge.data.sources import QAExample
 from lmforge.errors import LmforgeError
 from lmforge.generate import best_span, greedy_batch_scored
@@ -144,22 +151,26 @@ def greedy_answers(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, li
         yield from ((qid, out, score) for (qid, _), out, score in zip(chunk, outputs, scores, strict=True))
 
 
-def span_answer(model: GPT, tokenizer: Tokenizer, prompt: list[int], max_tokens: int) -> tuple[list[int], float]:
-    """The likeliest span of a with-context prompt's passage, and its mean token log-probability."""
+def span_answer(model: GPT, tokenizer: Tokenizer, prompt: list[int], max_tokens: int,
+                calibration: float = 0.0) -> tuple[list[int], float]:
+    """The likeliest span of a with-context prompt's passage, and its score: the mean token log-probability,
+    minus `calibration` x that of the same span without the question (eval.span_calibration; 0 = off)."""
     passage = prompt_passage(tokenizer, prompt)
-    return best_span(model, prompt, passage, *word_bounds(tokenizer, passage), max_tokens, tokenizer.eot_id)
+    baseline = without_question(tokenizer, prompt) if calibration else None
+    return best_span(model, prompt, passage, *word_bounds(tokenizer, passage), max_tokens, tokenizer.eot_id,
+                     baseline=baseline, baseline_weight=calibration)
 
 
 def span_answers(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, list[int]]],
-                 max_tokens: int) -> Iterator[tuple[str, list[int], float]]:
-    """(question id, answer ids, mean token log-probability) per prompt (see span_answer)."""
+                 max_tokens: int, calibration: float = 0.0) -> Iterator[tuple[str, list[int], float]]:
+    """(question id, answer ids, score) per prompt (see span_answer)."""
     for qid, ids in prompts:
-        yield qid, *span_answer(model, tokenizer, ids, max_tokens)
+        yield qid, *span_answer(model, tokenizer, ids, max_tokens, calibration)
 
 
 def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode: str, max_new_tokens: int,
                     batch_size: int, long_context: str = "truncate", context_tokens: int = 0,
-                    decoding: str = "greedy") -> tuple[dict[str, str], int, int]:
+                    decoding: str = "greedy", span_calibration: float = 0.0) -> tuple[dict[str, str], int, int]:
     """An answer for every example; returns (predictions by id, #skipped, #contexts too long).
 
     Prompts are built as in fine-tuning; `decoding` is a key of DECODING. Where a question has several
@@ -181,7 +192,7 @@ def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample],
         too_long += encs[0].context_truncated
         prompts.extend((ex.id, enc.ids) for enc in encs)
     if decoding == "span":
-        answers = span_answers(model, tokenizer, prompts, max_new_tokens)
+        answers = span_answers(model, tokenizer, prompts, max_new_tokens, span_calibration)
     else:
         answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
     for qid, out, score in answers:
@@ -193,10 +204,10 @@ def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample],
 
 def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode: str, max_new_tokens: int,
                batch_size: int, n_examples: int, long_context: str = "truncate", context_tokens: int = 0,
-               decoding: str = "greedy") -> dict:
+               decoding: str = "greedy", span_calibration: float = 0.0) -> dict:
     start = time.time()
     predictions, skipped, too_long = predict_answers(model, tokenizer, examples, mode, max_new_tokens, batch_size,
-                                                     long_context, context_tokens, decoding)
+                                                     long_context, context_tokens, decoding, span_calibration)
     elapsed = max(time.time() - start, 1e-9)
     scores = squad_scores(predictions, examples)
     listed = []
@@ -217,7 +228,8 @@ def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode
         "questions_per_s": len(examples) / elapsed,
         "decoding": {"strategy": decoding, "description": DECODING[decoding], "max_new_tokens": max_new_tokens,
                      "batch_size": batch_size, "kv_cache": True,
-                     "padding": "left" if decoding == "greedy" else "none (one prompt, a batch of its spans)"},
+                     "padding": "left" if decoding == "greedy" else "none (one prompt, a batch of its spans)",
+                     **({"span_calibration": span_calibration} if decoding == "span" else {})},
         "examples": listed,
     }
 

@@ -152,40 +152,61 @@ def greedy_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop
 
 @torch.inference_mode()
 def best_span(model: GPT, prompt: list[int], passage: list[int], starts: Sequence[int], ends: Sequence[int],
-              max_tokens: int, stop_id: int, max_rows: int = 256) -> tuple[list[int], float]:
+              max_tokens: int, stop_id: int, max_rows: int = 256, baseline: list[int] | None = None,
+              baseline_weight: float = 0.0) -> tuple[list[int], float]:
     """Extractive decoding: of the spans passage[s:e] with s in `starts`, e in `ends` and at most
     `max_tokens` tokens, the one the model likes best as the continuation of `prompt`, and its score.
 
     The score is the mean log-probability per token of the span followed by `stop_id`, as in
-    greedy_batch_scored, so answers from different windows compare. The prompt runs once; the spans then
-    run as one batch (up to `max_rows` rows) on copies of its KV cache, one row per start.
+    greedy_batch_scored, so answers from different windows compare. With a `baseline` prompt (the same
+    passage without the question) and a `baseline_weight` w, the score is mean(prompt) - w * mean(baseline):
+    spans the model likes whatever the question is asked lose to those this question makes likely
+    (PMI-style calibration, as in Holtzman et al. 2021, "Surface form competition").
+    Each prompt runs once; the spans then run as one batch (up to `max_rows` rows) on copies of its KV
+    cache, one row per start.
     """
     model.eval()
     device = model.tok_emb.weight.device
     width = min(max_tokens, model.cfg.block_size - len(prompt))
     if width <= 0 or not starts:
         return [], -math.inf
-    cache = model.new_cache(1, len(prompt) + width)
-    first = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[0, -1].float().log_softmax(-1)
-    best: tuple[list[int], float] = ([], -math.inf)
+    scorers = [_SpanScorer(model, prompt, width)]
+    if baseline is not None and baseline_weight:
+        scorers.append(_SpanScorer(model, baseline, width))
     lengths = torch.arange(1, width + 1, device=device)
     may_end = torch.zeros(len(passage) + width + 1, dtype=torch.bool, device=device)
     may_end[[e for e in ends if 0 < e <= len(passage)]] = True
     # row s of the batch is passage[s : s + width], then stop tokens: gathered on the device in one go
     padded = torch.tensor(list(passage) + [stop_id] * width, dtype=torch.long, device=device)
+    best: tuple[list[int], float] = ([], -math.inf)
     for at in range(0, len(starts), max_rows):
-        rows = list(starts[at : at + max_rows])
-        spans = padded[torch.tensor(rows, device=device)[:, None] + torch.arange(width, device=device)]
-        logp = model(spans, cache=cache.repeat(len(rows))).float().log_softmax(-1)  # (rows, width, vocab)
-        token_lp = torch.cat([first[spans[:, :1]], logp[:, :-1].gather(-1, spans[:, 1:, None]).squeeze(-1)], 1)
-        # column j: the first j+1 tokens of the span, then the stop token
-        mean = (token_lp.cumsum(1) + logp[..., stop_id]) / (lengths + 1)
-        mean = mean.masked_fill(~may_end[torch.tensor(rows, device=device)[:, None] + lengths[None]], -math.inf)
-        score, flat = mean.flatten().max(0)
-        if float(score) > best[1]:
+        rows = torch.tensor(list(starts[at : at + max_rows]), device=device)
+        spans = padded[rows[:, None] + torch.arange(width, device=device)]
+        score = scorers[0].mean_logprobs(spans, stop_id, lengths)
+        if len(scorers) > 1:
+            score = score - baseline_weight * scorers[1].mean_logprobs(spans, stop_id, lengths)
+        score = score.masked_fill(~may_end[rows[:, None] + lengths[None]], -math.inf)
+        top, flat = score.flatten().max(0)
+        if float(top) > best[1]:
             r, j = divmod(int(flat), width)
-            best = (list(passage[rows[r] : rows[r] + j + 1]), float(score))
+            best = (spans[r, : j + 1].tolist(), float(top))
     return best
+
+
+class _SpanScorer:
+    """A prompt run once, whose KV cache then scores batches of candidate continuations."""
+
+    def __init__(self, model: GPT, prompt: list[int], width: int):
+        self.model = model
+        self.cache = model.new_cache(1, len(prompt) + width)
+        ids = torch.tensor([prompt], device=model.tok_emb.weight.device)
+        self.first = model(ids, cache=self.cache, last_only=True)[0, -1].float().log_softmax(-1)
+
+    def mean_logprobs(self, spans: torch.Tensor, stop_id: int, lengths: torch.Tensor) -> torch.Tensor:
+        """(rows, width): column j is the mean log-probability of a row's first j+1 tokens, then `stop_id`."""
+        logp = self.model(spans, cache=self.cache.repeat(len(spans))).float().log_softmax(-1)  # (rows, width, vocab)
+        token_lp = torch.cat([self.first[spans[:, :1]], logp[:, :-1].gather(-1, spans[:, 1:, None]).squeeze(-1)], 1)
+        return (token_lp.cumsum(1) + logp[..., stop_id]) / (lengths + 1)
 
 
 def _held_back(text: str, stop: list[str]) -> int:

@@ -272,7 +272,8 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
     report.update(text_metrics(model, val.fixed_batches(e.val_batches), tok.token_byte_lengths()))
     splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
     report["squad"] = squad_eval(model, tok, splits.eval, recipe.qa.mode, e.max_new_tokens, e.batch_size,
-                                 e.n_examples, e.long_context, recipe.answer_context_tokens, e.decoding)
+                                 e.n_examples, e.long_context, recipe.answer_context_tokens, e.decoding,
+                                 e.span_calibration)
     report["squad"]["invalid_skipped"] = splits.dropped_dev
     atomic_write_json(run.eval / "report.json", report)
     atomic_write_text(run.eval / "report.md", report_markdown(report))
@@ -281,14 +282,16 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
 
 
 def answer_question(model: GPT, tok: Tokenizer, question: str, context: str | None = None,
-                    max_new_tokens: int = 32, context_tokens: int = 0, decoding: str = "greedy") -> str:
+                    max_new_tokens: int = 32, context_tokens: int = 0, decoding: str = "greedy",
+                    span_calibration: float = 0.0) -> str:
     """The answer in the fine-tuning prompt format (a long context is cut to its best-matching window):
-    generated greedily, or with decoding="span" and a context, the passage span the model finds likeliest."""
+    generated greedily, or with decoding="span" and a context, the passage span the model finds likeliest
+    (calibrated by its score without the question: eval.span_calibration)."""
     enc = encode_for_inference(tok, question, context or None, model.cfg.block_size, max_new_tokens, context_tokens)
     if enc is None:
         raise LmforgeError("question is longer than the model's block size")
     if decoding == "span" and context:
-        return tok.decode(span_answer(model, tok, enc.ids, max_new_tokens)[0]).strip()
+        return tok.decode(span_answer(model, tok, enc.ids, max_new_tokens, span_calibration)[0]).strip()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids={tok.eot_id})
     return tok.decode(generate(model, enc.ids, params)).strip()
 
@@ -335,7 +338,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, data_dir: str 
     report["sample"] = {"question": recipe.sample_question, "context": context,
                         "answer": answer_question(model, tok, recipe.sample_question, context,
                                                   context_tokens=recipe.answer_context_tokens,
-                                                  decoding=recipe.eval.decoding)}
+                                                  decoding=recipe.eval.decoding,
+                                                  span_calibration=recipe.eval.span_calibration)}
     report["run_dir"] = str(run.root)
     return report
 

@@ -246,6 +246,12 @@ def prompt_passage(tokenizer: Tokenizer, prompt: Sequence[int]) -> list[int]:
     return list(prompt[1 : list(prompt).index(tokenizer.question_id)])
 
 
+def without_question(tokenizer: Tokenizer, prompt: Sequence[int]) -> list[int]:
+    """A with-context prompt with its question left out (passage, question marker, answer marker): what the
+    model expects as an answer from the passage alone, whatever is asked."""
+    return list(prompt[: list(prompt).index(tokenizer.question_id) + 1]) + [tokenizer.answer_id]
+
+
 def _char_class(ch: str) -> int:
     return 0 if ch.isalpha() else 1 if ch.isdigit() else 2
 

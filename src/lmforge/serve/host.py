@@ -53,10 +53,12 @@ class AnswerSettings:
     decoding: str = "greedy"  # the recipe's eval.decoding: the web page's default answer style
     max_new_tokens: int = 32  # longest span, in tokens
     context_tokens: int = 0  # passage window (0: as much as fits the block)
+    span_calibration: float = 0.0  # weight of the no-question score subtracted from each span's
 
     @classmethod
     def of(cls, recipe) -> AnswerSettings:
-        return cls(recipe.eval.decoding, recipe.eval.max_new_tokens, recipe.answer_context_tokens)
+        e = recipe.eval
+        return cls(e.decoding, e.max_new_tokens, recipe.answer_context_tokens, e.span_calibration)
 
 
 def qa_prompt_text(question: str, context: str | None) -> str:
@@ -166,7 +168,7 @@ class ModelHost:
                                    settings.context_tokens)
         if enc is None:
             raise RequestError(f"the question does not fit the model's {model.cfg.block_size}-token block", "messages")
-        ids, _ = span_answer(model, self.tokenizer, enc.ids, settings.max_new_tokens)
+        ids, _ = span_answer(model, self.tokenizer, enc.ids, settings.max_new_tokens, settings.span_calibration)
         return self.tokenizer.decode(ids).strip(), len(ids), len(enc.ids)
 
     # ----------------------------------------------------------------- generation
