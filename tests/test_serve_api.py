@@ -306,6 +306,26 @@ def test_attention_input_focus_and_limits(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "text"
 
 
+def test_live_tensors_leave_out_compile_fake_tensors():
+    """torch.compile leaves FakeTensors (shapes, no storage) on the heap: not memory, and reading their data
+    pointer warns; the memory report counts real tensors only."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lmforge.serve.memory import live_tensors
+
+    before = live_tensors()
+    with FakeTensorMode():
+        fakes = [torch.empty(1024, 1024) for _ in range(3)]  # noqa: F841 - alive during the count
+    real = torch.empty(256, 256)  # noqa: F841
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        after = live_tensors()
+    assert after["count"] == before["count"] + 1
+    assert 0 < after["bytes"] - before["bytes"] < 3 * 1024 * 1024 * 4
+
+
 def test_memory_report_and_free(client):
     mem = client.get("/api/memory").json()
     assert mem["process"]["rss_bytes"] > 0 and mem["system"]["total_bytes"] > 0

@@ -28,12 +28,15 @@ def model_stats(model: GPT) -> dict:
 
 def live_tensors() -> dict:
     """Count and size of the torch tensors the Python heap still references (weights included)."""
+    from torch._subclasses.fake_tensor import FakeTensor  # torch.compile's shape-only tensors: no memory
+
     count = size = 0
     seen: set[int] = set()
     for obj in gc.get_objects():
         try:
             # type() rather than isinstance(): isinstance reads __class__, which wakes deprecated module proxies
-            if issubclass(type(obj), torch.Tensor) and not obj.is_meta:
+            kind = type(obj)
+            if issubclass(kind, torch.Tensor) and not issubclass(kind, FakeTensor) and not obj.is_meta:
                 storage = obj.untyped_storage()
                 count += 1
                 if storage.data_ptr() not in seen:
