@@ -189,6 +189,31 @@ def test_best_span_is_the_brute_force_best(tiny_run):
     assert best_span(model, prompt, passage, [], ends, width, tok.eot_id) == ([], float("-inf"))
 
 
+def test_spans_made_of_question_words_are_passed_over(tiny_run):
+    """best_span's `accept` rules candidates out, best first; span_answer's skip_question_words uses it for
+    spans whose words (SQuAD-normalized: articles and punctuation dropped) all appear in the question."""
+    import lmforge
+    from lmforge.data.qa import build_prompt, prompt_passage, word_bounds
+    from lmforge.evaluate import SpanOptions, normalize_answer, span_answer
+    from lmforge.generate import best_span
+
+    model, tok = lmforge.load(tiny_run)
+    question = "Where did the little dog run?"
+    prompt, _ = build_prompt(tok, question, "The little dog ran to the big red barn and hid.", 100)
+    passage = prompt_passage(tok, prompt)
+    starts, ends = word_bounds(tok, passage)
+    plain, _ = best_span(model, prompt, passage, starts, ends, 6, tok.eot_id)
+    refused = []
+    chosen, _ = best_span(model, prompt, passage, starts, ends, 6, tok.eot_id, max_rows=2,
+                          accept=lambda span: refused.append(span) or span != plain)
+    assert chosen and chosen != plain and refused[0] == plain  # the best was asked first, then the next best
+    asked = set(normalize_answer(question).split())
+    answer = tok.decode(span_answer(model, tok, prompt, 6, SpanOptions(skip_question_words=True))[0])
+    assert answer.strip() and not set(normalize_answer(answer).split()) <= asked
+    with_words = [tok.decode(passage[s:e]) for s in starts for e in ends if 0 < e - s <= 6]
+    assert any(set(normalize_answer(t).split()) <= asked for t in with_words)  # there were such spans to skip
+
+
 def test_word_bounds_and_prompt_passage(tiny_run):
     import lmforge
     from lmforge.data.qa import build_prompt, prompt_passage, word_bounds
@@ -234,10 +259,11 @@ def test_eval_cli_span_decoding_uses_the_answer_window(copy_run, data_dir):
     config = (run / "config.toml").read_text()
     assert main(["eval", "--run-dir", str(run), "--data-dir", str(data_dir), "--eval.squad_questions=8",
                  "--eval.decoding=span", "--eval.context_tokens=32", "--qa.context_tokens=96",
-                 "--eval.long_context=best_match", "--eval.span_calibration=0.5"]) == 0
+                 "--eval.long_context=best_match", "--eval.span_calibration=0.5",
+                 "--eval.span_skip_question_words=true"]) == 0
     squad = json.loads((run / "eval" / "report.json").read_text())["squad"]
     assert squad["n"] == 8 and squad["decoding"]["strategy"] == "span" and squad["context_tokens"] == 32
-    assert squad["decoding"]["span_calibration"] == 0.5
+    assert squad["decoding"]["span_calibration"] == 0.5 and squad["decoding"]["skip_question_words"] is True
     assert (run / "config.toml").read_text() == config  # the overrides were this evaluation's, not the run's
     contexts = {ex.id: ex.context for ex in iter_qa_examples(
         SourceConfig(name="dev", local="squad/dev-v1.1.json", format="squad"), data_dir)}

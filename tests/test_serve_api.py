@@ -21,13 +21,14 @@ from lmforge.pipeline import answer_question, load
 from lmforge.serve import ServerThread, build_app
 
 CONTEXT = "Paris is the capital and most populous city of France."
+SPAN_SETTINGS = {"eval.span_calibration": "1.0", "eval.span_skip_question_words": "true"}
 QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
 def server(tiny_run):
-    # span answers calibrated by their no-question score (eval.span_calibration): the server must follow it
-    with ServerThread(build_app(tiny_run, overrides={"eval.span_calibration": "1.0"})) as url:
+    # span answers chosen as the run's eval.span_* settings say (here: calibrated, question words skipped)
+    with ServerThread(build_app(tiny_run, overrides=SPAN_SETTINGS)) as url:
         yield url
 
 
@@ -136,16 +137,18 @@ def test_span_answers_are_those_of_eval_and_need_a_context(client, tiny_run):
     """decoding "span": the context's likeliest span, made as `lmforge eval`/`generate --question` make it
     (the run's eval settings), whole in one piece; streamed or not; refused in one line without a context."""
     from lmforge.config import load_recipe
+    from lmforge.evaluate import SpanOptions
 
-    recipe = load_recipe(tiny_run / "config.toml", {"eval.span_calibration": "1.0"})
+    recipe = load_recipe(tiny_run / "config.toml", SPAN_SETTINGS)
     model, tok = load(tiny_run, "best")
     expected = answer_question(model, tok, QUESTION, CONTEXT, max_new_tokens=recipe.eval.max_new_tokens,
                                context_tokens=recipe.answer_context_tokens, decoding="span",
-                               span_calibration=recipe.eval.span_calibration)
+                               span=SpanOptions(1.0, True))
     assert expected and expected in CONTEXT
     info = client.get("/api/info").json()["answering"]
     assert info == {"decoding": recipe.eval.decoding, "max_new_tokens": recipe.eval.max_new_tokens,
-                    "context_tokens": recipe.answer_context_tokens, "span_calibration": recipe.eval.span_calibration}
+                    "context_tokens": recipe.answer_context_tokens,
+                    "span": {"calibration": 1.0, "skip_question_words": True}}
     body = {"decoding": "span", "context": CONTEXT, "messages": [{"role": "user", "content": QUESTION}]}
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text

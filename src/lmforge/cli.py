@@ -173,14 +173,15 @@ def cmd_generate(args, overrides) -> int:
     model, tok = load(args.run_dir, args.checkpoint)
     if args.question:
         from lmforge.config import load_recipe
+        from lmforge.evaluate import SpanOptions
 
         run_recipe = Path(args.run_dir) / "config.toml"
         recipe = load_recipe(run_recipe) if run_recipe.is_file() else None
         context_tokens = recipe.answer_context_tokens if recipe else 0
         decoding = recipe.eval.decoding if recipe else "greedy"
-        calibration = recipe.eval.span_calibration if recipe else 0.0
+        span = SpanOptions.of(recipe.eval) if recipe else SpanOptions()
         print(answer_question(model, tok, args.question, args.context, args.max_new_tokens, context_tokens,
-                              decoding, calibration))
+                              decoding, span))
         return 0
     if not args.prompt:
         raise LmforgeError("give a PROMPT, or --question (with optional --context)")

@@ -149,6 +149,8 @@ class EvalConfig:
     # span decoding: subtract this times each span's score without the question (0 = off), so that spans the
     # model likes whatever is asked lose to those this question makes likely (costs a second scoring pass)
     span_calibration: float = 0.0
+    # span decoding: a span made only of words of the question (SQuAD-normalized) is no answer; the next best is
+    span_skip_question_words: bool = False
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.config import EvalConfig
 from lmforge.data.qa import (
     EncodedQA,
     context_windows,
@@ -151,26 +152,45 @@ def greedy_answers(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, li
         yield from ((qid, out, score) for (qid, _), out, score in zip(chunk, outputs, scores, strict=True))
 
 
+@dataclass(frozen=True)
+class SpanOptions:
+    """How span decoding chooses among the passage's spans (the recipe's eval.span_* settings)."""
+
+    calibration: float = 0.0  # minus this x the span's score without the question (0 = off)
+    skip_question_words: bool = False  # a span made only of the question's words is no answer
+
+    @classmethod
+    def of(cls, e: EvalConfig) -> SpanOptions:
+        return cls(e.span_calibration, e.span_skip_question_words)
+
+
 def span_answer(model: GPT, tokenizer: Tokenizer, prompt: list[int], max_tokens: int,
-                calibration: float = 0.0) -> tuple[list[int], float]:
+                options: SpanOptions = SpanOptions()) -> tuple[list[int], float]:
     """The likeliest span of a with-context prompt's passage, and its score: the mean token log-probability,
-    minus `calibration` x that of the same span without the question (eval.span_calibration; 0 = off)."""
+    minus `options.calibration` x that of the same span without the question; with
+    `options.skip_question_words`, spans whose words (SQuAD-normalized) all appear in the question are
+    passed over (the question is read back from the prompt)."""
     passage = prompt_passage(tokenizer, prompt)
-    baseline = without_question(tokenizer, prompt) if calibration else None
+    baseline = without_question(tokenizer, prompt) if options.calibration else None
+    accept = None
+    if options.skip_question_words:
+        at = prompt.index(tokenizer.question_id)
+        asked = set(normalize_answer(tokenizer.decode(prompt[at + 1 : -1])).split())
+        accept = lambda span: not set(normalize_answer(tokenizer.decode(span)).split()) <= asked  # noqa: E731
     return best_span(model, prompt, passage, *word_bounds(tokenizer, passage), max_tokens, tokenizer.eot_id,
-                     baseline=baseline, baseline_weight=calibration)
+                     baseline=baseline, baseline_weight=options.calibration, accept=accept)
 
 
 def span_answers(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, list[int]]],
-                 max_tokens: int, calibration: float = 0.0) -> Iterator[tuple[str, list[int], float]]:
+                 max_tokens: int, options: SpanOptions = SpanOptions()) -> Iterator[tuple[str, list[int], float]]:
     """(question id, answer ids, score) per prompt (see span_answer)."""
     for qid, ids in prompts:
-        yield qid, *span_answer(model, tokenizer, ids, max_tokens, calibration)
+        yield qid, *span_answer(model, tokenizer, ids, max_tokens, options)
 
 
 def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode: str, max_new_tokens: int,
                     batch_size: int, long_context: str = "truncate", context_tokens: int = 0,
-                    decoding: str = "greedy", span_calibration: float = 0.0) -> tuple[dict[str, str], int, int]:
+                    decoding: str = "greedy", span: SpanOptions = SpanOptions()) -> tuple[dict[str, str], int, int]:
     """An answer for every example; returns (predictions by id, #skipped, #contexts too long).
 
     Prompts are built as in fine-tuning; `decoding` is a key of DECODING. Where a question has several
@@ -192,7 +212,7 @@ def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample],
         too_long += encs[0].context_truncated
         prompts.extend((ex.id, enc.ids) for enc in encs)
     if decoding == "span":
-        answers = span_answers(model, tokenizer, prompts, max_new_tokens, span_calibration)
+        answers = span_answers(model, tokenizer, prompts, max_new_tokens, span)
     else:
         answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
     for qid, out, score in answers:
@@ -204,10 +224,10 @@ def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample],
 
 def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode: str, max_new_tokens: int,
                batch_size: int, n_examples: int, long_context: str = "truncate", context_tokens: int = 0,
-               decoding: str = "greedy", span_calibration: float = 0.0) -> dict:
+               decoding: str = "greedy", span: SpanOptions = SpanOptions()) -> dict:
     start = time.time()
     predictions, skipped, too_long = predict_answers(model, tokenizer, examples, mode, max_new_tokens, batch_size,
-                                                     long_context, context_tokens, decoding, span_calibration)
+                                                     long_context, context_tokens, decoding, span)
     elapsed = max(time.time() - start, 1e-9)
     scores = squad_scores(predictions, examples)
     listed = []
@@ -229,7 +249,8 @@ def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode
         "decoding": {"strategy": decoding, "description": DECODING[decoding], "max_new_tokens": max_new_tokens,
                      "batch_size": batch_size, "kv_cache": True,
                      "padding": "left" if decoding == "greedy" else "none (one prompt, a batch of its spans)",
-                     **({"span_calibration": span_calibration} if decoding == "span" else {})},
+                     **({"span_calibration": span.calibration, "skip_question_words": span.skip_question_words}
+                        if decoding == "span" else {})},
         "examples": listed,
     }
 

@@ -153,7 +153,8 @@ def greedy_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop
 @torch.inference_mode()
 def best_span(model: GPT, prompt: list[int], passage: list[int], starts: Sequence[int], ends: Sequence[int],
               max_tokens: int, stop_id: int, max_rows: int = 256, baseline: list[int] | None = None,
-              baseline_weight: float = 0.0) -> tuple[list[int], float]:
+              baseline_weight: float = 0.0, accept: Callable[[list[int]], bool] | None = None
+              ) -> tuple[list[int], float]:
     """Extractive decoding: of the spans passage[s:e] with s in `starts`, e in `ends` and at most
     `max_tokens` tokens, the one the model likes best as the continuation of `prompt`, and its score.
 
@@ -161,7 +162,8 @@ def best_span(model: GPT, prompt: list[int], passage: list[int], starts: Sequenc
     greedy_batch_scored, so answers from different windows compare. With a `baseline` prompt (the same
     passage without the question) and a `baseline_weight` w, the score is mean(prompt) - w * mean(baseline):
     spans the model likes whatever the question is asked lose to those this question makes likely
-    (PMI-style calibration, as in Holtzman et al. 2021, "Surface form competition").
+    (PMI-style calibration, as in Holtzman et al. 2021, "Surface form competition"). `accept(span)`, when
+    given, rules candidates out (e.g. spans made only of the question's words): the best accepted one wins.
     Each prompt runs once; the spans then run as one batch (up to `max_rows` rows) on copies of its KV
     cache, one row per start.
     """
@@ -185,11 +187,17 @@ def best_span(model: GPT, prompt: list[int], passage: list[int], starts: Sequenc
         score = scorers[0].mean_logprobs(spans, stop_id, lengths)
         if len(scorers) > 1:
             score = score - baseline_weight * scorers[1].mean_logprobs(spans, stop_id, lengths)
-        score = score.masked_fill(~may_end[rows[:, None] + lengths[None]], -math.inf)
-        top, flat = score.flatten().max(0)
-        if float(top) > best[1]:
-            r, j = divmod(int(flat), width)
-            best = (spans[r, : j + 1].tolist(), float(top))
+        score = score.masked_fill(~may_end[rows[:, None] + lengths[None]], -math.inf).flatten()
+        ranked = score.argsort(descending=True).tolist() if accept else [int(score.argmax())]
+        for flat in ranked:  # best first: the first accepted candidate is this batch's best
+            top = float(score[flat])
+            if top <= best[1]:
+                break
+            r, j = divmod(flat, width)
+            span = spans[r, : j + 1].tolist()
+            if accept is None or accept(span):
+                best = (span, top)
+                break
     return best
 
 

@@ -23,7 +23,7 @@ from lmforge.data.qa import QABatcher, clean_examples, encode_examples, encode_f
 from lmforge.data.shards import load_manifest, prepare_shards, tokenizer_hash
 from lmforge.data.sources import QAExample, data_dir_from_env, iter_documents, iter_qa_examples
 from lmforge.errors import LmforgeError
-from lmforge.evaluate import report_markdown, span_answer, squad_eval, text_metrics
+from lmforge.evaluate import SpanOptions, report_markdown, span_answer, squad_eval, text_metrics
 from lmforge.generate import SamplingParams, generate
 from lmforge.io import atomic_write_json, atomic_write_text
 from lmforge.model import GPT, GPTConfig, build_model
@@ -273,7 +273,7 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
     splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
     report["squad"] = squad_eval(model, tok, splits.eval, recipe.qa.mode, e.max_new_tokens, e.batch_size,
                                  e.n_examples, e.long_context, recipe.answer_context_tokens, e.decoding,
-                                 e.span_calibration)
+                                 SpanOptions.of(e))
     report["squad"]["invalid_skipped"] = splits.dropped_dev
     atomic_write_json(run.eval / "report.json", report)
     atomic_write_text(run.eval / "report.md", report_markdown(report))
@@ -283,15 +283,15 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
 
 def answer_question(model: GPT, tok: Tokenizer, question: str, context: str | None = None,
                     max_new_tokens: int = 32, context_tokens: int = 0, decoding: str = "greedy",
-                    span_calibration: float = 0.0) -> str:
+                    span: SpanOptions | None = None) -> str:
     """The answer in the fine-tuning prompt format (a long context is cut to its best-matching window):
     generated greedily, or with decoding="span" and a context, the passage span the model finds likeliest
-    (calibrated by its score without the question: eval.span_calibration)."""
+    (chosen as `span` says: the recipe's eval.span_* settings)."""
     enc = encode_for_inference(tok, question, context or None, model.cfg.block_size, max_new_tokens, context_tokens)
     if enc is None:
         raise LmforgeError("question is longer than the model's block size")
     if decoding == "span" and context:
-        return tok.decode(span_answer(model, tok, enc.ids, max_new_tokens, span_calibration)[0]).strip()
+        return tok.decode(span_answer(model, tok, enc.ids, max_new_tokens, span or SpanOptions())[0]).strip()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids={tok.eot_id})
     return tok.decode(generate(model, enc.ids, params)).strip()
 
@@ -339,7 +339,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, data_dir: str 
                         "answer": answer_question(model, tok, recipe.sample_question, context,
                                                   context_tokens=recipe.answer_context_tokens,
                                                   decoding=recipe.eval.decoding,
-                                                  span_calibration=recipe.eval.span_calibration)}
+                                                  span=SpanOptions.of(recipe.eval))}
     report["run_dir"] = str(run.root)
     return report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def create_app(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig | Non
                            "max_attention_tokens": min(cfg.max_attention_tokens, m.cfg.block_size),
                            "max_concurrent": cfg.max_concurrent, "max_queue": cfg.max_queue},
                 "defaults": {k: v for k, v in defaults.__dict__.items() if k != "seed"},
-                "answering": answering.__dict__}
+                "answering": dataclasses.asdict(answering)}
 
     @app.post("/api/checkpoint")
     async def switch_checkpoint(req: CheckpointRequest):

@@ -26,7 +26,7 @@ from lmforge.attention import (
 )
 from lmforge.data.qa import build_prompt, encode_for_inference
 from lmforge.errors import LmforgeError
-from lmforge.evaluate import span_answer
+from lmforge.evaluate import SpanOptions, span_answer
 from lmforge.generate import SamplingParams, generate_stream, stream_text
 from lmforge.model import GPT
 from lmforge.pipeline import resolve_checkpoint
@@ -53,12 +53,12 @@ class AnswerSettings:
     decoding: str = "greedy"  # the recipe's eval.decoding: the web page's default answer style
     max_new_tokens: int = 32  # longest span, in tokens
     context_tokens: int = 0  # passage window (0: as much as fits the block)
-    span_calibration: float = 0.0  # weight of the no-question score subtracted from each span's
+    span: SpanOptions = SpanOptions()  # how a span is chosen (calibration, question words)
 
     @classmethod
     def of(cls, recipe) -> AnswerSettings:
         e = recipe.eval
-        return cls(e.decoding, e.max_new_tokens, recipe.answer_context_tokens, e.span_calibration)
+        return cls(e.decoding, e.max_new_tokens, recipe.answer_context_tokens, SpanOptions.of(e))
 
 
 def qa_prompt_text(question: str, context: str | None) -> str:
@@ -168,7 +168,7 @@ class ModelHost:
                                    settings.context_tokens)
         if enc is None:
             raise RequestError(f"the question does not fit the model's {model.cfg.block_size}-token block", "messages")
-        ids, _ = span_answer(model, self.tokenizer, enc.ids, settings.max_new_tokens, settings.span_calibration)
+        ids, _ = span_answer(model, self.tokenizer, enc.ids, settings.max_new_tokens, settings.span)
         return self.tokenizer.decode(ids).strip(), len(ids), len(enc.ids)
 
     # ----------------------------------------------------------------- generation
