@@ -188,9 +188,13 @@ def best_span(model: GPT, prompt: list[int], passage: list[int], starts: Sequenc
         if len(scorers) > 1:
             score = score - baseline_weight * scorers[1].mean_logprobs(spans, stop_id, lengths)
         score = score.masked_fill(~may_end[rows[:, None] + lengths[None]], -math.inf).flatten()
-        ranked = score.argsort(descending=True).tolist() if accept else [int(score.argmax())]
-        for flat in ranked:  # best first: the first accepted candidate is this batch's best
-            top = float(score[flat])
+        if accept is None:
+            top, flat = score.max(0)
+            ranked = [(float(top), int(flat))]
+        else:  # every candidate in order, read off the device in one go
+            values, order = score.sort(descending=True)
+            ranked = zip(values.tolist(), order.tolist(), strict=True)
+        for top, flat in ranked:  # best first: the first accepted candidate is this batch's best
             if top <= best[1]:
                 break
             r, j = divmod(flat, width)
