@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -139,13 +140,35 @@ def test_eval_cli_sliding_window(copy_run, data_dir):
 def test_validation_examples_never_overlap_the_scored_questions(data_dir):
     from lmforge.pipeline import load_qa_splits
 
-    for n_eval in ("64", "0"):  # 0 = score every dev question
-        recipe = tiny_recipe(**{"eval.squad_questions": n_eval, "qa.max_train_examples": "500"})
+    for n_eval, subset in (("64", "spread"), ("64", "first"), ("0", "spread")):  # 0 = score every dev question
+        recipe = tiny_recipe(**{"eval.squad_questions": n_eval, "eval.squad_subset": subset,
+                                "qa.max_train_examples": "500"})
         splits = load_qa_splits(recipe, data_dir)
         scored = {ex.id for ex in splits.eval}
         assert len(scored) == (64 if n_eval == "64" else 10570)
         assert len(splits.val) > 1 and not scored & {ex.id for ex in splits.val}
         assert not {ex.id for ex in splits.train} & {ex.id for ex in splits.val}
+
+
+def test_spread_subset_samples_every_article_and_first_takes_the_start(data_dir):
+    """SQuAD dev is grouped by article (its first 810 questions are all about Super Bowl 50): the default
+    subset is spread through the file, in file order; "first" keeps the old behaviour."""
+    from lmforge.data.sources import iter_qa_examples
+    from lmforge.pipeline import load_qa_splits
+
+    recipe = tiny_recipe(**{"eval.squad_questions": "100", "qa.max_train_examples": "50"})
+    assert recipe.eval.squad_subset == "spread"
+    dev = list(iter_qa_examples(recipe.qa.dev, data_dir))
+    position = {ex.id: i for i, ex in enumerate(dev)}
+    spread = [position[ex.id] for ex in load_qa_splits(recipe, data_dir).eval]
+    assert len(set(spread)) == 100 and spread == sorted(spread)
+    assert spread[0] == 0 and spread[-1] > 9000  # reaches the last articles (the val examples come after)
+    assert max(b - a for a, b in itertools.pairwise(spread)) <= len(dev) // 100 + 1
+    first = load_qa_splits(tiny_recipe(**{"eval.squad_questions": "100", "eval.squad_subset": "first",
+                                          "qa.max_train_examples": "50"}), data_dir).eval
+    assert [position[ex.id] for ex in first] == list(range(100))
+    with pytest.raises(ConfigError, match="eval.squad_subset"):
+        tiny_recipe(**{"eval.squad_subset": "random"})
 
 
 # --------------------------------------------------------------------------- extractive (span) decoding

@@ -137,6 +137,9 @@ class TrainConfig:
 class EvalConfig:
     val_batches: int = 50
     squad_questions: int = 200  # dev questions for EM/F1; 0 = all
+    # which ones: "spread" = evenly spaced through the dev file, so every article counts in proportion;
+    # "first" = the file's first ones (SQuAD dev v1.1 is grouped by article: its first 810 are all Super Bowl 50)
+    squad_subset: str = "spread"
     max_new_tokens: int = 24
     batch_size: int = 16
     n_examples: int = 20  # examples listed in the report
@@ -348,6 +351,7 @@ def validate(recipe: Recipe) -> Recipe:
     validate_train(recipe.finetune, "finetune")
     _check(recipe.eval.val_batches > 0, "eval.val_batches", "must be > 0")
     _check(recipe.eval.squad_questions >= 0, "eval.squad_questions", "must be >= 0")
+    _check(recipe.eval.squad_subset in ("spread", "first"), "eval.squad_subset", "must be 'spread' or 'first'")
     _check(recipe.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
     _check(recipe.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     _check(recipe.eval.long_context in ("truncate", "best_match", "sliding_window"), "eval.long_context",

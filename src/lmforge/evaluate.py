@@ -268,6 +268,10 @@ def _decoding_text(decoding: dict) -> str:
     return f"{decoding.get('strategy', '?')} ({decoding.get('description', '')}; {details})"
 
 
+def _subset_text(subset: str | None) -> str:
+    return f", {subset}" if subset else ""
+
+
 def report_markdown(report: dict) -> str:
     """A Markdown page: headline metrics table, then example predictions."""
     squad = report.get("squad", {})
@@ -283,7 +287,7 @@ def report_markdown(report: dict) -> str:
         f"| bits per byte | {report['bpb']:.4f} |",
         f"| SQuAD exact match | {squad.get('em', 0):.2f} |",
         f"| SQuAD F1 | {squad.get('f1', 0):.2f} |",
-        f"| SQuAD questions | {squad.get('n', 0)} |",
+        f"| SQuAD questions | {squad.get('n', 0)}{_subset_text(squad.get('subset'))} |",
         f"| QA mode | {squad.get('mode', '')} |",
         f"| questions/s | {squad.get('questions_per_s', 0):.1f} |",
         "",

@@ -179,7 +179,7 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
 class QASplits:
     train: list[QAExample]  # fine-tuning examples
     val: list[QAExample]  # examples for the fine-tuning validation loss (never the scored questions)
-    eval: list[QAExample]  # dev questions scored with EM/F1 (the start of the dev file)
+    eval: list[QAExample]  # dev questions scored with EM/F1 (eval.squad_subset of those before `val`)
     dropped_train: dict[str, int]  # unusable examples left out, per reason
     dropped_dev: dict[str, int]
 
@@ -188,9 +188,10 @@ def load_qa_splits(recipe: Recipe, data_dir: Path | None) -> QASplits:
     """The QA examples of a recipe, with unusable ones (empty answers, answers not in the context, ...)
     left out and counted.
 
-    The validation-loss examples come from the end of the dev file and the EM/F1 questions from its
-    start, so that early stopping does not select on the questions it is scored on. When every dev
-    question is scored (eval.squad_questions = 0), they are held out of the start of the train set instead.
+    The validation-loss examples come from the end of the dev file and the EM/F1 questions from the rest
+    (evenly spaced through it, or its first ones: eval.squad_subset), so that early stopping does not select
+    on the questions it is scored on. When every dev question is scored (eval.squad_questions = 0), they
+    are held out of the start of the train set instead.
     """
     qa = recipe.qa
     raw_train = list(islice(iter_qa_examples(qa.train, data_dir), qa.max_train_examples or None))
@@ -204,7 +205,19 @@ def load_qa_splits(recipe: Recipe, data_dir: Path | None) -> QASplits:
         n_hold = max(1, min(qa.max_dev_examples, len(train) // 10))
         val, train = train[:n_hold], (train[n_hold:] if len(train) > n_hold else train)
         log.info("every dev question is scored: %d train examples held out for the validation loss", len(val))
-    return QASplits(train, val, dev[:n_eval], dict(dropped_train), dict(dropped_dev))
+    scored = scored_questions(dev[: len(dev) - n_val], n_eval, recipe.eval.squad_subset)
+    return QASplits(train, val, scored, dict(dropped_train), dict(dropped_dev))
+
+
+SUBSETS = {"spread": "evenly spaced through the dev file (every article in proportion)",
+           "first": "the first ones of the dev file (a few articles)"}
+
+
+def scored_questions(pool: list[QAExample], n: int, subset: str) -> list[QAExample]:
+    """n questions of `pool`: its first n, or ("spread") n evenly spaced through it, in file order."""
+    if subset == "first" or n >= len(pool):
+        return pool[:n]
+    return [pool[i * len(pool) // n] for i in range(n)]
 
 
 def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, resume: bool = False) -> StageResult:
@@ -275,6 +288,7 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
                                  e.n_examples, e.long_context, recipe.answer_context_tokens, e.decoding,
                                  SpanOptions.of(e))
     report["squad"]["invalid_skipped"] = splits.dropped_dev
+    report["squad"]["subset"] = SUBSETS[e.squad_subset]
     atomic_write_json(run.eval / "report.json", report)
     atomic_write_text(run.eval / "report.md", report_markdown(report))
     mark_done(run, "eval", em=report["squad"]["em"], f1=report["squad"]["f1"])
