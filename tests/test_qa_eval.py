@@ -153,7 +153,6 @@ def test_validation_examples_never_overlap_the_scored_questions(data_dir):
 def test_spread_subset_samples_every_article_and_first_takes_the_start(data_dir):
     """SQuAD dev is grouped by article (its first 810 questions are all about Super Bowl 50): the default
     subset is spread through the file, in file order; "first" keeps the old behaviour."""
-    from lmforge.data.sources import iter_qa_examples
     from lmforge.pipeline import load_qa_splits
 
     recipe = tiny_recipe(**{"eval.squad_questions": "100", "qa.max_train_examples": "50"})
