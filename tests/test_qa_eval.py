@@ -94,14 +94,15 @@ def test_report_fields(tiny_run):
     report = json.loads((tiny_run / "eval" / "report.json").read_text())
     squad = report["squad"]
     for key in ("em", "f1", "n", "mode", "decoding", "examples", "questions_per_s", "long_context",
-                "context_truncation", "skipped", "invalid_skipped"):
+                "context_truncation", "skipped", "invalid_skipped", "subset"):
         assert key in squad, key
     assert squad["decoding"]["strategy"] == "greedy" and squad["decoding"]["kv_cache"] is True
-    assert len(squad["examples"]) == 20
+    assert len(squad["examples"]) == 20 and squad["subset"] == "spread"
     for key in ("checkpoint", "bpb", "perplexity", "val_loss"):
         assert key in report
     md = (tiny_run / "eval" / "report.md").read_text()
     assert "Contexts longer than the room for them" in md and "bits per byte" in md
+    assert "evenly spaced through the dev file" in md
 
 
 def test_eval_compare_prints_one_table(tiny_run, tmp_path, capsys):
@@ -116,6 +117,7 @@ def test_eval_compare_prints_one_table(tiny_run, tmp_path, capsys):
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 4 and table[0].startswith("| run |")
     assert f"| {report['squad']['f1']:.2f} |" in table[2] and "| 12.35 |" in table[3] and "other-run" in table[3]
+    assert f"| {report['squad']['n']} (spread) |" in table[2]
     assert main(["eval", "--compare", str(tiny_run), str(tmp_path / "missing")]) == 2
     assert "no evaluation report" in capsys.readouterr().err
 

@@ -268,8 +268,12 @@ def _decoding_text(decoding: dict) -> str:
     return f"{decoding.get('strategy', '?')} ({decoding.get('description', '')}; {details})"
 
 
+SUBSETS = {"spread": "evenly spaced through the dev file (every article in proportion)",
+           "first": "the first ones in the dev file (a few articles)"}  # eval.squad_subset
+
+
 def _subset_text(subset: str | None) -> str:
-    return f", {subset}" if subset else ""
+    return f", {SUBSETS.get(subset, subset)}" if subset else ""
 
 
 def report_markdown(report: dict) -> str:
@@ -327,7 +331,7 @@ def compare_row(report: dict) -> list[str]:
         report.get("run", "?"),
         report.get("checkpoint", "?").rstrip("/").rsplit("/", 1)[-1],
         squad.get("mode", "-"),
-        str(squad.get("n", 0)),
+        f"{squad.get('n', 0)}" + (f" ({squad['subset']})" if squad.get("subset") else ""),
         f"{squad.get('em', 0):.2f}",
         f"{squad.get('f1', 0):.2f}",
         f"{report.get('bpb', float('nan')):.4f}",

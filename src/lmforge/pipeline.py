@@ -209,10 +209,6 @@ def load_qa_splits(recipe: Recipe, data_dir: Path | None) -> QASplits:
     return QASplits(train, val, scored, dict(dropped_train), dict(dropped_dev))
 
 
-SUBSETS = {"spread": "evenly spaced through the dev file (every article in proportion)",
-           "first": "the first ones of the dev file (a few articles)"}
-
-
 def scored_questions(pool: list[QAExample], n: int, subset: str) -> list[QAExample]:
     """n questions of `pool`: its first n, or ("spread") n evenly spaced through it, in file order."""
     if subset == "first" or n >= len(pool):
@@ -288,7 +284,7 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
                                  e.n_examples, e.long_context, recipe.answer_context_tokens, e.decoding,
                                  SpanOptions.of(e))
     report["squad"]["invalid_skipped"] = splits.dropped_dev
-    report["squad"]["subset"] = SUBSETS[e.squad_subset]
+    report["squad"]["subset"] = e.squad_subset
     atomic_write_json(run.eval / "report.json", report)
     atomic_write_text(run.eval / "report.md", report_markdown(report))
     mark_done(run, "eval", em=report["squad"]["em"], f1=report["squad"]["f1"])
