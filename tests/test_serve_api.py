@@ -165,6 +165,11 @@ def test_span_answers_are_those_of_eval_and_need_a_context(client, tiny_run):
     assert "context" in r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]
     r = client.post("/v1/chat/completions", json={**body, "decoding": "beam"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "decoding"
+    # a question too long for the block is refused before anything runs, streamed or not
+    for stream in (False, True):
+        r = client.post("/v1/chat/completions", json={**body, "stream": stream,
+                                                      "messages": [{"role": "user", "content": "why " * 2000}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
 
 
 def test_completion_streaming_matches_non_streaming(client):

@@ -160,16 +160,19 @@ class ModelHost:
                                f"max_tokens={max_tokens}", "messages")
         return built[0]
 
-    def span_answer(self, name: str, question: str, context: str, settings: AnswerSettings) -> tuple[str, int, int]:
-        """(answer, answer tokens, prompt tokens): the passage span checkpoint `name` finds likeliest, from
-        the prompt `lmforge eval` builds (a long context cut to its window most like the question)."""
-        model = self.model(name)
+    def span_prompt(self, model: GPT, question: str, context: str, settings: AnswerSettings) -> list[int]:
+        """The prompt `lmforge eval` builds for a span answer (a long context cut to its window most like the
+        question)."""
         enc = encode_for_inference(self.tokenizer, question, context, model.cfg.block_size, settings.max_new_tokens,
                                    settings.context_tokens)
         if enc is None:
             raise RequestError(f"the question does not fit the model's {model.cfg.block_size}-token block", "messages")
-        ids, _ = span_answer(model, self.tokenizer, enc.ids, settings.max_new_tokens, settings.span)
-        return self.tokenizer.decode(ids).strip(), len(ids), len(enc.ids)
+        return enc.ids
+
+    def span_answer(self, name: str, prompt_ids: list[int], settings: AnswerSettings) -> tuple[str, int]:
+        """(answer, answer tokens): the span of the prompt's passage that checkpoint `name` finds likeliest."""
+        ids, _ = span_answer(self.model(name), self.tokenizer, prompt_ids, settings.max_new_tokens, settings.span)
+        return self.tokenizer.decode(ids).strip(), len(ids)
 
     # ----------------------------------------------------------------- generation
 

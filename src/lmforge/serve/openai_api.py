@@ -66,13 +66,12 @@ async def _pieces(ticket: Ticket, host: ModelHost, name: str, ids: list[int], pa
         ticket.release()
 
 
-async def _span_piece(ticket: Ticket, host: ModelHost, name: str, question: str, context: str,
-                      settings: AnswerSettings, sizes: dict) -> AsyncIterator[Piece]:
+async def _span_piece(ticket: Ticket, host: ModelHost, name: str, ids: list[int],
+                      settings: AnswerSettings) -> AsyncIterator[Piece]:
     """The span answer as one piece (it is chosen whole, not token by token), made in a worker thread."""
     try:
         async with ticket.slot():
-            text, n, sizes["prompt"] = await anyio.to_thread.run_sync(host.span_answer, name, question, context,
-                                                                      settings)
+            text, n = await anyio.to_thread.run_sync(host.span_answer, name, ids, settings)
             yield Piece(text, n, "stop")
     finally:
         ticket.release()
@@ -83,11 +82,10 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
     router = APIRouter(prefix="/v1")
     answering = answering or AnswerSettings()
 
-    async def respond(req: SamplingFields, model_name: str, sizes: dict,
+    async def respond(req: SamplingFields, model_name: str, prompt_tokens: int,
                       pieces_for: Callable[[Ticket], AsyncIterator[Piece]], kind: str,
                       chunk: Callable[[str, str | None, dict], dict], whole: Callable[[str, str, dict], dict]):
-        """`pieces_for(ticket)` yields the completion's pieces; sizes["prompt"] is its prompt's token count
-        (known before the first piece for generation, after it for span answers)."""
+        """`pieces_for(ticket)` yields the completion's pieces, for a prompt of `prompt_tokens` tokens."""
         ticket = admission.admit()
         pieces = pieces_for(ticket)
         meta = {"id": f"{kind}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
@@ -95,7 +93,7 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
             text, last = [], None
             async for last in pieces:
                 text.append(last.text)
-            return whole("".join(text), last.finish_reason, {**meta, "usage": _usage(sizes["prompt"], last.tokens)})
+            return whole("".join(text), last.finish_reason, {**meta, "usage": _usage(prompt_tokens, last.tokens)})
 
         async def events():
             first = True
@@ -106,7 +104,7 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
                         first = False
                     if piece.finish_reason and req.include_usage():
                         yield _sse({**meta, "object": chunk("", None, meta)["object"], "choices": [],
-                                    "usage": _usage(sizes["prompt"], piece.tokens)})
+                                    "usage": _usage(prompt_tokens, piece.tokens)})
                 yield _sse("[DONE]")
             except Exception as exc:  # noqa: BLE001 - the response has started: report in-band, as OpenAI does
                 yield _sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
@@ -137,7 +135,7 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
         source = lambda ticket: _pieces(ticket, host, name, ids, params, req.stop_list())  # noqa: E731
-        return await respond(req, name, {"prompt": len(ids)}, source, "cmpl", chunk, whole)
+        return await respond(req, name, len(ids), source, "cmpl", chunk, whole)
 
     @router.post("/chat/completions")
     async def chat_completions(req: ChatRequest):
@@ -148,12 +146,11 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
             if context is None:
                 raise RequestError("decoding: span answers are taken from a context; give one (or use "
                                    "decoding 'sample')", "decoding")
-            sizes: dict = {}
-            source = lambda ticket: _span_piece(ticket, host, name, question, context, answering, sizes)  # noqa: E731
+            ids = host.span_prompt(model, question, context, answering)
+            source = lambda ticket: _span_piece(ticket, host, name, ids, answering)  # noqa: E731
         else:
             params = sampling_params(req, req.max_completion_tokens or req.max_tokens, defaults, cfg, model)
             ids = host.chat_ids(model, question, context, params.max_new_tokens)
-            sizes = {"prompt": len(ids)}
             source = lambda ticket: _pieces(ticket, host, name, ids, params, req.stop_list())  # noqa: E731
 
         def chunk(text, finish, meta, first=False):
@@ -166,6 +163,6 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
                                  "logprobs": None, "finish_reason": finish}]}
 
-        return await respond(req, name, sizes, source, "chatcmpl", chunk, whole)
+        return await respond(req, name, len(ids), source, "chatcmpl", chunk, whole)
 
     return router
