@@ -83,6 +83,20 @@ def test_kv_cache_matches_full_forward(model):
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
+def test_kv_cache_under_bf16_autocast_holds_bf16_and_matches_full_forward(model):
+    """Under autocast (bf16 evaluation) the cache stores keys/values in bf16, as the projections make them,
+    and cached decoding still follows the full forward pass (to bf16 precision)."""
+    x = torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(x).float()
+        cache = model.new_cache(2)
+        steps = [model(x[:, :5], cache=cache)] + [model(x[:, i : i + 1], cache=cache) for i in range(5, 16)]
+    assert cache.k.dtype == cache.v.dtype == torch.bfloat16
+    assert model.new_cache(2).k.dtype == torch.float32  # outside autocast: the weights' dtype
+    assert torch.allclose(torch.cat(steps, 1).float(), full, atol=0.05)
+    assert not torch.equal(full, model(x))  # autocast really lowered the matmuls
+
+
 def test_left_padded_batch_matches_single_rows(model):
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
     batched = greedy_batch(model, prompts, max_new_tokens=8, stop_id=-1, pad_id=0)

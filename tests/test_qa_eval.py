@@ -98,7 +98,7 @@ def test_report_fields(tiny_run):
         assert key in squad, key
     assert squad["decoding"]["strategy"] == "greedy" and squad["decoding"]["kv_cache"] is True
     assert len(squad["examples"]) == 20 and squad["subset"] == "spread"
-    for key in ("checkpoint", "bpb", "perplexity", "val_loss"):
+    for key in ("checkpoint", "bpb", "perplexity", "val_loss", "dtype"):
         assert key in report
     md = (tiny_run / "eval" / "report.md").read_text()
     assert "Contexts longer than the room for them" in md and "bits per byte" in md
@@ -120,6 +120,31 @@ def test_eval_compare_prints_one_table(tiny_run, tmp_path, capsys):
     assert f"| {report['squad']['n']} (spread) |" in table[2]
     assert main(["eval", "--compare", str(tiny_run), str(tmp_path / "missing")]) == 2
     assert "no evaluation report" in capsys.readouterr().err
+
+
+def test_eval_dtype_is_applied_and_recorded(tiny_run, data_dir, tmp_path, capsys):
+    """`lmforge eval` runs under bf16 autocast with eval.dtype = bfloat16 (auto picks it on bf16 hardware) and
+    in fp32 with --fp32; the report says which, and --compare shows it."""
+    import shutil
+
+    from lmforge.cli import main
+
+    runs = {}
+    for name, flags in (("fp32", ["--fp32"]), ("bf16", ["--eval.dtype", "bfloat16"])):
+        run = tmp_path / name
+        shutil.copytree(tiny_run, run)
+        assert main(["eval", "--run-dir", str(run), "--data-dir", str(data_dir), "--eval.squad_questions", "12",
+                     "--eval.val_batches", "4", *flags]) == 0
+        runs[name] = json.loads((run / "eval" / "report.json").read_text())
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert fp32["dtype"] == "float32" and bf16["dtype"] == "bfloat16"
+    assert bf16["val_loss"] != fp32["val_loss"] and abs(bf16["val_loss"] - fp32["val_loss"]) < 0.05
+    assert bf16["squad"]["n"] == fp32["squad"]["n"] == 12
+    assert "| precision | bfloat16 autocast" in (tmp_path / "bf16" / "eval" / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", "--compare", str(tmp_path / "fp32"), str(tmp_path / "bf16")]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0].endswith("| dtype |") and rows[2].endswith("| float32 |") and rows[3].endswith("| bfloat16 |")
 
 
 def test_long_context_is_validated():
@@ -170,6 +195,8 @@ def test_spread_subset_samples_every_article_and_first_takes_the_start(data_dir)
     assert [position[ex.id] for ex in first] == list(range(100))
     with pytest.raises(ConfigError, match="eval.squad_subset"):
         tiny_recipe(**{"eval.squad_subset": "random"})
+    with pytest.raises(ConfigError, match="eval.dtype"):
+        tiny_recipe(**{"eval.dtype": "fp16"})
 
 
 # --------------------------------------------------------------------------- extractive (span) decoding

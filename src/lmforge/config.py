@@ -154,6 +154,9 @@ class EvalConfig:
     span_calibration: float = 0.0
     # span decoding: a span made only of words of the question (SQuAD-normalized) is no answer; the next best is
     span_skip_question_words: bool = False
+    # auto: bf16 autocast where the device computes it natively (as in training), float32 elsewhere; float32
+    # forces fp32. Weights stay fp32; losses and span scores are summed in fp32
+    dtype: str = "auto"
 
 
 @dataclass
@@ -351,6 +354,7 @@ def validate(recipe: Recipe) -> Recipe:
     validate_train(recipe.finetune, "finetune")
     _check(recipe.eval.val_batches > 0, "eval.val_batches", "must be > 0")
     _check(recipe.eval.squad_questions >= 0, "eval.squad_questions", "must be >= 0")
+    _check(recipe.eval.dtype in ("auto", "float32", "bfloat16"), "eval.dtype", "must be auto, float32 or bfloat16")
     _check(recipe.eval.squad_subset in ("spread", "first"), "eval.squad_subset", "must be 'spread' or 'first'")
     _check(recipe.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
     _check(recipe.eval.batch_size > 0, "eval.batch_size", "must be > 0")

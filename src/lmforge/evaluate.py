@@ -276,6 +276,12 @@ def _subset_text(subset: str | None) -> str:
     return f", {SUBSETS.get(subset, subset)}" if subset else ""
 
 
+def _precision_text(dtype: str | None) -> str:
+    if dtype is None:
+        return "not recorded (float32 before eval.dtype)"
+    return "float32" if dtype == "float32" else f"{dtype} autocast (fp32 weights, fp32 loss and scores)"
+
+
 def report_markdown(report: dict) -> str:
     """A Markdown page: headline metrics table, then example predictions."""
     squad = report.get("squad", {})
@@ -294,6 +300,7 @@ def report_markdown(report: dict) -> str:
         f"| SQuAD questions | {squad.get('n', 0)}{_subset_text(squad.get('subset'))} |",
         f"| QA mode | {squad.get('mode', '')} |",
         f"| questions/s | {squad.get('questions_per_s', 0):.1f} |",
+        f"| precision | {_precision_text(report.get('dtype'))} |",
         "",
         f"Decoding: {_decoding_text(squad.get('decoding', {}))}.",
         "",
@@ -322,7 +329,7 @@ def report_markdown(report: dict) -> str:
 # --------------------------------------------------------------------------- comparing runs
 
 COMPARE_COLUMNS = ("run", "checkpoint", "mode", "questions", "EM", "F1", "bpb", "perplexity", "questions/s",
-                   "long contexts", "decoding")
+                   "long contexts", "decoding", "dtype")
 
 
 def compare_row(report: dict) -> list[str]:
@@ -339,6 +346,7 @@ def compare_row(report: dict) -> list[str]:
         f"{squad.get('questions_per_s', 0):.1f}",
         squad.get("long_context", "-"),
         squad.get("decoding", {}).get("strategy", "-"),
+        report.get("dtype", "-"),
     ]
 
 

@@ -32,6 +32,7 @@ from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.checkpoint import checkpoint_dir, copy_checkpoint, model_from_checkpoint, read_state
 from lmforge.train.distributed import barrier, from_main, is_main, on_main
 from lmforge.train.loop import StageResult, resolve_device, train_stage
+from lmforge.train.precision import autocast, resolve_dtype
 
 log = logging.getLogger("lmforge")
 
@@ -273,16 +274,20 @@ def load(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> 
 
 
 def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, checkpoint: str = "best") -> dict:
-    model, tok = load(run.root, checkpoint, device=str(resolve_device(recipe.pretrain.device)))
+    device = resolve_device(recipe.pretrain.device)
+    model, tok = load(run.root, checkpoint, device=str(device))
     e = recipe.eval
+    dtype = resolve_dtype(e.dtype, device)
     val = TokenBatcher(run.data, "val", model.cfg.block_size, recipe.pretrain.batch_size, seed=recipe.seed + 1)
     report: dict = {"run": str(run.root), "checkpoint": str(resolve_checkpoint(run, checkpoint)),
-                    "stage": read_state(resolve_checkpoint(run, checkpoint)).get("stage")}
-    report.update(text_metrics(model, val.fixed_batches(e.val_batches), tok.token_byte_lengths()))
+                    "stage": read_state(resolve_checkpoint(run, checkpoint)).get("stage"),
+                    "dtype": str(dtype).removeprefix("torch.")}
     splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
-    report["squad"] = squad_eval(model, tok, splits.eval, recipe.qa.mode, e.max_new_tokens, e.batch_size,
-                                 e.n_examples, e.long_context, recipe.answer_context_tokens, e.decoding,
-                                 SpanOptions.of(e))
+    with autocast(device, dtype):
+        report.update(text_metrics(model, val.fixed_batches(e.val_batches), tok.token_byte_lengths()))
+        report["squad"] = squad_eval(model, tok, splits.eval, recipe.qa.mode, e.max_new_tokens, e.batch_size,
+                                     e.n_examples, e.long_context, recipe.answer_context_tokens, e.decoding,
+                                     SpanOptions.of(e))
     report["squad"]["invalid_skipped"] = splits.dropped_dev
     report["squad"]["subset"] = e.squad_subset
     atomic_write_json(run.eval / "report.json", report)
