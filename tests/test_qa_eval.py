@@ -123,14 +123,14 @@ def test_eval_compare_prints_one_table(tiny_run, tmp_path, capsys):
 
 
 def test_eval_dtype_is_applied_and_recorded(tiny_run, data_dir, tmp_path, capsys):
-    """`lmforge eval` runs under bf16 autocast with eval.dtype = bfloat16 (auto picks it on bf16 hardware) and
-    in fp32 with --fp32; the report says which, and --compare shows it."""
+    """`lmforge eval` runs in fp32 by default and under bf16 autocast with eval.dtype = bfloat16 (auto picks it on
+    bf16 hardware); the report says which, and --compare shows it."""
     import shutil
 
     from lmforge.cli import main
 
     runs = {}
-    for name, flags in (("fp32", ["--fp32"]), ("bf16", ["--eval.dtype", "bfloat16"])):
+    for name, flags in (("fp32", []), ("bf16", ["--eval.dtype", "bfloat16"])):
         run = tmp_path / name
         shutil.copytree(tiny_run, run)
         assert main(["eval", "--run-dir", str(run), "--data-dir", str(data_dir), "--eval.squad_questions", "12",

@@ -342,13 +342,13 @@ def cmd_resize_vocab(args, overrides) -> int:
 
 
 def training_overrides(args, overrides: dict[str, str]) -> dict[str, str]:
-    """--distributed is a shorthand for the same key in both training stages, --fp32 for the dtype of both and
-    of evaluation; --seed sets the recipe's top-level seed."""
+    """--distributed / --fp32 are shorthands for the same key in both training stages; --seed sets the
+    recipe's top-level seed."""
     out = dict(overrides)
     if getattr(args, "recipe_seed", None) is not None:
         out.setdefault("seed", str(args.recipe_seed))
-    for section in ("pretrain", "finetune", "eval"):
-        if getattr(args, "distributed", None) and section != "eval":
+    for section in ("pretrain", "finetune"):
+        if getattr(args, "distributed", None):
             out.setdefault(f"{section}.distributed", args.distributed)
         if getattr(args, "fp32", False):
             out.setdefault(f"{section}.dtype", "float32")
@@ -390,8 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
             p.add_argument("--distributed", choices=["none", "ddp", "fsdp"],
                            help="data-parallel (ddp) or fully-sharded (fsdp) training; launch with torchrun")
-            p.add_argument("--fp32", action="store_true",
-                          help="train (and for `run`, evaluate) in fp32 (default: bf16 where supported)")
+            p.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 where supported)")
             p.add_argument("--seed", type=int, dest="recipe_seed",
                            help="the recipe's seed: initial weights, data order, dropout (default: the recipe's)")
         p.set_defaults(func=func)
@@ -422,7 +421,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("eval", "evaluate: loss, perplexity, bits-per-byte, SQuAD EM/F1; writes RUN/eval/report.{json,md}",
               cmd_eval)
     p.add_argument("--checkpoint", default="best", help="best | last | pretrained | PATH (default: best)")
-    p.add_argument("--fp32", action="store_true", help="evaluate in fp32 (default: bf16 autocast where supported)")
     p.add_argument("--compare", nargs="+", metavar="RUN",
                    help="print one table comparing the eval reports of these run directories (no evaluation)")
     p = stage("run", "run every stage of a recipe: tokenizer, prepare, pretrain, finetune, eval, sample answer",
