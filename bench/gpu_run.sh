@@ -11,7 +11,8 @@
 # throughput does not depend on which tokens flow. Each stage has a time cap; a stage that reaches it stops
 # gracefully (SIGTERM: finish the step, save, go on), so the chain still ends with an evaluation.
 # Knobs (environment): G124_STEPS, S67_PRETRAIN_STEPS, S67_FINETUNE_STEPS, S67_PHASE1_TOKENS, QUESTIONS,
-# *_SECONDS caps, and EXTRA (overrides added to every training stage, e.g. a small batch for a CPU dry run).
+# *_SECONDS caps, FINETUNE_COMPILE (true: torch.compile fine-tuning too; unmeasured on a GPU, off by default),
+# and EXTRA (overrides added to every training stage, e.g. a small batch for a CPU dry run).
 set -uo pipefail
 
 WORK=${1:?usage: gpu_run.sh WORK DATA_DIR OUT}
@@ -27,6 +28,7 @@ G124_SECONDS=${G124_SECONDS:-110}
 PRETRAIN_SECONDS=${PRETRAIN_SECONDS:-170}
 FINETUNE_SECONDS=${FINETUNE_SECONDS:-190}
 EVAL_SECONDS=${EVAL_SECONDS:-50}
+FINETUNE_COMPILE=${FINETUNE_COMPILE:-false}
 EXTRA=${EXTRA:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=${TQDM_MININTERVAL:-15} PYTHONPATH="$HERE/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -50,9 +52,10 @@ capped "$PRETRAIN_SECONDS" "${LMFORGE[@]}" pretrain "$WORK/seed-67m-lease.toml" 
   --pretrain.max_steps "$S67_PRETRAIN_STEPS" --pretrain.eval_interval 250 --pretrain.eval_batches 20 \
   --pretrain.patience 0 --pretrain.compile true --pretrain.checkpoint_interval 100000 --pretrain.log_interval 20 $EXTRA
 
-stamp "seed-67m: fine-tune (at most $S67_FINETUNE_STEPS steps)"
+stamp "seed-67m: fine-tune (at most $S67_FINETUNE_STEPS steps, compile $FINETUNE_COMPILE)"
 capped "$FINETUNE_SECONDS" "${LMFORGE[@]}" finetune --run-dir "$WORK/s67" --data-dir "$DATA" \
   --finetune.max_steps "$S67_FINETUNE_STEPS" --finetune.eval_interval 300 --finetune.checkpoint_interval 100000 \
+  --finetune.compile "$FINETUNE_COMPILE" \
   --finetune.log_interval 20 $EXTRA
 cp "$WORK/s67/metrics.jsonl" "$OUT/s67-metrics.jsonl"
 

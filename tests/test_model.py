@@ -60,6 +60,24 @@ def test_targets_return_the_loss_of_the_logits_and_train_the_same(model):
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
+def test_varying_lengths_compile_without_a_graph_break_per_block(model):
+    """torch.compile of fine-tuning's varying sequence lengths (a dynamic length dimension): the forward pass
+    with its loss is one graph, and output_mask adds only the break its data-dependent row count needs."""
+    import torch._dynamo as dynamo
+
+    x = torch.randint(0, 97, (3, 40))
+    dynamo.mark_dynamic(x, 1)
+    dynamo.reset()
+    whole = dynamo.explain(lambda ids: model(ids, targets=ids))(x)
+    assert (whole.graph_count, whole.graph_break_count) == (1, 0), [b.reason for b in whole.break_reasons]
+    mask = torch.zeros(3, 40, dtype=torch.bool)
+    mask[:, -3:] = True
+    dynamo.reset()
+    sparse = dynamo.explain(lambda ids, m: model(ids, output_mask=m))(x, mask)
+    assert sparse.graph_break_count == 1 and "nonzero" in sparse.break_reasons[0].reason
+    dynamo.reset()
+
+
 def test_rotary_tables_are_made_once_and_not_saved(model):
     """cos/sin come from tables made at construction (row p = position p, HF Llama's layout); they follow
     the model to its device but stay out of the weights, so checkpoints keep their format."""

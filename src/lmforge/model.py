@@ -139,8 +139,11 @@ class Attention(nn.Module):
             capture.append(probs.detach())
             y = F.dropout(probs, dropout_p, self.training) @ v
         elif mask is None:
-            # no explicit mask means plain causal attention over exactly these t positions (or one new token)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=t > 1)
+            # no explicit mask means plain causal attention over exactly these t positions, or one new token
+            # against the cache (not causal: it sees every cached key). Without a cache the flag is a constant,
+            # so torch.compile with varying sequence lengths (fine-tuning) keeps each block in one graph
+            causal = cache is None or t > 1
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(b, t, c)
