@@ -155,7 +155,7 @@ class EvalConfig:
     # span decoding: a span made only of words of the question (SQuAD-normalized) is no answer; the next best is
     span_skip_question_words: bool = False
     # float32 (default): scores that do not depend on the machine. auto / bfloat16: bf16 autocast where the
-    # device computes it natively, as in training: 1.5x faster on a bf16 CPU, but a few answers change
+    # device computes it natively, as in training: 1.6-1.9x faster on a bf16 CPU, but a few answers change
     # (weights stay fp32; losses and answer scores are summed in fp32)
     dtype: str = "float32"
 

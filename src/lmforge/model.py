@@ -293,7 +293,7 @@ class GPT(nn.Module):
         if max_len is not None and max_len > self.cfg.block_size:  # positions index the rotary tables
             raise ValueError(f"a cache of {max_len} positions exceeds the model's block size {self.cfg.block_size}")
         p = self.tok_emb.weight
-        # under autocast the keys and values come out of the projections in the autocast dtype: store them so
+        # under autocast the keys and values come out of the projections in the autocast dtype: kept in it
         dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
         return KVCache(self.cfg, batch, max_len or self.cfg.block_size, p.device, dtype)
 
