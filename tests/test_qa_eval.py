@@ -100,9 +100,45 @@ def test_report_fields(tiny_run):
     assert len(squad["examples"]) == 20 and squad["subset"] == "spread"
     for key in ("checkpoint", "bpb", "perplexity", "val_loss", "dtype"):
         assert key in report
+    assert squad["em_ci95"][0] <= squad["em"] <= squad["em_ci95"][1]
+    assert squad["f1_ci95"][0] <= squad["f1"] <= squad["f1_ci95"][1]
     md = (tiny_run / "eval" / "report.md").read_text()
     assert "Contexts longer than the room for them" in md and "bits per byte" in md
+    assert f"| SQuAD F1 | {squad['f1']:.2f} (95% interval {squad['f1_ci95'][0]:.2f}-" in md
     assert "evenly spaced through the dev file" in md
+
+
+def test_predictions_file_holds_every_scored_answer_and_gives_the_report_scores(tiny_run, data_dir):
+    """RUN/eval/predictions.json ({question id: answer}, the official script's format) holds an answer for
+    each scored question, and scoring it again gives the report's EM and F1."""
+    from lmforge.config import load_recipe
+    from lmforge.evaluate import squad_scores
+    from lmforge.pipeline import load_qa_splits
+
+    report = json.loads((tiny_run / "eval" / "report.json").read_text())
+    predictions = json.loads((tiny_run / "eval" / "predictions.json").read_text())
+    assert "predictions" not in report["squad"]  # kept out of the report itself
+    scored = load_qa_splits(load_recipe(tiny_run / "config.toml"), data_dir).eval
+    assert set(predictions) == {ex.id for ex in scored} and len(predictions) == report["squad"]["n"]
+    again = squad_scores(predictions, scored)
+    assert again["em"] == pytest.approx(report["squad"]["em"]) and again["f1"] == pytest.approx(report["squad"]["f1"])
+    examples = {ex["id"]: ex["prediction"] for ex in report["squad"]["examples"]}
+    assert all(predictions[qid] == answer for qid, answer in examples.items())
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_questions():
+    import numpy as np
+
+    from lmforge.evaluate import bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    small, large = rng.random(100), rng.random(2500)
+    lo, hi = bootstrap_ci(small)
+    assert lo < 100 * small.mean() < hi
+    lo2, hi2 = bootstrap_ci(large)
+    assert lo2 < 100 * large.mean() < hi2 and (hi2 - lo2) < (hi - lo) / 3  # width ~ 1/sqrt(n): 25x the questions, 1/5
+    assert bootstrap_ci(small) == [lo, hi]  # seeded: the same report twice gives the same interval
+    assert bootstrap_ci(np.array([])) == [0.0, 0.0]
 
 
 def test_eval_compare_prints_one_table(tiny_run, tmp_path, capsys):

@@ -66,15 +66,28 @@ def best_over_answers(metric, prediction: str, answers: list[str]) -> float:
     return max(metric(prediction, gold) for gold in answers)
 
 
+def question_scores(predictions: dict[str, str], examples: list[QAExample]) -> tuple[np.ndarray, np.ndarray]:
+    """Per question: EM and F1 (0-1) of its prediction (a missing one is the empty answer)."""
+    em = [best_over_answers(exact_match_score, predictions.get(ex.id, ""), ex.answers) for ex in examples]
+    f1 = [best_over_answers(f1_score, predictions.get(ex.id, ""), ex.answers) for ex in examples]
+    return np.array(em, dtype=np.float64), np.array(f1, dtype=np.float64)
+
+
 def squad_scores(predictions: dict[str, str], examples: list[QAExample]) -> dict[str, float]:
     """Micro-averaged EM and F1 (percent) of predictions keyed by question id."""
-    em = f1 = 0.0
-    for ex in examples:
-        pred = predictions.get(ex.id, "")
-        em += best_over_answers(exact_match_score, pred, ex.answers)
-        f1 += best_over_answers(f1_score, pred, ex.answers)
+    em, f1 = question_scores(predictions, examples)
     n = len(examples)
-    return {"em": 100.0 * em / max(n, 1), "f1": 100.0 * f1 / max(n, 1), "n": n}
+    return {"em": 100.0 * em.sum() / max(n, 1), "f1": 100.0 * f1.sum() / max(n, 1), "n": n}
+
+
+def bootstrap_ci(scores: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap interval (percent) of the mean of per-question scores: how far the score of
+    another sample of as many questions could lie."""
+    if len(scores) == 0:
+        return [0.0, 0.0]
+    rng = np.random.default_rng(seed)
+    means = scores[rng.integers(0, len(scores), size=(resamples, len(scores)))].mean(axis=1)
+    return [round(100.0 * float(q), 2) for q in np.percentile(means, [2.5, 97.5])]
 
 
 # --------------------------------------------------------------------------- language-modelling metrics
@@ -230,6 +243,7 @@ def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode
                                                      long_context, context_tokens, decoding, span)
     elapsed = max(time.time() - start, 1e-9)
     scores = squad_scores(predictions, examples)
+    em, f1 = question_scores(predictions, examples)
     listed = []
     for ex in examples[:n_examples]:
         pred = predictions.get(ex.id, "")
@@ -238,6 +252,8 @@ def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode
                                       best_over_answers(exact_match_score, pred, ex.answers)).__dict__)
     return {
         **scores,
+        "em_ci95": bootstrap_ci(em),
+        "f1_ci95": bootstrap_ci(f1),
         "mode": mode,
         "skipped": skipped,
         "contexts_truncated": too_long if long_context != "sliding_window" and mode == "context" else 0,
@@ -252,6 +268,7 @@ def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode
                      **({"span_calibration": span.calibration, "skip_question_words": span.skip_question_words}
                         if decoding == "span" else {})},
         "examples": listed,
+        "predictions": predictions,  # {question id: answer}, the official script's input
     }
 
 
@@ -276,6 +293,10 @@ def _subset_text(subset: str | None) -> str:
     return f", {SUBSETS.get(subset, subset)}" if subset else ""
 
 
+def _ci_text(ci: list[float] | None) -> str:
+    return f" (95% interval {ci[0]:.2f}-{ci[1]:.2f}: bootstrap over the questions)" if ci else ""
+
+
 def _precision_text(dtype: str | None) -> str:
     if dtype is None:
         return "not recorded (float32 before eval.dtype)"
@@ -295,8 +316,8 @@ def report_markdown(report: dict) -> str:
         f"| validation loss (nats/token) | {report['val_loss']:.4f} |",
         f"| perplexity | {report['perplexity']:.2f} |",
         f"| bits per byte | {report['bpb']:.4f} |",
-        f"| SQuAD exact match | {squad.get('em', 0):.2f} |",
-        f"| SQuAD F1 | {squad.get('f1', 0):.2f} |",
+        f"| SQuAD exact match | {squad.get('em', 0):.2f}{_ci_text(squad.get('em_ci95'))} |",
+        f"| SQuAD F1 | {squad.get('f1', 0):.2f}{_ci_text(squad.get('f1_ci95'))} |",
         f"| SQuAD questions | {squad.get('n', 0)}{_subset_text(squad.get('subset'))} |",
         f"| QA mode | {squad.get('mode', '')} |",
         f"| questions/s | {squad.get('questions_per_s', 0):.1f} |",

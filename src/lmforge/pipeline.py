@@ -290,6 +290,9 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
                                      SpanOptions.of(e))
     report["squad"]["invalid_skipped"] = splits.dropped_dev
     report["squad"]["subset"] = e.squad_subset
+    # every scored question's answer, in the format the official evaluate-v1.1.py reads (it averages over the
+    # whole dev file, counting questions outside the subset as unanswered)
+    atomic_write_json(run.eval / "predictions.json", report["squad"].pop("predictions"))
     atomic_write_json(run.eval / "report.json", report)
     atomic_write_text(run.eval / "report.md", report_markdown(report))
     mark_done(run, "eval", em=report["squad"]["em"], f1=report["squad"]["f1"])
