@@ -152,7 +152,9 @@ def test_eval_compare_prints_one_table(tiny_run, tmp_path, capsys):
     assert main(["eval", "--compare", str(tiny_run), str(other)]) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 4 and table[0].startswith("| run |")
-    assert f"| {report['squad']['f1']:.2f} |" in table[2] and "| 12.35 |" in table[3] and "other-run" in table[3]
+    lo, hi = report["squad"]["f1_ci95"]
+    assert f"| {report['squad']['f1']:.2f} ({lo:.2f}-{hi:.2f}) |" in table[2] and "other-run" in table[3]
+    assert f"| 12.35 ({lo:.2f}-{hi:.2f}) |" in table[3]
     assert f"| {report['squad']['n']} (spread) |" in table[2]
     assert main(["eval", "--compare", str(tiny_run), str(tmp_path / "missing")]) == 2
     assert "no evaluation report" in capsys.readouterr().err

@@ -349,7 +349,7 @@ def report_markdown(report: dict) -> str:
 
 # --------------------------------------------------------------------------- comparing runs
 
-COMPARE_COLUMNS = ("run", "checkpoint", "mode", "questions", "EM", "F1", "bpb", "perplexity", "questions/s",
+COMPARE_COLUMNS = ("run", "checkpoint", "mode", "questions", "EM", "F1 (95% interval)", "bpb", "perplexity", "questions/s",
                    "long contexts", "decoding", "dtype")
 
 
@@ -361,7 +361,7 @@ def compare_row(report: dict) -> list[str]:
         squad.get("mode", "-"),
         f"{squad.get('n', 0)}" + (f" ({squad['subset']})" if squad.get("subset") else ""),
         f"{squad.get('em', 0):.2f}",
-        f"{squad.get('f1', 0):.2f}",
+        f"{squad.get('f1', 0):.2f}" + (" ({:.2f}-{:.2f})".format(*squad["f1_ci95"]) if "f1_ci95" in squad else ""),
         f"{report.get('bpb', float('nan')):.4f}",
         f"{report.get('perplexity', float('nan')):.2f}",
         f"{squad.get('questions_per_s', 0):.1f}",
