@@ -73,11 +73,15 @@ def question_scores(predictions: dict[str, str], examples: list[QAExample]) -> t
     return np.array(em, dtype=np.float64), np.array(f1, dtype=np.float64)
 
 
+def averaged_scores(em: np.ndarray, f1: np.ndarray) -> dict[str, float]:
+    """Micro-averaged EM and F1 (percent) of per-question scores."""
+    n = len(em)
+    return {"em": 100.0 * em.sum() / max(n, 1), "f1": 100.0 * f1.sum() / max(n, 1), "n": n}
+
+
 def squad_scores(predictions: dict[str, str], examples: list[QAExample]) -> dict[str, float]:
     """Micro-averaged EM and F1 (percent) of predictions keyed by question id."""
-    em, f1 = question_scores(predictions, examples)
-    n = len(examples)
-    return {"em": 100.0 * em.sum() / max(n, 1), "f1": 100.0 * f1.sum() / max(n, 1), "n": n}
+    return averaged_scores(*question_scores(predictions, examples))
 
 
 def bootstrap_ci(scores: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[float]:
@@ -242,16 +246,11 @@ def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode
     predictions, skipped, too_long = predict_answers(model, tokenizer, examples, mode, max_new_tokens, batch_size,
                                                      long_context, context_tokens, decoding, span)
     elapsed = max(time.time() - start, 1e-9)
-    scores = squad_scores(predictions, examples)
     em, f1 = question_scores(predictions, examples)
-    listed = []
-    for ex in examples[:n_examples]:
-        pred = predictions.get(ex.id, "")
-        listed.append(SquadPrediction(ex.id, ex.question, ex.answers, pred,
-                                      round(100 * best_over_answers(f1_score, pred, ex.answers), 1),
-                                      best_over_answers(exact_match_score, pred, ex.answers)).__dict__)
+    listed = [SquadPrediction(ex.id, ex.question, ex.answers, predictions.get(ex.id, ""), round(100 * float(f1[i]), 1),
+                              float(em[i])).__dict__ for i, ex in enumerate(examples[:n_examples])]
     return {
-        **scores,
+        **averaged_scores(em, f1),
         "em_ci95": bootstrap_ci(em),
         "f1_ci95": bootstrap_ci(f1),
         "mode": mode,
