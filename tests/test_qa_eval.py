@@ -303,6 +303,41 @@ def test_spans_made_of_question_words_are_passed_over(tiny_run):
     assert any(set(normalize_answer(t).split()) <= asked for t in with_words)  # there were such spans to skip
 
 
+def test_span_max_starts_scores_only_the_likeliest_first_words(tiny_run):
+    """With max_starts k, only spans from the k starts whose first token the prompt makes likeliest (minus w x
+    its likelihood without the question, as spans are calibrated) compete; when `accept` refuses all of them,
+    every start competes again."""
+    import lmforge
+    from lmforge.generate import best_span
+
+    model, tok = lmforge.load(tiny_run)
+    prompt = tok.encode("Once upon a time there was a little dog named Max.") + [tok.question_id]
+    baseline = tok.encode("Once upon a time") + [tok.question_id]
+    passage = tok.encode(" The little dog ran to the big red barn and hid.")
+    starts, ends, width = [0, 1, 2, 3, 5, 7, 9], [1, 2, 3, 4, 6, 7, 8, len(passage)], 3
+
+    def first_token_logprobs(before: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return model(torch.tensor([before]))[0, -1].log_softmax(-1)
+
+    first = first_token_logprobs(prompt) - 0.5 * first_token_logprobs(baseline)
+    ranked = sorted(starts, key=lambda s: float(first[passage[s]]), reverse=True)
+    for keep in (1, 3):
+        likeliest = sorted(ranked[:keep])
+        span, score = best_span(model, prompt, passage, starts, ends, width, tok.eot_id, baseline=baseline,
+                                baseline_weight=0.5, max_starts=keep)
+        assert (span, score) == best_span(model, prompt, passage, likeliest, ends, width, tok.eot_id,
+                                          baseline=baseline, baseline_weight=0.5)
+        assert any(span == passage[s : s + len(span)] for s in likeliest)
+    everything = best_span(model, prompt, passage, starts, ends, width, tok.eot_id)
+    assert best_span(model, prompt, passage, starts, ends, width, tok.eot_id, max_starts=len(starts)) == everything
+    # every span from the likeliest start refused: the others compete
+    top = passage[ranked[0]]
+    refusing = best_span(model, prompt, passage, starts, ends, width, tok.eot_id, baseline=baseline,
+                         baseline_weight=0.5, max_starts=1, accept=lambda span: span[0] != top)
+    assert refusing[0] and refusing[0][0] != top
+
+
 def test_word_bounds_and_prompt_passage(tiny_run):
     import lmforge
     from lmforge.data.qa import build_prompt, prompt_passage, word_bounds
@@ -349,10 +384,11 @@ def test_eval_cli_span_decoding_uses_the_answer_window(copy_run, data_dir):
     assert main(["eval", "--run-dir", str(run), "--data-dir", str(data_dir), "--eval.squad_questions=8",
                  "--eval.decoding=span", "--eval.context_tokens=32", "--qa.context_tokens=96",
                  "--eval.long_context=best_match", "--eval.span_calibration=0.5",
-                 "--eval.span_skip_question_words=true"]) == 0
+                 "--eval.span_skip_question_words=true", "--eval.span_max_starts=3"]) == 0
     squad = json.loads((run / "eval" / "report.json").read_text())["squad"]
     assert squad["n"] == 8 and squad["decoding"]["strategy"] == "span" and squad["context_tokens"] == 32
     assert squad["decoding"]["span_calibration"] == 0.5 and squad["decoding"]["skip_question_words"] is True
+    assert squad["decoding"]["span_max_starts"] == 3
     assert (run / "config.toml").read_text() == config  # the overrides were this evaluation's, not the run's
     contexts = {ex.id: ex.context for ex in iter_qa_examples(
         SourceConfig(name="dev", local="squad/dev-v1.1.json", format="squad"), data_dir)}
@@ -368,6 +404,9 @@ def test_span_decoding_is_validated():
     assert tiny_recipe(**{"eval.span_calibration": "0.5"}).eval.span_calibration == 0.5
     with pytest.raises(ConfigError, match="eval.span_calibration"):
         tiny_recipe(**{"eval.span_calibration": "-0.5"})
+    assert tiny_recipe(**{"eval.span_max_starts": "2"}).eval.span_max_starts == 2
+    with pytest.raises(ConfigError, match="eval.span_max_starts"):
+        tiny_recipe(**{"eval.span_max_starts": "-1"})
     recipe = tiny_recipe(**{"qa.context_tokens": "96"})
     assert recipe.answer_context_tokens == 96  # 0: as in fine-tuning
     assert tiny_recipe(**{"qa.context_tokens": "96", "eval.context_tokens": "32"}).answer_context_tokens == 32

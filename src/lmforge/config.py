@@ -156,6 +156,9 @@ class EvalConfig:
     span_calibration: float = 0.0
     # span decoding: a span made only of words of the question (SQuAD-normalized) is no answer; the next best is
     span_skip_question_words: bool = False
+    # span decoding: score only the spans starting at the words whose first token the model finds
+    # likeliest as the answer's first token (0 = every word); the rest of the passage is passed over unscored
+    span_max_starts: int = 0
     # float32 (default): scores that do not depend on the machine. auto / bfloat16: bf16 autocast where the
     # device computes it natively, as in training: 1.6-1.9x faster on a bf16 CPU, but a few answers change
     # (weights stay fp32; losses and answer scores are summed in fp32)
@@ -366,6 +369,7 @@ def validate(recipe: Recipe) -> Recipe:
     _check(recipe.eval.decoding in ("greedy", "span"), "eval.decoding", "must be 'greedy' or 'span'")
     _check(recipe.eval.context_tokens >= 0, "eval.context_tokens", "must be >= 0 (0 = qa.context_tokens)")
     _check(0 <= recipe.eval.span_calibration <= 2, "eval.span_calibration", "must be in [0, 2] (0 = off)")
+    _check(recipe.eval.span_max_starts >= 0, "eval.span_max_starts", "must be >= 0 (0 = every word)")
     _check(recipe.eval.decoding != "span" or recipe.qa.mode == "context", "eval.decoding",
            "'span' picks a span of the passage, so it needs qa.mode = 'context'")
     g = recipe.generate

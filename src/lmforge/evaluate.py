@@ -175,10 +175,11 @@ class SpanOptions:
 
     calibration: float = 0.0  # minus this x the span's score without the question (0 = off)
     skip_question_words: bool = False  # a span made only of the question's words is no answer
+    max_starts: int = 0  # only spans from the words likeliest to start the answer (0 = every word)
 
     @classmethod
     def of(cls, e: EvalConfig) -> SpanOptions:
-        return cls(e.span_calibration, e.span_skip_question_words)
+        return cls(e.span_calibration, e.span_skip_question_words, e.span_max_starts)
 
 
 def span_answer(model: GPT, tokenizer: Tokenizer, prompt: list[int], max_tokens: int,
@@ -195,7 +196,8 @@ def span_answer(model: GPT, tokenizer: Tokenizer, prompt: list[int], max_tokens:
         asked = set(normalize_answer(tokenizer.decode(prompt[at + 1 : -1])).split())
         accept = lambda span: not set(normalize_answer(tokenizer.decode(span)).split()) <= asked  # noqa: E731
     return best_span(model, prompt, passage, *word_bounds(tokenizer, passage), max_tokens, tokenizer.eot_id,
-                     baseline=baseline, baseline_weight=options.calibration, accept=accept)
+                     baseline=baseline, baseline_weight=options.calibration, accept=accept,
+                     max_starts=options.max_starts)
 
 
 def span_answers(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, list[int]]],
@@ -264,7 +266,8 @@ def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode
         "decoding": {"strategy": decoding, "description": DECODING[decoding], "max_new_tokens": max_new_tokens,
                      "batch_size": batch_size, "kv_cache": True,
                      "padding": "left" if decoding == "greedy" else "none (one prompt, a batch of its spans)",
-                     **({"span_calibration": span.calibration, "skip_question_words": span.skip_question_words}
+                     **({"span_calibration": span.calibration, "skip_question_words": span.skip_question_words,
+                         "span_max_starts": span.max_starts}
                         if decoding == "span" else {})},
         "examples": listed,
         "predictions": predictions,  # {question id: answer}, the official script's input

@@ -153,8 +153,8 @@ def greedy_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop
 @torch.inference_mode()
 def best_span(model: GPT, prompt: list[int], passage: list[int], starts: Sequence[int], ends: Sequence[int],
               max_tokens: int, stop_id: int, max_rows: int = 256, baseline: list[int] | None = None,
-              baseline_weight: float = 0.0, accept: Callable[[list[int]], bool] | None = None
-              ) -> tuple[list[int], float]:
+              baseline_weight: float = 0.0, accept: Callable[[list[int]], bool] | None = None,
+              max_starts: int = 0) -> tuple[list[int], float]:
     """Extractive decoding: of the spans passage[s:e] with s in `starts`, e in `ends` and at most
     `max_tokens` tokens, the one the model likes best as the continuation of `prompt`, and its score.
 
@@ -168,13 +168,26 @@ def best_span(model: GPT, prompt: list[int], passage: list[int], starts: Sequenc
     cache, one row per start.
     """
     model.eval()
-    device = model.tok_emb.weight.device
     width = min(max_tokens, model.cfg.block_size - len(prompt))
     if width <= 0 or not starts:
         return [], -math.inf
     scorers = [_SpanScorer(model, prompt, width)]
     if baseline is not None and baseline_weight:
         scorers.append(_SpanScorer(model, baseline, width))
+    if max_starts and len(starts) > max_starts:
+        chosen = _likeliest_starts(scorers, passage, starts, max_starts, baseline_weight)
+        found = _best_of(scorers, passage, chosen, ends, width, stop_id, max_rows, baseline_weight, accept)
+        if found[0]:
+            return found
+        # every span from those starts was ruled out: all the starts compete
+    return _best_of(scorers, passage, starts, ends, width, stop_id, max_rows, baseline_weight, accept)
+
+
+def _best_of(scorers: list[_SpanScorer], passage: list[int], starts: Sequence[int], ends: Sequence[int], width: int,
+             stop_id: int, max_rows: int, baseline_weight: float,
+             accept: Callable[[list[int]], bool] | None) -> tuple[list[int], float]:
+    """best_span's search over the spans from `starts`, with its prompt (and baseline) already run."""
+    device = scorers[0].first.device
     lengths = torch.arange(1, width + 1, device=device)
     may_end = torch.zeros(len(passage) + width + 1, dtype=torch.bool, device=device)
     may_end[[e for e in ends if 0 < e <= len(passage)]] = True
@@ -203,6 +216,18 @@ def best_span(model: GPT, prompt: list[int], passage: list[int], starts: Sequenc
                 best = (span, top)
                 break
     return best
+
+
+def _likeliest_starts(scorers: list[_SpanScorer], passage: list[int], starts: Sequence[int], keep: int,
+                      baseline_weight: float) -> list[int]:
+    """The `keep` starts whose first token the prompt makes likeliest (calibrated as the spans' scores are), in
+    passage order."""
+    first = torch.tensor([passage[s] for s in starts], device=scorers[0].first.device)
+    score = scorers[0].first[first]
+    if len(scorers) > 1:
+        score = score - baseline_weight * scorers[1].first[first]
+    chosen = score.topk(keep).indices.sort().values.tolist()
+    return [starts[i] for i in chosen]
 
 
 class _SpanScorer:
