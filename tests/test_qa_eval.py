@@ -373,6 +373,33 @@ def test_span_decoding_answers_are_passage_spans(tiny_run, data_dir):
     assert answer and answer in context
 
 
+def test_single_answers_are_computed_in_eval_dtype(tiny_run):
+    """`lmforge generate --question`, the run's sample answer and the server's span answers compute in
+    eval.dtype, as `lmforge eval` scored: under bf16 autocast every forward pass is autocast, in float32 none."""
+    import lmforge
+    from lmforge.pipeline import answer_question
+    from lmforge.serve.host import AnswerSettings, ModelHost
+
+    model, tok = lmforge.load(tiny_run)
+    autocast_on: list[bool] = []
+    model.register_forward_hook(lambda *_: autocast_on.append(torch.is_autocast_enabled("cpu")))
+    question, context = "What is the capital of France?", "Paris is the capital and most populous city of France."
+    for decoding in ("span", "greedy"):
+        for dtype, expected in (("bfloat16", True), ("float32", False)):
+            autocast_on.clear()
+            assert answer_question(model, tok, question, context, 8, decoding=decoding, dtype=dtype) is not None
+            assert autocast_on and set(autocast_on) == {expected}, (decoding, dtype)
+    host = ModelHost(tiny_run)
+    hosted = host.model()
+    hosted.register_forward_hook(lambda *_: autocast_on.append(torch.is_autocast_enabled("cpu")))
+    for dtype, expected in (("bfloat16", True), ("float32", False)):
+        settings = AnswerSettings("span", 8, 0, dtype=dtype)
+        autocast_on.clear()
+        text, n = host.span_answer(host.active, host.span_prompt(hosted, question, context, settings), settings)
+        assert text in context and n > 0
+        assert autocast_on and set(autocast_on) == {expected}, dtype
+
+
 @pytest.mark.slow
 def test_eval_cli_span_decoding_uses_the_answer_window(copy_run, data_dir):
     """`lmforge eval` passes eval.decoding and eval.context_tokens through; the window overrides qa.context_tokens."""

@@ -21,7 +21,8 @@ from lmforge.pipeline import answer_question, load
 from lmforge.serve import ServerThread, build_app
 
 CONTEXT = "Paris is the capital and most populous city of France."
-SPAN_SETTINGS = {"eval.span_calibration": "1.0", "eval.span_skip_question_words": "true", "eval.span_max_starts": "4"}
+SPAN_SETTINGS = {"eval.span_calibration": "1.0", "eval.span_skip_question_words": "true", "eval.span_max_starts": "4",
+                 "eval.dtype": "bfloat16"}
 QUESTION = "What is the capital of France?"
 
 
@@ -143,12 +144,12 @@ def test_span_answers_are_those_of_eval_and_need_a_context(client, tiny_run):
     model, tok = load(tiny_run, "best")
     expected = answer_question(model, tok, QUESTION, CONTEXT, max_new_tokens=recipe.eval.max_new_tokens,
                                context_tokens=recipe.answer_context_tokens, decoding="span",
-                               span=SpanOptions(1.0, True, 4))
+                               span=SpanOptions(1.0, True, 4), dtype="bfloat16")
     assert expected and expected in CONTEXT
     info = client.get("/api/info").json()["answering"]
     assert info == {"decoding": recipe.eval.decoding, "max_new_tokens": recipe.eval.max_new_tokens,
                     "context_tokens": recipe.answer_context_tokens,
-                    "span": {"calibration": 1.0, "skip_question_words": True, "max_starts": 4}}
+                    "span": {"calibration": 1.0, "skip_question_words": True, "max_starts": 4}, "dtype": "bfloat16"}
     body = {"decoding": "span", "context": CONTEXT, "messages": [{"role": "user", "content": QUESTION}]}
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text

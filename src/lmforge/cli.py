@@ -181,7 +181,7 @@ def cmd_generate(args, overrides) -> int:
         decoding = recipe.eval.decoding if recipe else "greedy"
         span = SpanOptions.of(recipe.eval) if recipe else SpanOptions()
         print(answer_question(model, tok, args.question, args.context, args.max_new_tokens, context_tokens,
-                              decoding, span))
+                              decoding, span, recipe.eval.dtype if recipe else "float32"))
         return 0
     if not args.prompt:
         raise LmforgeError("give a PROMPT, or --question (with optional --context)")

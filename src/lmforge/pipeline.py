@@ -279,8 +279,9 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
     e = recipe.eval
     dtype = resolve_dtype(e.dtype, device)
     val = TokenBatcher(run.data, "val", model.cfg.block_size, recipe.pretrain.batch_size, seed=recipe.seed + 1)
-    report: dict = {"run": str(run.root), "checkpoint": str(resolve_checkpoint(run, checkpoint)),
-                    "stage": read_state(resolve_checkpoint(run, checkpoint)).get("stage"),
+    checkpoint_path = resolve_checkpoint(run, checkpoint)
+    report: dict = {"run": str(run.root), "checkpoint": str(checkpoint_path),
+                    "stage": read_state(checkpoint_path).get("stage"),
                     "dtype": str(dtype).removeprefix("torch.")}
     splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
     with autocast(device, dtype):
@@ -301,17 +302,21 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
 
 def answer_question(model: GPT, tok: Tokenizer, question: str, context: str | None = None,
                     max_new_tokens: int = 32, context_tokens: int = 0, decoding: str = "greedy",
-                    span: SpanOptions | None = None) -> str:
+                    span: SpanOptions | None = None, dtype: str = "float32") -> str:
     """The answer in the fine-tuning prompt format (a long context is cut to its best-matching window):
     generated greedily, or with decoding="span" and a context, the passage span the model finds likeliest
-    (chosen as `span` says: the recipe's eval.span_* settings)."""
+    (chosen as `span` says: the recipe's eval.span_* settings), computed in `dtype` (eval.dtype)."""
     enc = encode_for_inference(tok, question, context or None, model.cfg.block_size, max_new_tokens, context_tokens)
     if enc is None:
         raise LmforgeError("question is longer than the model's block size")
-    if decoding == "span" and context:
-        return tok.decode(span_answer(model, tok, enc.ids, max_new_tokens, span or SpanOptions())[0]).strip()
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids={tok.eot_id})
-    return tok.decode(generate(model, enc.ids, params)).strip()
+    device = model.tok_emb.weight.device
+    with autocast(device, resolve_dtype(dtype, device)):
+        if decoding == "span" and context:
+            answer = span_answer(model, tok, enc.ids, max_new_tokens, span or SpanOptions())[0]
+        else:
+            answer = generate(model, enc.ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                                             stop_ids={tok.eot_id}))
+    return tok.decode(answer).strip()
 
 
 def generate_text(run_dir: str | Path, prompt: str, params: SamplingParams, checkpoint: str = "best",
@@ -357,7 +362,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, data_dir: str 
                         "answer": answer_question(model, tok, recipe.sample_question, context,
                                                   context_tokens=recipe.answer_context_tokens,
                                                   decoding=recipe.eval.decoding,
-                                                  span=SpanOptions.of(recipe.eval))}
+                                                  span=SpanOptions.of(recipe.eval), dtype=recipe.eval.dtype)}
     report["run_dir"] = str(run.root)
     return report
 

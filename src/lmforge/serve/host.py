@@ -35,6 +35,7 @@ from lmforge.serve.batcher import Batcher
 from lmforge.serve.schemas import RequestError
 from lmforge.tokenizer import ANSWER, CONTEXT, QUESTION, Tokenizer
 from lmforge.train.checkpoint import model_from_checkpoint, read_state
+from lmforge.train.precision import autocast, resolve_dtype
 
 KNOWN_CHECKPOINTS = ("best", "last", "pretrained")
 
@@ -54,11 +55,12 @@ class AnswerSettings:
     max_new_tokens: int = 32  # longest span, in tokens
     context_tokens: int = 0  # passage window (0: as much as fits the block)
     span: SpanOptions = SpanOptions()  # how a span is chosen (calibration, question words)
+    dtype: str = "float32"  # eval.dtype: the precision span answers are computed in
 
     @classmethod
     def of(cls, recipe) -> AnswerSettings:
         e = recipe.eval
-        return cls(e.decoding, e.max_new_tokens, recipe.answer_context_tokens, SpanOptions.of(e))
+        return cls(e.decoding, e.max_new_tokens, recipe.answer_context_tokens, SpanOptions.of(e), e.dtype)
 
 
 def qa_prompt_text(question: str, context: str | None) -> str:
@@ -171,7 +173,10 @@ class ModelHost:
 
     def span_answer(self, name: str, prompt_ids: list[int], settings: AnswerSettings) -> tuple[str, int]:
         """(answer, answer tokens): the span of the prompt's passage that checkpoint `name` finds likeliest."""
-        ids, _ = span_answer(self.model(name), self.tokenizer, prompt_ids, settings.max_new_tokens, settings.span)
+        model = self.model(name)
+        device = model.tok_emb.weight.device
+        with autocast(device, resolve_dtype(settings.dtype, device)):  # in this (worker) thread
+            ids, _ = span_answer(model, self.tokenizer, prompt_ids, settings.max_new_tokens, settings.span)
         return self.tokenizer.decode(ids).strip(), len(ids)
 
     # ----------------------------------------------------------------- generation
