@@ -65,6 +65,11 @@ def test_overrides_are_typed_and_validated():
         load_recipe(TINY, {"data.sources.nope.weight": "1"})
     with pytest.raises(ConfigError, match="model.n_embd: 64 is not divisible by model.n_head=3"):
         load_recipe(TINY, {"model.n_head": "3"})
+    # an out-of-range value from the command line is blamed on the override, not on the recipe file
+    with pytest.raises(ConfigError, match=r"^override --pretrain.lr=-1: pretrain.lr: must be > 0$"):
+        load_recipe(TINY, {"pretrain.lr": "-1"})
+    with pytest.raises(ConfigError, match=r"^my.toml: pretrain.lr: must be > 0$"):  # other keys overridden
+        recipe_from_dict({"pretrain": {"lr": -1}}, {"pretrain.max_steps": "5"}, origin="my.toml")
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -422,6 +422,17 @@ def test_eval_cli_span_decoding_uses_the_answer_window(copy_run, data_dir):
     assert all(row["prediction"] and row["prediction"] in contexts[row["id"]] for row in squad["examples"])
 
 
+def test_every_eval_choice_is_described_in_reports():
+    """The choices config accepts for eval.squad_subset/long_context/decoding are exactly those evaluate describes."""
+    from lmforge import config, evaluate
+
+    assert tuple(evaluate.SUBSETS) == config.SQUAD_SUBSETS
+    assert tuple(evaluate.LONG_CONTEXT) == config.LONG_CONTEXTS
+    assert tuple(evaluate.DECODING) == config.DECODINGS
+    with pytest.raises(ConfigError, match="eval.long_context: must be 'truncate', 'best_match' or 'sliding_window'"):
+        tiny_recipe(**{"eval.long_context": "all"})
+
+
 def test_span_decoding_is_validated():
     assert tiny_recipe(**{"eval.decoding": "span"}).eval.decoding == "span"
     with pytest.raises(ConfigError, match="eval.decoding"):

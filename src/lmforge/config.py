@@ -20,6 +20,14 @@ import tomli_w
 from lmforge.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16")  # train.dtype and eval.dtype: auto = bf16 where the device computes it natively
+# the choices of eval.squad_subset, eval.long_context and eval.decoding (lmforge.evaluate describes each in reports)
+SQUAD_SUBSETS = ("spread", "first")
+LONG_CONTEXTS = ("truncate", "best_match", "sliding_window")
+DECODINGS = ("greedy", "span")
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return "must be " + ", ".join(f"'{c}'" for c in choices[:-1]) + f" or '{choices[-1]}'"
 
 
 @dataclass
@@ -265,7 +273,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}: {message}")
+        raise ConfigError(f"{key}: {message}", key)
 
 
 def validate_train(cfg: TrainConfig, key: str) -> None:
@@ -361,12 +369,11 @@ def validate(recipe: Recipe) -> Recipe:
     _check(recipe.eval.val_batches > 0, "eval.val_batches", "must be > 0")
     _check(recipe.eval.squad_questions >= 0, "eval.squad_questions", "must be >= 0")
     _check(recipe.eval.dtype in DTYPES, "eval.dtype", "must be auto, float32 or bfloat16")
-    _check(recipe.eval.squad_subset in ("spread", "first"), "eval.squad_subset", "must be 'spread' or 'first'")
+    _check(recipe.eval.squad_subset in SQUAD_SUBSETS, "eval.squad_subset", _one_of(SQUAD_SUBSETS))
     _check(recipe.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
     _check(recipe.eval.batch_size > 0, "eval.batch_size", "must be > 0")
-    _check(recipe.eval.long_context in ("truncate", "best_match", "sliding_window"), "eval.long_context",
-           "must be 'truncate', 'best_match' or 'sliding_window'")
-    _check(recipe.eval.decoding in ("greedy", "span"), "eval.decoding", "must be 'greedy' or 'span'")
+    _check(recipe.eval.long_context in LONG_CONTEXTS, "eval.long_context", _one_of(LONG_CONTEXTS))
+    _check(recipe.eval.decoding in DECODINGS, "eval.decoding", _one_of(DECODINGS))
     _check(recipe.eval.context_tokens >= 0, "eval.context_tokens", "must be >= 0 (0 = qa.context_tokens)")
     _check(0 <= recipe.eval.span_calibration <= 2, "eval.span_calibration", "must be in [0, 2] (0 = off)")
     _check(recipe.eval.span_max_starts >= 0, "eval.span_max_starts", "must be >= 0 (0 = every word)")
@@ -511,6 +518,8 @@ def recipe_from_dict(data: dict[str, Any], overrides: dict[str, str] | None = No
     try:
         return validate(from_dict(Recipe, data))
     except ConfigError as exc:
+        if exc.key in (overrides or {}):  # the value came from the command line, not the file
+            raise ConfigError(f"override --{exc.key}={overrides[exc.key]}: {exc}") from None
         raise ConfigError(f"{origin}: {exc}") from None
 
 

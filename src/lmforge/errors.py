@@ -6,4 +6,8 @@ class LmforgeError(Exception):
 
 
 class ConfigError(LmforgeError):
-    """A recipe or override that does not fit the typed config."""
+    """A recipe or override that does not fit the typed config; `key` names the setting when one is at fault."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
