@@ -338,6 +338,32 @@ def test_span_max_starts_scores_only_the_likeliest_first_words(tiny_run):
     assert refusing[0] and refusing[0][0] != top
 
 
+def test_best_spans_of_a_batch_match_one_question_at_a_time(tiny_run):
+    """Questions decoded together (left-padded prompts of different lengths, span rows of several questions in one
+    batch) get the spans and scores each gets alone, with calibration, question-word skipping and max_starts."""
+    import lmforge
+    from lmforge.data.qa import build_prompt
+    from lmforge.evaluate import SpanOptions, span_query
+    from lmforge.generate import best_spans
+
+    model, tok = lmforge.load(tiny_run)
+    cases = [("Where did the little dog run?", "The little dog ran to the big red barn and hid."),
+             ("Who was named Max?", "Once upon a time there was a little dog named Max. He liked to play."),
+             ("What did the girl find?", "Lily found a shiny stone in the garden. She showed it to her mom, who smiled."),
+             ("When did it rain?", "It rained all day.")]
+    prompts = [build_prompt(tok, q, c, 100)[0] for q, c in cases]
+    assert len({len(p) for p in prompts}) == len(prompts)  # every prompt padded differently
+    for options in (SpanOptions(), SpanOptions(0.5, True), SpanOptions(0.5, True, 2), SpanOptions(0.0, False, 1)):
+        queries = [span_query(tok, p, options) for p in prompts]
+        alone = [best_spans(model, [q], 6, tok.eot_id, options.calibration, options.max_starts)[0] for q in queries]
+        for max_rows in (256, 3):  # one batch of span rows, and rows of different questions mixed in small batches
+            together = best_spans(model, queries, 6, tok.eot_id, options.calibration, options.max_starts, max_rows)
+            for (span, score), (span1, score1) in zip(together, alone, strict=True):
+                assert span == span1 and span
+                assert score == pytest.approx(score1, abs=1e-4)
+    assert best_spans(model, [], 6, tok.eot_id) == []
+
+
 def test_word_bounds_and_prompt_passage(tiny_run):
     import lmforge
     from lmforge.data.qa import build_prompt, prompt_passage, word_bounds

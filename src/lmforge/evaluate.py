@@ -31,7 +31,7 @@ from lmforge.data.qa import (
 )
 from lmforge.data.sources import QAExample
 from lmforge.errors import LmforgeError
-from lmforge.generate import best_span, greedy_batch_scored
+from lmforge.generate import SpanQuery, best_spans, greedy_batch_scored
 from lmforge.model import GPT, lm_loss
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.loop import Batch
@@ -151,6 +151,7 @@ def question_prompts(tokenizer: Tokenizer, ex: QAExample, mode: str, block_size:
     return None if enc is None else [enc]
 
 
+SPAN_PADDING = "left (prompts batched; every span reads a copy of its prompt's KV cache)"
 DECODING = {
     "greedy": "greedy generation",
     "span": "extractive: the passage span (whole words, not starting with an article or punctuation, at most "
@@ -182,12 +183,10 @@ class SpanOptions:
         return cls(e.span_calibration, e.span_skip_question_words, e.span_max_starts)
 
 
-def span_answer(model: GPT, tokenizer: Tokenizer, prompt: list[int], max_tokens: int,
-                options: SpanOptions = SpanOptions()) -> tuple[list[int], float]:
-    """The likeliest span of a with-context prompt's passage, and its score: the mean token log-probability,
-    minus `options.calibration` x that of the same span without the question; with
-    `options.skip_question_words`, spans whose words (SQuAD-normalized) all appear in the question are
-    passed over (the question is read back from the prompt)."""
+def span_query(tokenizer: Tokenizer, prompt: list[int], options: SpanOptions = SpanOptions()) -> SpanQuery:
+    """What span decoding needs of a with-context prompt: its passage, the word bounds spans keep to, the
+    no-question prompt when calibrating, and with `options.skip_question_words` a test that passes over spans
+    whose words (SQuAD-normalized) all appear in the question (read back from the prompt)."""
     passage = prompt_passage(tokenizer, prompt)
     baseline = without_question(tokenizer, prompt) if options.calibration else None
     accept = None
@@ -195,16 +194,26 @@ def span_answer(model: GPT, tokenizer: Tokenizer, prompt: list[int], max_tokens:
         at = prompt.index(tokenizer.question_id)
         asked = set(normalize_answer(tokenizer.decode(prompt[at + 1 : -1])).split())
         accept = lambda span: not set(normalize_answer(tokenizer.decode(span)).split()) <= asked  # noqa: E731
-    return best_span(model, prompt, passage, *word_bounds(tokenizer, passage), max_tokens, tokenizer.eot_id,
-                     baseline=baseline, baseline_weight=options.calibration, accept=accept,
-                     max_starts=options.max_starts)
+    return SpanQuery(prompt, passage, *word_bounds(tokenizer, passage), baseline, accept)
 
 
-def span_answers(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, list[int]]],
-                 max_tokens: int, options: SpanOptions = SpanOptions()) -> Iterator[tuple[str, list[int], float]]:
-    """(question id, answer ids, score) per prompt (see span_answer)."""
-    for qid, ids in prompts:
-        yield qid, *span_answer(model, tokenizer, ids, max_tokens, options)
+def span_answer(model: GPT, tokenizer: Tokenizer, prompt: list[int], max_tokens: int,
+                options: SpanOptions = SpanOptions()) -> tuple[list[int], float]:
+    """The likeliest span of a with-context prompt's passage, and its score: the mean token log-probability,
+    minus `options.calibration` x that of the same span without the question (see span_query, best_spans)."""
+    return best_spans(model, [span_query(tokenizer, prompt, options)], max_tokens, tokenizer.eot_id,
+                      options.calibration, options.max_starts)[0]
+
+
+def span_answers(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, list[int]]], max_tokens: int,
+                 options: SpanOptions = SpanOptions(), batch_size: int = 1) -> Iterator[tuple[str, list[int], float]]:
+    """(question id, answer ids, score) per prompt (see span_answer), `batch_size` prompts decoded together."""
+    prompts = sorted(prompts, key=lambda item: len(item[1]))  # similar lengths together: less padding
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        found = best_spans(model, [span_query(tokenizer, ids, options) for _, ids in chunk], max_tokens,
+                           tokenizer.eot_id, options.calibration, options.max_starts)
+        yield from ((qid, span, score) for (qid, _), (span, score) in zip(chunk, found, strict=True))
 
 
 def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode: str, max_new_tokens: int,
@@ -231,7 +240,7 @@ def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample],
         too_long += encs[0].context_truncated
         prompts.extend((ex.id, enc.ids) for enc in encs)
     if decoding == "span":
-        answers = span_answers(model, tokenizer, prompts, max_new_tokens, span)
+        answers = span_answers(model, tokenizer, prompts, max_new_tokens, span, batch_size)
     else:
         answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
     for qid, out, score in answers:
@@ -265,7 +274,7 @@ def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode
         "questions_per_s": len(examples) / elapsed,
         "decoding": {"strategy": decoding, "description": DECODING[decoding], "max_new_tokens": max_new_tokens,
                      "batch_size": batch_size, "kv_cache": True,
-                     "padding": "left" if decoding == "greedy" else "none (one prompt, a batch of its spans)",
+                     "padding": "left" if decoding == "greedy" else SPAN_PADDING,
                      **({"span_calibration": span.calibration, "skip_question_words": span.skip_question_words,
                          "span_max_starts": span.max_starts}
                         if decoding == "span" else {})},

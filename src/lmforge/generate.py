@@ -150,99 +150,167 @@ def greedy_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop
     return greedy_batch_scored(model, prompts, max_new_tokens, stop_id, pad_id)[0]
 
 
-@torch.inference_mode()
+@dataclass
+class SpanQuery:
+    """One question for extractive decoding: the spans passage[s:e] (s in `starts`, e in `ends`) compete as
+    the continuation of `prompt`; `baseline` is the prompt for calibration (the passage without the question);
+    `accept(span)`, when given, rules candidates out."""
+
+    prompt: list[int]
+    passage: list[int]
+    starts: Sequence[int]
+    ends: Sequence[int]
+    baseline: list[int] | None = None
+    accept: Callable[[list[int]], bool] | None = None
+
+
 def best_span(model: GPT, prompt: list[int], passage: list[int], starts: Sequence[int], ends: Sequence[int],
-              max_tokens: int, stop_id: int, max_rows: int = 256, baseline: list[int] | None = None,
+              max_tokens: int, stop_id: int, max_rows: int = 0, baseline: list[int] | None = None,
               baseline_weight: float = 0.0, accept: Callable[[list[int]], bool] | None = None,
               max_starts: int = 0) -> tuple[list[int], float]:
-    """Extractive decoding: of the spans passage[s:e] with s in `starts`, e in `ends` and at most
-    `max_tokens` tokens, the one the model likes best as the continuation of `prompt`, and its score.
+    """Extractive decoding of one question: best_spans of a single SpanQuery."""
+    query = SpanQuery(prompt, passage, starts, ends, baseline, accept)
+    return best_spans(model, [query], max_tokens, stop_id, baseline_weight, max_starts, max_rows)[0]
+
+
+@torch.inference_mode()
+def best_spans(model: GPT, queries: list[SpanQuery], max_tokens: int, stop_id: int, baseline_weight: float = 0.0,
+               max_starts: int = 0, max_rows: int = 0) -> list[tuple[list[int], float]]:
+    """Extractive decoding: for each query, of its spans with at most `max_tokens` tokens (and no more than the
+    block leaves after the batch's longest prompt), the one the model likes best as the continuation of its
+    prompt, and its score ([], -inf when none qualifies).
 
     The score is the mean log-probability per token of the span followed by `stop_id`, as in
-    greedy_batch_scored, so answers from different windows compare. With a `baseline` prompt (the same
-    passage without the question) and a `baseline_weight` w, the score is mean(prompt) - w * mean(baseline):
+    greedy_batch_scored, so answers from different windows compare. With `baseline` prompts (the same
+    passage without the question, in every query) and a `baseline_weight` w, the score is mean(prompt) - w * mean(baseline):
     spans the model likes whatever the question is asked lose to those this question makes likely
-    (PMI-style calibration, as in Holtzman et al. 2021, "Surface form competition"). `accept(span)`, when
-    given, rules candidates out (e.g. spans made only of the question's words): the best accepted one wins.
-    Each prompt runs once; the spans then run as one batch (up to `max_rows` rows) on copies of its KV
-    cache, one row per start.
+    (PMI-style calibration, as in Holtzman et al. 2021, "Surface form competition"). `accept(span)` rules
+    candidates out (e.g. spans made only of the question's words): the best accepted one wins.
+    With `max_starts` k, only spans from the k starts whose first token the prompt makes likeliest (calibrated
+    alike) are scored; a query whose spans from them are all refused is decoded again with every start.
+
+    The prompts run once, as one left-padded batch; the spans then run in batches of up to `max_rows` rows
+    (one row per start, up to `max_tokens` tokens), each row on a copy of its prompt's KV cache. max_rows 0:
+    32 on a CPU, where larger batches of rows (their cache copies and vocabulary-wide log-probabilities) were
+    slower, and 256 on a GPU.
     """
     model.eval()
-    width = min(max_tokens, model.cfg.block_size - len(prompt))
-    if width <= 0 or not starts:
-        return [], -math.inf
-    scorers = [_SpanScorer(model, prompt, width)]
-    if baseline is not None and baseline_weight:
-        scorers.append(_SpanScorer(model, baseline, width))
-    if max_starts and len(starts) > max_starts:
-        chosen = _likeliest_starts(scorers, passage, starts, max_starts, baseline_weight)
-        found = _best_of(scorers, passage, chosen, ends, width, stop_id, max_rows, baseline_weight, accept)
-        if found[0]:
-            return found
-        # every span from those starts was ruled out: all the starts compete
-    return _best_of(scorers, passage, starts, ends, width, stop_id, max_rows, baseline_weight, accept)
+    max_rows = max_rows or (32 if model.tok_emb.weight.device.type == "cpu" else 256)
+    results: list[tuple[list[int], float]] = [([], -math.inf)] * len(queries)
+    live = [i for i, q in enumerate(queries) if q.starts]
+    if not live:
+        return results
+    width = min(max_tokens, model.cfg.block_size - max(len(queries[i].prompt) for i in live))
+    if width <= 0:
+        return results
+    scorers = [_PromptBatch(model, [queries[i].prompt for i in live], width)]
+    calibrated = bool(baseline_weight) and all(queries[i].baseline is not None for i in live)
+    if calibrated:
+        scorers.append(_PromptBatch(model, [queries[i].baseline for i in live], width))
+    starts = [list(queries[i].starts) for i in live]
+    if max_starts:
+        first = scorers[0].first - baseline_weight * scorers[1].first if calibrated else scorers[0].first
+        starts = [_likeliest(first[row], queries[i].passage, row_starts, max_starts)
+                  for row, (i, row_starts) in enumerate(zip(live, starts, strict=True))]
+    rows = [(row, s) for row, row_starts in enumerate(starts) for s in row_starts]
+    scores, spans = _span_scores(scorers, [queries[i] for i in live], rows, width, stop_id, baseline_weight,
+                                 max_rows)
+    retry, at = [], 0
+    for row, i in enumerate(live):  # each query's rows are consecutive
+        mine = slice(at, at + len(starts[row]))
+        at = mine.stop
+        results[i] = _pick(queries[i], scores[mine], spans[mine])
+        if not results[i][0] and len(starts[row]) < len(queries[i].starts):
+            retry.append(i)  # every span from the likeliest starts was refused: all the starts compete
+    if retry:
+        again = best_spans(model, [queries[i] for i in retry], max_tokens, stop_id, baseline_weight, 0, max_rows)
+        for i, found in zip(retry, again, strict=True):
+            results[i] = found
+    return results
 
 
-def _best_of(scorers: list[_SpanScorer], passage: list[int], starts: Sequence[int], ends: Sequence[int], width: int,
-             stop_id: int, max_rows: int, baseline_weight: float,
-             accept: Callable[[list[int]], bool] | None) -> tuple[list[int], float]:
-    """best_span's search over the spans from `starts`, with its prompt (and baseline) already run."""
+def _likeliest(first: torch.Tensor, passage: list[int], starts: list[int], keep: int) -> list[int]:
+    """The `keep` starts whose first token gets the highest score in `first` (vocab,), in passage order."""
+    if len(starts) <= keep:
+        return starts
+    score = first[torch.tensor([passage[s] for s in starts], device=first.device)]
+    return [starts[k] for k in score.topk(keep).indices.sort().values.tolist()]
+
+
+def _span_scores(scorers: list[_PromptBatch], queries: list[SpanQuery], rows: list[tuple[int, int]], width: int,
+                 stop_id: int, baseline_weight: float, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, spans), both (rows, width) on the CPU: row k is queries[q].passage[s : s + width] (then stop
+    tokens) for rows[k] = (q, s), and column j the score of its first j + 1 tokens as an answer (-inf where
+    the span may not end there)."""
     device = scorers[0].first.device
-    lengths = torch.arange(1, width + 1, device=device)
-    may_end = torch.zeros(len(passage) + width + 1, dtype=torch.bool, device=device)
-    may_end[[e for e in ends if 0 < e <= len(passage)]] = True
-    # row s of the batch is passage[s : s + width], then stop tokens: gathered on the device in one go
-    padded = torch.tensor(list(passage) + [stop_id] * width, dtype=torch.long, device=device)
-    best: tuple[list[int], float] = ([], -math.inf)
-    for at in range(0, len(starts), max_rows):
-        rows = torch.tensor(list(starts[at : at + max_rows]), device=device)
-        spans = padded[rows[:, None] + torch.arange(width, device=device)]
-        score = scorers[0].mean_logprobs(spans, stop_id, lengths)
+    # every query's passage, then `width` + 1 stop tokens, end to end; may_end marks where a span may stop
+    tokens, may_end, offsets = [], [], [0]
+    for q in queries:
+        tokens += list(q.passage) + [stop_id] * (width + 1)
+        ends = torch.zeros(len(q.passage) + width + 1, dtype=torch.bool)
+        ends[[e for e in q.ends if 0 < e <= len(q.passage)]] = True
+        may_end.append(ends)
+        offsets.append(offsets[-1] + len(q.passage) + width + 1)
+    flat_tokens = torch.tensor(tokens, dtype=torch.long, device=device)
+    flat_ends = torch.cat(may_end).to(device)
+    owners = torch.tensor([q for q, _ in rows], dtype=torch.long, device=device)
+    begins = torch.tensor([offsets[q] + s for q, s in rows], dtype=torch.long, device=device)
+    steps = torch.arange(width, device=device)
+    spans = flat_tokens[begins[:, None] + steps]
+    lengths = steps + 1
+    scores = []
+    for at in range(0, len(rows), max_rows):
+        part, who = spans[at : at + max_rows], owners[at : at + max_rows]
+        score = scorers[0].mean_logprobs(part, who, stop_id, lengths)
         if len(scorers) > 1:
-            score = score - baseline_weight * scorers[1].mean_logprobs(spans, stop_id, lengths)
-        score = score.masked_fill(~may_end[rows[:, None] + lengths[None]], -math.inf).flatten()
-        if accept is None:
-            top, flat = score.max(0)
-            ranked = [(float(top), int(flat))]
-        else:  # every candidate in order, read off the device in one go
-            values, order = score.sort(descending=True)
-            ranked = zip(values.tolist(), order.tolist(), strict=True)
-        for top, flat in ranked:  # best first: the first accepted candidate is this batch's best
-            if top <= best[1]:
-                break
-            r, j = divmod(flat, width)
-            span = spans[r, : j + 1].tolist()
-            if accept is None or accept(span):
-                best = (span, top)
-                break
-    return best
+            score = score - baseline_weight * scorers[1].mean_logprobs(part, who, stop_id, lengths)
+        ok = flat_ends[begins[at : at + max_rows, None] + lengths]
+        scores.append(score.masked_fill(~ok, -math.inf))
+    return torch.cat(scores).cpu(), spans.cpu()
 
 
-def _likeliest_starts(scorers: list[_SpanScorer], passage: list[int], starts: Sequence[int], keep: int,
-                      baseline_weight: float) -> list[int]:
-    """The `keep` starts whose first token the prompt makes likeliest (calibrated as the spans' scores are), in
-    passage order."""
-    first = torch.tensor([passage[s] for s in starts], device=scorers[0].first.device)
-    score = scorers[0].first[first]
-    if len(scorers) > 1:
-        score = score - baseline_weight * scorers[1].first[first]
-    chosen = score.topk(keep).indices.sort().values.tolist()
-    return [starts[i] for i in chosen]
+def _pick(query: SpanQuery, scores: torch.Tensor, spans: torch.Tensor) -> tuple[list[int], float]:
+    """The best candidate of one query's rows (scores and spans as _span_scores gives them) that `accept` takes."""
+    width = spans.shape[1]
+    flat = scores.flatten()
+    if query.accept is None:
+        top, at = flat.max(0)
+        ranked = [(float(top), int(at))]
+    else:  # best first: the first accepted candidate wins
+        values, order = flat.sort(descending=True)
+        ranked = zip(values.tolist(), order.tolist(), strict=True)
+    for top, at in ranked:
+        if top == -math.inf:
+            break
+        r, j = divmod(at, width)
+        span = spans[r, : j + 1].tolist()
+        if query.accept is None or query.accept(span):
+            return span, top
+    return [], -math.inf
 
 
-class _SpanScorer:
-    """A prompt run once, whose KV cache then scores batches of candidate continuations."""
+class _PromptBatch:
+    """Prompts run once as one left-padded batch, whose KV cache then scores batches of continuations."""
 
-    def __init__(self, model: GPT, prompt: list[int], width: int):
+    def __init__(self, model: GPT, prompts: list[list[int]], width: int):
         self.model = model
-        self.cache = model.new_cache(1, len(prompt) + width)
-        ids = torch.tensor([prompt], device=model.tok_emb.weight.device)
-        self.first = model(ids, cache=self.cache, last_only=True)[0, -1].float().log_softmax(-1)
+        device = model.tok_emb.weight.device
+        longest = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)  # padding: masked out
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[row, longest - len(p):] = 1
+        self.cache = model.new_cache(len(prompts), longest + width)
+        self.first = model(ids, cache=self.cache, attention_mask=mask, last_only=True)[:, -1].float().log_softmax(-1)
 
-    def mean_logprobs(self, spans: torch.Tensor, stop_id: int, lengths: torch.Tensor) -> torch.Tensor:
-        """(rows, width): column j is the mean log-probability of a row's first j+1 tokens, then `stop_id`."""
-        logp = self.model(spans, cache=self.cache.repeat(len(spans))).float().log_softmax(-1)  # (rows, width, vocab)
-        token_lp = torch.cat([self.first[spans[:, :1]], logp[:, :-1].gather(-1, spans[:, 1:, None]).squeeze(-1)], 1)
+    def mean_logprobs(self, spans: torch.Tensor, owners: torch.Tensor, stop_id: int,
+                      lengths: torch.Tensor) -> torch.Tensor:
+        """(rows, width): column j is the mean log-probability of a row's first j+1 tokens, then `stop_id`, after
+        the prompt of batch row owners[row]."""
+        logp = self.model(spans, cache=self.cache.select(owners)).float().log_softmax(-1)  # (rows, width, vocab)
+        token_lp = torch.cat([self.first[owners, spans[:, 0]][:, None],
+                              logp[:, :-1].gather(-1, spans[:, 1:, None]).squeeze(-1)], 1)
         return (token_lp.cumsum(1) + logp[..., stop_id]) / (lengths + 1)
 
 

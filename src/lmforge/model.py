@@ -88,15 +88,13 @@ class KVCache:
         self.max_len = max_len
         self.has_padding = False
 
-    def repeat(self, batch: int) -> KVCache:
-        """A cache of `batch` rows, each a copy of this one-row cache: one prompt, several continuations."""
-        if self.k.shape[1] != 1:
-            raise ValueError("only a one-row cache can be repeated")
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """A cache whose row i is a copy of row rows[i] of this one: prompts run once, continued several ways."""
         out = KVCache.__new__(KVCache)
-        out.k = self.k.expand(-1, batch, -1, -1, -1).clone()
-        out.v = self.v.expand(-1, batch, -1, -1, -1).clone()
-        out.valid = self.valid.expand(batch, -1).clone()
-        out.next_pos = self.next_pos.expand(batch).clone()
+        out.k = self.k.index_select(1, rows)
+        out.v = self.v.index_select(1, rows)
+        out.valid = self.valid.index_select(0, rows)
+        out.next_pos = self.next_pos.index_select(0, rows)
         out.length, out.max_len, out.has_padding = self.length, self.max_len, self.has_padding
         return out
 
