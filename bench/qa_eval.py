@@ -5,15 +5,19 @@ against two baselines measured in the same run, on the same dev questions and th
   hf           Hugging Face `transformers` generate on the run exported with `lmforge export --format hf`
                (LlamaForCausalLM, left padding, same batch size, greedy)
 
-    python bench/qa_eval.py RUN [--questions 64] [--batch-size 32] [--data-dir ../shared/data]
+    python bench/qa_eval.py RUN [--questions 64] [--batch-size 32] [--data-dir ../shared/data] [--span-max-starts K]
 
-Also checks that the three produce the same answers (they decode the same greedy tokens).
-Last line: `qa_eval: batched/sequential X.XX, lmforge/hf X.XX` (questions/s ratios; > 1: lmforge faster)
+Also checks that the three produce the same answers (they decode the same greedy tokens). With-context runs
+also time extractive span answers (the run's eval.span_* settings), `--batch-size` questions decoded together
+against one at a time, and check that they agree.
+Last line: `qa_eval: batched/sequential X.XX, lmforge/hf X.XX[, span batched/sequential X.XX]` (questions/s
+ratios; > 1: lmforge faster)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from itertools import islice
@@ -24,9 +28,8 @@ import torch
 import lmforge
 from lmforge.config import load_recipe
 from lmforge.data.sources import data_dir_from_env, iter_qa_examples
-from lmforge.evaluate import predict_answers, squad_scores
+from lmforge.evaluate import SpanOptions, predict_answers, squad_scores
 from lmforge.export import export_hf
-from lmforge.pipeline import answer_question
 
 
 def timed(fn):
@@ -65,6 +68,7 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--span-max-starts", type=int, default=None, help="eval.span_max_starts (default: the run's)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -75,10 +79,11 @@ def main() -> None:
     print(f"{len(examples)} dev questions, mode {mode}, max_new_tokens {max_new}, batch {args.batch_size}, "
           f"threads {torch.get_num_threads()}")
 
-    (batched, _, _), t_batched = timed(lambda: predict_answers(model, tok, examples, mode, max_new, args.batch_size))
-    sequential, t_seq = timed(lambda: {
-        ex.id: answer_question(model, tok, ex.question, ex.context if mode == "context" else None, max_new)
-        for ex in examples})
+    def greedy(batch_size: int):  # long contexts truncated, as the Hugging Face prompts below
+        return predict_answers(model, tok, examples, mode, max_new, batch_size)[0]
+
+    batched, t_batched = timed(lambda: greedy(args.batch_size))
+    sequential, t_seq = timed(lambda: greedy(1))
 
     from lmforge.evaluate import question_prompts
 
@@ -94,7 +99,24 @@ def main() -> None:
         same = sum(preds[ex.id] == batched[ex.id] for ex in examples)
         f1 = squad_scores(preds, examples)["f1"]
         print(f"{name:22s} {n / t:7.2f} questions/s   F1 {f1:6.2f}   same answers as batched: {same}/{n}")
-    print(f"qa_eval: batched/sequential {t_seq / t_batched:.2f}, lmforge/hf {t_hf / t_batched:.2f}")
+    span_ratio = ""
+    if mode == "context":  # extractive answers, the run's span settings: questions together vs one at a time
+        e, span = recipe.eval, SpanOptions.of(recipe.eval)
+        if args.span_max_starts is not None:
+            span = dataclasses.replace(span, max_starts=args.span_max_starts)
+
+        def spans(batch_size: int):
+            return predict_answers(model, tok, examples, mode, max_new, batch_size, e.long_context,
+                                   recipe.answer_context_tokens, "span", span)[0]
+
+        span_batched, t_span_batched = timed(lambda: spans(args.batch_size))
+        span_seq, t_span_seq = timed(lambda: spans(1))
+        same = sum(span_seq[ex.id] == span_batched[ex.id] for ex in examples)
+        print(f"{'span batched':22s} {n / t_span_batched:7.2f} questions/s   F1 "
+              f"{squad_scores(span_batched, examples)['f1']:6.2f}   ({span})")
+        print(f"{'span sequential':22s} {n / t_span_seq:7.2f} questions/s   same answers as batched: {same}/{n}")
+        span_ratio = f", span batched/sequential {t_span_seq / t_span_batched:.2f}"
+    print(f"qa_eval: batched/sequential {t_seq / t_batched:.2f}, lmforge/hf {t_hf / t_batched:.2f}{span_ratio}")
 
 
 if __name__ == "__main__":
