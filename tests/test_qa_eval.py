@@ -474,3 +474,23 @@ def test_span_decoding_is_validated():
     recipe = tiny_recipe(**{"qa.context_tokens": "96"})
     assert recipe.answer_context_tokens == 96  # 0: as in fine-tuning
     assert tiny_recipe(**{"qa.context_tokens": "96", "eval.context_tokens": "32"}).answer_context_tokens == 32
+
+
+def test_span_settings_bench_picks_questions_the_eval_never_scores(data_dir):
+    """bench/span_settings.py chooses settings on dev questions outside the scored and the validation ones."""
+    import importlib.util
+
+    from lmforge.pipeline import load_qa_splits
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "span_settings.py"
+    spec = importlib.util.spec_from_file_location("span_settings", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    recipe = tiny_recipe(**{"eval.squad_questions": "300"})
+    splits = load_qa_splits(recipe, data_dir)
+    held = bench.held_out_questions(recipe, data_dir, 500)
+    assert len(held) == 500 and len({ex.id for ex in held}) == 500
+    assert not {ex.id for ex in held} & ({ex.id for ex in splits.eval} | {ex.id for ex in splits.val})
+    options = bench.parse_variant("starts=2,skip=1", bench.SpanOptions(0.5))
+    assert options == bench.SpanOptions(0.5, True, 2)
+
