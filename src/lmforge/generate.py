@@ -182,10 +182,11 @@ def best_spans(model: GPT, queries: list[SpanQuery], max_tokens: int, stop_id: i
 
     The score is the mean log-probability per token of the span followed by `stop_id`, as in
     greedy_batch_scored, so answers from different windows compare. With `baseline` prompts (the same
-    passage without the question, in every query) and a `baseline_weight` w, the score is mean(prompt) - w * mean(baseline):
-    spans the model likes whatever the question is asked lose to those this question makes likely
-    (PMI-style calibration, as in Holtzman et al. 2021, "Surface form competition"). `accept(span)` rules
-    candidates out (e.g. spans made only of the question's words): the best accepted one wins.
+    passage without the question, in every query) and a `baseline_weight` w, the score is
+    mean(prompt) - w * mean(baseline): spans the model likes whatever the question is asked lose to those this
+    question makes likely (PMI-style calibration, as in Holtzman et al. 2021, "Surface form competition").
+    `accept(span)` rules candidates out (e.g. spans made only of the question's words): the best accepted one
+    wins.
     With `max_starts` k, only spans from the k starts whose first token the prompt makes likeliest (calibrated
     alike) are scored; a query whose spans from them are all refused is decoded again with every start.
 
