@@ -16,6 +16,7 @@ Last line: `span_settings: best <variant> F1 X.XX (baseline X.XX)`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ def parse_variant(text: str, base: SpanOptions) -> SpanOptions:
             raise SystemExit(f"--variant {text}: unknown setting '{key}' (known: {', '.join(FIELDS)})")
         name, kind = FIELDS[key]
         changes[name] = kind(value)
-    return SpanOptions(**{**base.__dict__, **changes})
+    return dataclasses.replace(base, **changes)
 
 
 def held_out_questions(recipe, data_dir: Path | None, n: int) -> list[QAExample]:
