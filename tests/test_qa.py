@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from lmforge.data.qa import QABatcher, collate, encode_examples, encode_for_inference, encode_for_training
+from lmforge.data.qa import (
+    EncodedQA,
+    QABatcher,
+    collate,
+    encode_examples,
+    encode_for_inference,
+    encode_for_training,
+)
 from lmforge.data.sources import QAExample
 from lmforge.tokenizer import train_tokenizer
 
@@ -110,3 +117,52 @@ def test_batcher_epochs_and_resume(tok):
     b2.load_state_dict(state)
     assert torch.equal(b2.next_batch()[0], nxt[0])
     assert sum(x.shape[0] for x, _ in seen[:2]) == 3  # one epoch covers every example once
+
+
+def _items_of_lengths(lengths: list[int]) -> list[EncodedQA]:
+    """Examples whose first token is their index, so a batch says which examples it holds."""
+    return [EncodedQA([i] + [7] * (n - 1), prompt_len=n - 1) for i, n in enumerate(lengths)]
+
+
+def _epoch(batcher: QABatcher) -> list[list[int]]:
+    """The example indices of each batch of one epoch (its first token)."""
+    return [batcher.next_batch()[0][:, 0].tolist() for _ in range(batcher.steps_per_epoch)]
+
+
+def test_batches_grouped_by_length_pad_less_and_still_cover_every_example():
+    lengths = [int(n) for n in torch.randint(5, 120, (203,), generator=torch.Generator().manual_seed(0))]
+    items = _items_of_lengths(lengths)
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) - lengths[i] for b in batches for i in b)
+
+    plain = _epoch(QABatcher(items, batch_size=8, pad_id=0, seed=3))
+    # one group spans the whole epoch: each batch is a run of the length-sorted examples, the least padding
+    whole = QABatcher(items, batch_size=8, pad_id=0, seed=3, group_by_length=26)
+    grouped = _epoch(whole)
+    for batches in (plain, grouped):
+        assert sorted(i for b in batches for i in b) == list(range(203))  # every example once per epoch
+    by_length = sorted(range(203), key=lengths.__getitem__)
+    least = padding([by_length[lo : lo + 8] for lo in range(0, 203, 8)])
+    assert padding(grouped) == least < padding(plain) / 4
+    assert len(grouped[-1]) == 203 % 8  # the partial batch comes last, so batches stay aligned
+    widest = [max(lengths[i] for i in b) for b in grouped[:-1]]
+    assert widest != sorted(widest) and widest != sorted(widest, reverse=True)  # batches in shuffled order
+    assert _epoch(whole) != grouped  # and another order the next epoch
+
+    small = _epoch(QABatcher(items, batch_size=8, pad_id=0, seed=3, group_by_length=4))
+    assert sorted(i for b in small for i in b) == list(range(203))
+    assert least <= padding(small) < padding(plain)
+
+
+def test_grouped_batches_resume_mid_epoch():
+    lengths = [5 + (i * 37) % 90 for i in range(50)]
+    items = _items_of_lengths(lengths)
+    first = QABatcher(items, batch_size=4, pad_id=0, seed=1, group_by_length=3)
+    reference = [first.next_batch()[0] for _ in range(30)]  # past the end of the first epoch (13 steps)
+    again = QABatcher(items, batch_size=4, pad_id=0, seed=1, group_by_length=3)
+    for _ in range(9):
+        again.next_batch()
+    resumed = QABatcher(items, batch_size=4, pad_id=0, seed=1, group_by_length=3)
+    resumed.load_state_dict(again.state_dict())
+    assert all(torch.equal(resumed.next_batch()[0], x) for x in reference[9:])

@@ -91,6 +91,9 @@ class QAConfig:
     # context tokens in a prompt, 0 = as many as fit the block. Training cuts a longer context to a window
     # holding the answer; evaluation picks a window by eval.long_context (best_match: most like the question)
     context_tokens: int = 0
+    # fine-tuning batches of similar length: examples are sorted by length within groups of this many
+    # batches, less padding per batch (0: plain shuffled batches, padded to their longest example)
+    group_by_length: int = 32
 
 
 @dataclass
@@ -364,6 +367,7 @@ def validate(recipe: Recipe) -> Recipe:
     validate_source(recipe.qa.dev, "qa.dev")
     _check(recipe.qa.max_answer_tokens > 0, "qa.max_answer_tokens", "must be > 0")
     _check(recipe.qa.context_tokens >= 0, "qa.context_tokens", "must be >= 0 (0 = as many as fit the block)")
+    _check(recipe.qa.group_by_length >= 0, "qa.group_by_length", "must be >= 0 (0 = off)")
     validate_train(recipe.pretrain, "pretrain")
     validate_train(recipe.finetune, "finetune")
     _check(recipe.eval.val_batches > 0, "eval.val_batches", "must be > 0")

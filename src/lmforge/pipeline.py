@@ -239,7 +239,7 @@ def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = No
         raise LmforgeError("no usable QA training examples (all too long for the block or without answers)")
     if not val_items:
         raise LmforgeError("no usable QA validation examples")
-    train = QABatcher(train_items, f.batch_size, tok.pad_id, seed=recipe.seed)
+    train = QABatcher(train_items, f.batch_size, tok.pad_id, seed=recipe.seed, group_by_length=recipe.qa.group_by_length)
     val = QABatcher(val_items, f.batch_size, tok.pad_id, seed=recipe.seed)
     total = f.max_steps
     if f.epochs > 0:

@@ -309,22 +309,43 @@ def collate(items: list[EncodedQA], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 class QABatcher:
-    """Epoch-based shuffled batches of encoded QA examples. Position = (epoch, cursor)."""
+    """Epoch-based shuffled batches of encoded QA examples. Position = (epoch, cursor).
 
-    def __init__(self, items: list[EncodedQA], batch_size: int, pad_id: int, seed: int):
+    With `group_by_length` = n > 0, each epoch's shuffled examples are taken n batches at a time, sorted by
+    length and cut into batches, and those batches are shuffled: a batch holds examples of similar length,
+    so less of it is padding (as Hugging Face's `group_by_length`). The order stays a function of the seed
+    and the epoch, so the (epoch, cursor) position still resumes exactly.
+    """
+
+    def __init__(self, items: list[EncodedQA], batch_size: int, pad_id: int, seed: int, group_by_length: int = 0):
         if not items:
             raise ValueError("no QA examples")
         self.items = items
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.seed = seed
+        self.group_by_length = group_by_length
         self.epoch = 0
         self.cursor = 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(len(self.items), generator=g).tolist()
+        order = torch.randperm(len(self.items), generator=g).tolist()
+        return self._grouped(order, g) if self.group_by_length > 0 else order
+
+    def _grouped(self, order: list[int], g: torch.Generator) -> list[int]:
+        """`order` regrouped into batches of similar length, in shuffled batch order; a last, partial batch
+        stays last, so every batch starts at a multiple of batch_size."""
+        size = self.batch_size
+        group = size * self.group_by_length
+        batches = []
+        for lo in range(0, len(order), group):
+            chunk = sorted(order[lo : lo + group], key=lambda i: len(self.items[i].ids))
+            batches += [chunk[b : b + size] for b in range(0, len(chunk), size)]
+        tail = [batches.pop()] if len(batches[-1]) < size else []
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return [i for batch in shuffled + tail for i in batch]
 
     @property
     def steps_per_epoch(self) -> int:
