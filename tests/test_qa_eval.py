@@ -122,6 +122,10 @@ def test_predictions_file_holds_every_scored_answer_and_gives_the_report_scores(
     assert set(predictions) == {ex.id for ex in scored} and len(predictions) == report["squad"]["n"]
     again = squad_scores(predictions, scored)
     assert again["em"] == pytest.approx(report["squad"]["em"]) and again["f1"] == pytest.approx(report["squad"]["f1"])
+    per_question = report["squad"]["question_scores"]
+    assert set(per_question) == set(predictions)
+    assert 100 * sum(f1 for _, f1 in per_question.values()) / len(per_question) == pytest.approx(again["f1"], abs=1e-3)
+    assert 100 * sum(em for em, _ in per_question.values()) / len(per_question) == pytest.approx(again["em"])
     examples = {ex["id"]: ex["prediction"] for ex in report["squad"]["examples"]}
     assert all(predictions[qid] == answer for qid, answer in examples.items())
 
@@ -156,8 +160,42 @@ def test_eval_compare_prints_one_table(tiny_run, tmp_path, capsys):
     assert f"| {report['squad']['f1']:.2f} ({lo:.2f}-{hi:.2f}) |" in table[2] and "other-run" in table[3]
     assert f"| 12.35 ({lo:.2f}-{hi:.2f}) |" in table[3]
     assert f"| {report['squad']['n']} (spread) |" in table[2]
+    assert "| F1 vs first run (95% paired) |" in table[0]
+    n = report["squad"]["n"]
+    assert f"| +0.00 (+0.00 to +0.00; {n} questions) |" in table[3]  # the same per-question scores
     assert main(["eval", "--compare", str(tiny_run), str(tmp_path / "missing")]) == 2
     assert "no evaluation report" in capsys.readouterr().err
+
+
+def test_report_keeps_each_questions_scores_and_compare_pairs_them():
+    """report.json keeps every scored question's EM and F1, which give the report's averages; --compare pairs
+    two reports on the questions both scored: the mean F1 change and a bootstrap interval over those questions."""
+    import numpy as np
+
+    from lmforge.evaluate import bootstrap_ci, compare_table, paired_f1_change
+
+    rng = np.random.default_rng(0)
+    ids = [f"q{i}" for i in range(400)]
+    base_f1 = rng.random(400)
+    better_f1 = np.clip(base_f1 + rng.normal(0.05, 0.1, 400), 0, 1)
+
+    def report(name, f1s, keep=slice(None)):
+        scores = {qid: [float(f == 1), float(f)] for qid, f in list(zip(ids, f1s, strict=True))[keep]}
+        return {"run": name, "squad": {"f1": 100 * float(np.mean([v[1] for v in scores.values()])),
+                                       "question_scores": scores}}
+
+    base, better = report("base", base_f1), report("better", better_f1)
+    change = better_f1 - base_f1
+    low, high = bootstrap_ci(change)
+    assert low < 100 * change.mean() < high < 100 * (better_f1.mean() - base_f1.mean()) + 5
+    assert paired_f1_change(better, base) == f"{100 * change.mean():+.2f} ({low:+.2f} to {high:+.2f}; 400 questions)"
+    # only the questions both scored are paired
+    part = report("part", better_f1, slice(100, 300))
+    low, high = bootstrap_ci(change[100:300])
+    assert paired_f1_change(part, base) == f"{100 * change[100:300].mean():+.2f} ({low:+.2f} to {high:+.2f}; 200 questions)"
+    assert paired_f1_change({"run": "old report"}, base) == "-"
+    rows = compare_table([base, better]).splitlines()
+    assert "| - |" in rows[2] and f"{100 * change.mean():+.2f} (" in rows[3]
 
 
 def test_eval_dtype_is_applied_and_recorded(tiny_run, data_dir, tmp_path, capsys):

@@ -279,6 +279,8 @@ def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode
                          "span_max_starts": span.max_starts}
                         if decoding == "span" else {})},
         "examples": listed,
+        # {question id: [EM, F1]} (0-1): lets --compare pair two reports' scores question by question
+        "question_scores": {ex.id: [float(em[i]), round(float(f1[i]), 4)] for i, ex in enumerate(examples)},
         "predictions": predictions,  # {question id: answer}, the official script's input
     }
 
@@ -360,11 +362,24 @@ def report_markdown(report: dict) -> str:
 
 # --------------------------------------------------------------------------- comparing runs
 
-COMPARE_COLUMNS = ("run", "checkpoint", "mode", "questions", "EM", "F1 (95% interval)", "bpb", "perplexity", "questions/s",
-                   "long contexts", "decoding", "dtype")
+COMPARE_COLUMNS = ("run", "checkpoint", "mode", "questions", "EM", "F1 (95% interval)", "F1 vs first run (95% paired)",
+                   "bpb", "perplexity", "questions/s", "long contexts", "decoding", "dtype")
 
 
-def compare_row(report: dict) -> list[str]:
+def paired_f1_change(report: dict, baseline: dict) -> str:
+    """F1 of `report` minus F1 of `baseline` on the questions both scored, with a paired bootstrap interval
+    (resampling questions, each scored by both): a difference that two separate intervals would blur."""
+    ours = report.get("squad", {}).get("question_scores", {})
+    theirs = baseline.get("squad", {}).get("question_scores", {})
+    shared = [qid for qid in ours if qid in theirs]
+    if not shared:
+        return "-"
+    change = np.array([ours[qid][1] - theirs[qid][1] for qid in shared])
+    low, high = bootstrap_ci(change)
+    return f"{100 * change.mean():+.2f} ({low:+.2f} to {high:+.2f}; {len(shared)} questions)"
+
+
+def compare_row(report: dict, baseline: dict | None = None) -> list[str]:
     squad = report.get("squad", {})
     return [
         report.get("run", "?"),
@@ -373,6 +388,7 @@ def compare_row(report: dict) -> list[str]:
         f"{squad.get('n', 0)}" + (f" ({squad['subset']})" if squad.get("subset") else ""),
         f"{squad.get('em', 0):.2f}",
         f"{squad.get('f1', 0):.2f}" + (" ({:.2f}-{:.2f})".format(*squad["f1_ci95"]) if "f1_ci95" in squad else ""),
+        paired_f1_change(report, baseline) if baseline is not None else "-",
         f"{report.get('bpb', float('nan')):.4f}",
         f"{report.get('perplexity', float('nan')):.2f}",
         f"{squad.get('questions_per_s', 0):.1f}",
@@ -383,9 +399,10 @@ def compare_row(report: dict) -> list[str]:
 
 
 def compare_table(reports: list[dict]) -> str:
-    """One Markdown table with a row per evaluation report."""
+    """One Markdown table with a row per evaluation report; each after the first also shows its F1 change from
+    the first on the questions both scored."""
     lines = ["| " + " | ".join(COMPARE_COLUMNS) + " |", "|" + "---|" * len(COMPARE_COLUMNS)]
-    lines += ["| " + " | ".join(compare_row(r)) + " |" for r in reports]
+    lines += ["| " + " | ".join(compare_row(r, reports[0] if i else None)) + " |" for i, r in enumerate(reports)]
     return "\n".join(lines) + "\n"
 
 
