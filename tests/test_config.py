@@ -38,6 +38,8 @@ def test_seed_recipe_matches_the_seed_hyperparameters():
         ({"data": {"sources": [{"name": "x", "local": "a", "colour": 1}]}}, "unknown key 'data.sources[0].colour'"),
         ({"qa": {"mode": "open"}}, "qa.mode: must be 'context' or 'closed_book'"),
         ({"qa": {"group_by_length": -1}}, "qa.group_by_length: must be >= 0"),
+        ({"eval": {"dtype": "float16"}}, "eval.dtype: must be 'auto', 'float32' or 'bfloat16'"),
+        ({"finetune": {"dtype": "fp16"}}, "finetune.dtype: must be 'auto', 'float32' or 'bfloat16'"),
         ({"model": 3}, "model: expected a table"),
     ],
 )

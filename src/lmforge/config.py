@@ -299,7 +299,7 @@ def validate_train(cfg: TrainConfig, key: str) -> None:
     _check(cfg.log_interval > 0, f"{key}.log_interval", "must be > 0")
     _check(cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:"), f"{key}.device",
            "must be auto, cpu, cuda[:N] or mps")
-    _check(cfg.dtype in DTYPES, f"{key}.dtype", "must be auto, float32 or bfloat16")
+    _check(cfg.dtype in DTYPES, f"{key}.dtype", _one_of(DTYPES))
     _check(cfg.optimizer in ("adamw", "muon"), f"{key}.optimizer", "must be adamw or muon")
     _check(cfg.muon_lr > 0, f"{key}.muon_lr", "must be > 0")
     _check(0 <= cfg.muon_momentum < 1, f"{key}.muon_momentum", "must be in [0, 1)")
@@ -372,7 +372,7 @@ def validate(recipe: Recipe) -> Recipe:
     validate_train(recipe.finetune, "finetune")
     _check(recipe.eval.val_batches > 0, "eval.val_batches", "must be > 0")
     _check(recipe.eval.squad_questions >= 0, "eval.squad_questions", "must be >= 0")
-    _check(recipe.eval.dtype in DTYPES, "eval.dtype", "must be auto, float32 or bfloat16")
+    _check(recipe.eval.dtype in DTYPES, "eval.dtype", _one_of(DTYPES))
     _check(recipe.eval.squad_subset in SQUAD_SUBSETS, "eval.squad_subset", _one_of(SQUAD_SUBSETS))
     _check(recipe.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
     _check(recipe.eval.batch_size > 0, "eval.batch_size", "must be > 0")

@@ -32,7 +32,7 @@ from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.checkpoint import checkpoint_dir, copy_checkpoint, model_from_checkpoint, read_state
 from lmforge.train.distributed import barrier, from_main, is_main, on_main
 from lmforge.train.loop import StageResult, resolve_device, train_stage
-from lmforge.train.precision import autocast, resolve_dtype
+from lmforge.train.precision import autocast, model_autocast, resolve_dtype
 
 log = logging.getLogger("lmforge")
 
@@ -309,8 +309,7 @@ def answer_question(model: GPT, tok: Tokenizer, question: str, context: str | No
     enc = encode_for_inference(tok, question, context or None, model.cfg.block_size, max_new_tokens, context_tokens)
     if enc is None:
         raise LmforgeError("question is longer than the model's block size")
-    device = model.tok_emb.weight.device
-    with autocast(device, resolve_dtype(dtype, device)):
+    with model_autocast(model, dtype):
         if decoding == "span" and context:
             answer = span_answer(model, tok, enc.ids, max_new_tokens, span or SpanOptions())[0]
         else:

@@ -35,7 +35,7 @@ from lmforge.serve.batcher import Batcher
 from lmforge.serve.schemas import RequestError
 from lmforge.tokenizer import ANSWER, CONTEXT, QUESTION, Tokenizer
 from lmforge.train.checkpoint import model_from_checkpoint, read_state
-from lmforge.train.precision import autocast, resolve_dtype
+from lmforge.train.precision import model_autocast
 
 KNOWN_CHECKPOINTS = ("best", "last", "pretrained")
 
@@ -174,8 +174,7 @@ class ModelHost:
     def span_answer(self, name: str, prompt_ids: list[int], settings: AnswerSettings) -> tuple[str, int]:
         """(answer, answer tokens): the span of the prompt's passage that checkpoint `name` finds likeliest."""
         model = self.model(name)
-        device = model.tok_emb.weight.device
-        with autocast(device, resolve_dtype(settings.dtype, device)):  # in this (worker) thread
+        with model_autocast(model, settings.dtype):  # in this (worker) thread
             ids, _ = span_answer(model, self.tokenizer, prompt_ids, settings.max_new_tokens, settings.span)
         return self.tokenizer.decode(ids).strip(), len(ids)
 

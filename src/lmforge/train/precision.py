@@ -77,6 +77,12 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def model_autocast(model: torch.nn.Module, dtype: str):
+    """`autocast` for running `model` at the precision a config names (auto / float32 / bfloat16) on its device."""
+    device = next(model.parameters()).device
+    return autocast(device, resolve_dtype(dtype, device))
+
+
 def enable_tf32(device: torch.device) -> None:
     """Let fp32 matmuls use TF32 tensor cores on GPUs (about 8x faster, 10-bit mantissa: fine for training)."""
     if device.type == "cuda":
