@@ -170,3 +170,24 @@ def test_checkpoints_hold_no_pickle(tiny_run):
     assert sorted(p.name for p in best.iterdir()) == ["model.safetensors", "state.json"]
     state = json.loads((best / "state.json").read_text())
     assert state["stage"] == "finetune" and state["model_config"]["n_layer"] == 2
+
+
+def test_padded_batches_count_only_their_real_tokens(tmp_path):
+    """Fine-tuning batches are padded to their longest example: tokens, tokens/s and MFU count the tokens the
+    model read, not the padding."""
+    from lmforge.data.qa import EncodedQA, QABatcher
+
+    items = [EncodedQA(list(range(1, n + 1)), prompt_len=n - 2) for n in (5, 9, 14, 20, 7, 11, 16, 6)]
+    reference = QABatcher(items, batch_size=4, pad_id=0, seed=1, group_by_length=0)
+    batches = [reference.next_batch()[0] for _ in range(4)]
+    real, padded = sum(int((x != 0).sum()) for x in batches), sum(x.numel() for x in batches)
+    assert real < padded
+    run = RunDir(tmp_path / "qa")
+    run.root.mkdir()
+    cfg = TrainConfig(max_steps=4, batch_size=4, lr=1e-3, warmup_steps=1, eval_interval=100, eval_batches=1,
+                      checkpoint_interval=100, log_interval=1)
+    train = QABatcher(items, batch_size=4, pad_id=0, seed=1, group_by_length=0)
+    result = train_stage(small_model(32), train, QABatcher(items, 4, 0, seed=2), cfg, run, "finetune", 4, seed=5)
+    assert result.tokens == real
+    logged = [r for r in read_metrics(run.metrics) if r.get("split") == "train"]
+    assert logged[-1]["tokens"] == real

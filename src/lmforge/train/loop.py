@@ -282,6 +282,8 @@ def train_stage(
     bar = tqdm(total=total_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True,
                disable=not parallel.is_main)
     window_tokens, window_outputs, window_start = 0, 0, time.time()
+    # padded batches (fine-tuning) count only their real tokens in tokens, tokens/s and MFU
+    pad_id = getattr(train_data, "pad_id", None)
     try:
         with StopRequest(run) as stop:
             if step == 0:
@@ -300,13 +302,14 @@ def train_stage(
                     x, y = parallel.local_rows(train_data.next_batch())
                     scored, sparse = scored_positions(y)
                     outputs = scored if sparse else y.numel()  # positions whose output layer runs
+                    read = x.numel() if pad_id is None else int((x != pad_id).sum())  # tokens, not padding
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with parallel.grad_sync(model, micro == cfg.grad_accum - 1), autocast(device, dtype):
                         loss = batch_loss(engine, x, y, sparse) / cfg.grad_accum
                     loss.backward()
                     loss_sum += loss.detach()
-                    tokens += x.numel() * parallel.world_size
-                    window_tokens += x.numel() * parallel.world_size
+                    tokens += read * parallel.world_size
+                    window_tokens += read * parallel.world_size
                     window_outputs += outputs * parallel.world_size
                 grad_norm = None
                 if cfg.grad_clip > 0:
