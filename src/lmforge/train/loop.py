@@ -49,6 +49,9 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class BatchSource(Protocol):
+    """Training or validation batches. Optional: a `pad_id` attribute (padded QA batches: only the other
+    tokens count in tokens, tokens/s and MFU) and the hooks _data_hook calls."""
+
     def next_batch(self) -> Batch: ...
     def fixed_batches(self, n: int) -> list[Batch]: ...
     def state_dict(self) -> dict: ...
