@@ -68,6 +68,9 @@ def test_cli_generate_is_reproducible_with_a_seed(tiny_run):
     first, second = cli(*args), cli(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.startswith("Once upon a time")
+    # free text comes from the pretrained model by default: the fine-tuned one answers briefly and stops
+    assert cli(*args, "--checkpoint", "pretrained").stdout == first.stdout
+    assert cli(*args, "--checkpoint", "best").stdout != first.stdout
     answer = cli("generate", "--run-dir", tiny_run, "--question", "Who?", "--context", "Paris is in France.")
     assert answer.returncode == 0, answer.stderr
 

@@ -163,6 +163,16 @@ def cmd_eval(args, overrides) -> int:
     return 0
 
 
+def _generate_checkpoint(run_dir: Path, question: str | None) -> str:
+    """The default checkpoint for `generate`: a question goes to the best (fine-tuned) model; free text to
+    the pretrained one when the run has it, since a QA fine-tuned model answers briefly and stops."""
+    from lmforge.rundir import RunDir
+
+    if question is None and (RunDir(run_dir).checkpoint("pretrained") / "model.safetensors").is_file():
+        return "pretrained"
+    return "best"
+
+
 def cmd_generate(args, overrides) -> int:
     from lmforge.config import GenerateConfig
     from lmforge.generate import SamplingParams, generate_stream, stream_text
@@ -170,7 +180,7 @@ def cmd_generate(args, overrides) -> int:
 
     if overrides:
         raise LmforgeError(f"generate takes no recipe overrides (got --{next(iter(overrides))})")
-    model, tok = load(args.run_dir, args.checkpoint)
+    model, tok = load(args.run_dir, args.checkpoint or _generate_checkpoint(Path(args.run_dir), args.question))
     if args.question:
         from lmforge.config import load_recipe
         from lmforge.evaluate import SpanOptions
@@ -430,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a continuation of PROMPT, or answer --question (with --context).")
     p.add_argument("prompt", nargs="?", help="text to continue")
     p.add_argument("--run-dir", required=True, help="run directory")
-    p.add_argument("--checkpoint", default="best", help="best | last | pretrained | PATH (default: best)")
+    p.add_argument("--checkpoint", help="best | last | pretrained | PATH (default: pretrained for a PROMPT when the "
+                                        "run has it, best for --question)")
     p.add_argument("--question", help="answer this question in the fine-tuned QA format (greedy; with --context "
                                       "and the run's eval.decoding = 'span', the passage span it finds likeliest)")
     p.add_argument("--context", help="optional context passage for --question")
