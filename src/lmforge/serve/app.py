@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 
 from lmforge.config import GenerateConfig, ServeConfig
 from lmforge.serve.host import AnswerSettings, ModelHost, qa_prompt_text
-from lmforge.serve.limits import Admission, BodyLimit
+from lmforge.serve.limits import Admission, BodyLimit, StartTracking
 from lmforge.serve.memory import free_memory, memory_report
 from lmforge.serve.openai_api import openai_router
 from lmforge.serve.schemas import AttentionRequest, CheckpointRequest, RequestError
@@ -61,18 +61,12 @@ class InternalErrors:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked_send = StartTracking(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked_send)
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             log.exception("error serving %s", scope.get("path"))
-            if scope["type"] == "http" and not started:
+            if scope["type"] == "http" and not tracked_send.started:
                 body = error_body(f"internal error: {exc}", None, None, "server_error")
                 await JSONResponse(body, status_code=500)(scope, receive, send)
 

@@ -60,6 +60,19 @@ class BodyTooLarge(Exception):
     pass
 
 
+class StartTracking:
+    """An ASGI `send` wrapper that notes whether the response has started (its headers went out): after
+    that, an error can no longer be answered with a response of its own."""
+
+    def __init__(self, send):
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message):
+        self.started = self.started or message["type"] == "http.response.start"
+        await self.send(message)
+
+
 class BodyLimit:
     """ASGI middleware: refuse request bodies over `limit` bytes with 413 (by Content-Length, or while
     reading a body sent without one)."""
@@ -75,7 +88,7 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._refuse(send)
         seen = 0
-        started = False
+        tracked_send = StartTracking(send)
 
         async def counting_receive():
             nonlocal seen
@@ -86,15 +99,10 @@ class BodyLimit:
                     raise BodyTooLarge
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, tracked_send)
         except BodyTooLarge:
-            if not started:
+            if not tracked_send.started:
                 await self._refuse(send)
 
     async def _refuse(self, send):
