@@ -534,3 +534,23 @@ def test_span_settings_bench_picks_questions_the_eval_never_scores(data_dir):
     options = bench.parse_variant("starts=2,skip=1", bench.SpanOptions(0.5))
     assert options == bench.SpanOptions(0.5, True, 2)
 
+
+
+def test_answer_tokens_bench_splits_the_logged_dev_loss(tiny_run, data_dir):
+    """bench/answer_tokens.py: the first answer token of each row is found, and first + later tokens
+    together give back the dev loss the run logged for its best checkpoint."""
+    import importlib.util
+
+    from lmforge.train.metrics import read_metrics
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "answer_tokens.py"
+    spec = importlib.util.spec_from_file_location("answer_tokens", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    targets = torch.tensor([[-100, -100, 5, 6, 7], [-100, 3, -100, -100, -100], [-100, -100, -100, -100, 9]])
+    assert bench.first_answer_positions(targets).nonzero().tolist() == [[0, 2], [1, 1], [2, 4]]
+    r = bench.split_loss(tiny_run, data_dir)
+    best = min(m["loss"] for m in read_metrics(tiny_run / "metrics.jsonl")
+               if m.get("stage") == "finetune" and m.get("split") == "val")
+    assert r["all"] == pytest.approx(best, rel=0.01)  # the run validated under bf16 autocast, the bench in fp32
+    assert r["answers"] > 0 and 0 <= r["top1"] <= 100 and r["first"] > 0 and r["later"] > 0
