@@ -535,7 +535,6 @@ def test_span_settings_bench_picks_questions_the_eval_never_scores(data_dir):
     assert options == bench.SpanOptions(0.5, True, 2)
 
 
-
 def test_answer_tokens_bench_splits_the_logged_dev_loss(tiny_run, data_dir):
     """bench/answer_tokens.py: the first answer token of each row is found, and first + later tokens
     together give back the dev loss the run logged for its best checkpoint."""
