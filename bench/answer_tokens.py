@@ -22,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import lmforge  # noqa: E402
 from lmforge.config import load_recipe  # noqa: E402
-from lmforge.data.qa import QABatcher, encode_examples  # noqa: E402
 from lmforge.data.sources import data_dir_from_env  # noqa: E402
-from lmforge.pipeline import load_qa_splits  # noqa: E402
+from lmforge.pipeline import load_qa_splits, qa_batches  # noqa: E402
 
 
 def first_answer_positions(targets: torch.Tensor) -> torch.Tensor:
@@ -39,13 +38,10 @@ def split_loss(run: str | Path, data_dir: Path | None, n_batches: int = 0) -> di
     (0: the recipe's finetune.eval_batches, as the logged dev loss)."""
     recipe = load_recipe(Path(run) / "config.toml")
     model, tok = lmforge.load(run, "best")
-    qa, f = recipe.qa, recipe.finetune
-    val = load_qa_splits(recipe, data_dir).val
-    items = encode_examples(tok, val, qa.mode, model.cfg.block_size, qa.max_answer_tokens, "validation", qa.context_tokens)
+    val = qa_batches(recipe, tok, model.cfg.block_size, load_qa_splits(recipe, data_dir).val, "validation")
     sums = {"first": 0.0, "later": 0.0, "first_n": 0, "later_n": 0, "top1": 0}
     with torch.no_grad():
-        batches = QABatcher(items, f.batch_size, tok.pad_id, seed=recipe.seed).fixed_batches(n_batches or f.eval_batches)
-        for x, y in batches:
+        for x, y in val.fixed_batches(n_batches or recipe.finetune.eval_batches):
             logits = model(x).float()
             loss = F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none")
             first = first_answer_positions(y)

@@ -217,6 +217,18 @@ def scored_questions(pool: list[QAExample], n: int, subset: str) -> list[QAExamp
     return [pool[i * len(pool) // n] for i in range(n)]
 
 
+def qa_batches(recipe: Recipe, tok: Tokenizer, block_size: int, examples: list[QAExample], split: str,
+               group_by_length: int = 0) -> QABatcher:
+    """Fine-tuning's batches of one split ("training" or "validation") of QA examples, encoded as the recipe
+    says; the validation loss is the mean over the first finetune.eval_batches of them."""
+    qa = recipe.qa
+    items = encode_examples(tok, examples, qa.mode, block_size, qa.max_answer_tokens, f"fine-tuning {split}",
+                            qa.context_tokens)
+    if not items:
+        raise LmforgeError(f"no usable QA {split} examples (all too long for the block or without answers)")
+    return QABatcher(items, recipe.finetune.batch_size, tok.pad_id, seed=recipe.seed, group_by_length=group_by_length)
+
+
 def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, resume: bool = False) -> StageResult:
     tok = Tokenizer.load(run.tokenizer)
     resume = resume and _can_resume(run, "finetune")
@@ -227,24 +239,14 @@ def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = No
         model = model_from_checkpoint(start)
     else:
         model = GPT(GPTConfig(**read_state(run.checkpoint("last"))["model_config"]))
-    cfg = model.cfg
     f = recipe.finetune
     splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
-    train_ex, val_ex = splits.train, splits.val
-    mode, max_ans = recipe.qa.mode, recipe.qa.max_answer_tokens
-    ctx = recipe.qa.context_tokens
-    train_items = encode_examples(tok, train_ex, mode, cfg.block_size, max_ans, "fine-tuning train", ctx)
-    val_items = encode_examples(tok, val_ex, mode, cfg.block_size, max_ans, "fine-tuning validation", ctx)
-    if not train_items:
-        raise LmforgeError("no usable QA training examples (all too long for the block or without answers)")
-    if not val_items:
-        raise LmforgeError("no usable QA validation examples")
-    train = QABatcher(train_items, f.batch_size, tok.pad_id, seed=recipe.seed, group_by_length=recipe.qa.group_by_length)
-    val = QABatcher(val_items, f.batch_size, tok.pad_id, seed=recipe.seed)
+    train = qa_batches(recipe, tok, model.cfg.block_size, splits.train, "training", recipe.qa.group_by_length)
+    val = qa_batches(recipe, tok, model.cfg.block_size, splits.val, "validation")
     total = f.max_steps
     if f.epochs > 0:
         total = min(f.max_steps, math.ceil(f.epochs * train.steps_per_epoch / f.grad_accum))
-    log.info("fine-tuning (%s): %d examples, %d steps", mode, len(train_items), total)
+    log.info("fine-tuning (%s): %d examples, %d steps", recipe.qa.mode, len(train.items), total)
     result = train_stage(model, train, val, f, run, "finetune", total, resume=resume, seed=recipe.seed)
     if is_main():
         mark_done(run, "finetune", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
