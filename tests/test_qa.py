@@ -5,9 +5,11 @@ from lmforge.data.qa import (
     EncodedQA,
     QABatcher,
     collate,
+    context_windows,
     encode_examples,
     encode_for_inference,
     encode_for_training,
+    prompt_passage,
 )
 from lmforge.data.sources import QAExample
 from lmforge.tokenizer import train_tokenizer
@@ -87,6 +89,31 @@ def test_best_match_window_holds_the_question_words(tok):
     assert best.context_truncated and first.context_truncated
     assert "Gustave Eiffel" in tok.decode(best.ids) and "Gustave" not in tok.decode(first.ids)
     assert best.ids.index(tok.question_id) - 1 == 64  # <|context|> + 64 context tokens
+
+
+def test_inference_windows_hold_whole_words():
+    # few merges, so long words take several tokens and a window edge would often fall inside one
+    words = ["Constantinople", "Mississippi", "Kilimanjaro", "1889", "Eiffel", "Schwarzenegger", "Bowl"]
+    context = " ".join(f"{words[i % 7]} {words[(3 * i) % 7]}{i}, {words[(5 * i + 1) % 7]}." for i in range(40))
+    small = train_tokenizer([context], vocab_size=290, sample_chars=20000, min_frequency=1)
+    question = "Where is Kilimanjaro?"
+
+    def one_word(a, b):
+        return (a.isalpha() and b.isalpha()) or (a.isdigit() and b.isdigit())
+
+    def assert_whole_words(prompt):
+        text = small.decode(prompt_passage(small, prompt)).strip()
+        at = context.index(text)
+        before, after = context[at - 1 : at], context[at + len(text) : at + len(text) + 1]
+        assert not one_word(before, text[0]) and not one_word(text[-1], after), (before, text, after)
+
+    for budget in range(24, 64):
+        for select in ("truncate", "best_match"):
+            enc = encode_for_inference(small, question, context, 256, 16, budget, select)
+            assert enc.context_truncated and budget - 24 < enc.ids.index(small.question_id) - 1 <= budget
+            assert_whole_words(enc.ids)
+        for window in context_windows(small, question, context, 256, 16, budget):
+            assert_whole_words(window.ids)
 
 
 def test_too_long_question_and_answer_are_skipped(tok, caplog):

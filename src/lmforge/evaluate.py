@@ -134,10 +134,12 @@ class SquadPrediction:
 
 
 LONG_CONTEXT = {
-    "truncate": "keep the beginning of the context (the answer position is unknown at evaluation)",
-    "best_match": "keep the window sharing the most words with the question (stride a quarter window)",
-    "sliding_window": "overlapping windows over the whole context (stride: half a window); the answer with "
-                      "the highest mean token log-probability wins",
+    "truncate": "keep the beginning of the context (the answer position is unknown at evaluation), cut "
+                "after a whole word",
+    "best_match": "keep the window sharing the most words with the question (stride a quarter window), "
+                  "narrowed to whole words",
+    "sliding_window": "overlapping windows over the whole context (stride: half a window; whole words); the "
+                      "answer with the highest mean token log-probability wins",
 }
 
 

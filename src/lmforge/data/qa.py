@@ -143,18 +143,40 @@ def _context_window(tokenizer: Tokenizer, context: str, budget: int, answer_star
                     question: str, select: str) -> tuple[list[int], bool]:
     """Context tokens cut to `budget`, and whether they were cut. With the answer position known
     (training) the window holds the answer; otherwise `select` says which window: "truncate" (the
-    beginning) or "best_match" (the one most like the question)."""
+    beginning) or "best_match" (the one most like the question), narrowed to whole words."""
     ids, offsets = _encode_with_offsets(tokenizer, context)
     if len(ids) <= budget:
         return list(ids), False
     if budget <= 0:
         return [], True
-    start = 0
     if answer_start is not None and answer_start >= 0:
         start = answer_window_start(offsets, budget, answer_start, question)
-    elif select == "best_match":
-        start = best_match_start(context, offsets, budget, question)
-    return list(ids[start : start + budget]), True
+        return list(ids[start : start + budget]), True
+    start = best_match_start(context, offsets, budget, question) if select == "best_match" else 0
+    start, end = whole_word_window(context, offsets, start, start + budget)
+    return list(ids[start:end]), True
+
+
+def _cuts_word(text: str, pos: int) -> bool:
+    """Whether cutting `text` at character `pos` splits a word or number (two characters of one kind)."""
+    return (0 < pos < len(text) and not text[pos - 1].isspace() and not text[pos].isspace()
+            and _char_class(text[pos - 1]) == _char_class(text[pos]))
+
+
+def whole_word_window(text: str, offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+    """The token range [start, end) of `text` narrowed so that it neither starts nor ends inside a word.
+
+    A window read at inference must hold whole words: an answer taken from it could otherwise be a piece
+    of one ("Super Bow" for "Super Bowl"). Unchanged when not even one whole word fits.
+    """
+    first = start
+    while first < end and _cuts_word(text, offsets[first][0]):
+        first += 1
+    last = end
+    while last > first and last < len(offsets) and _cuts_word(text, offsets[last][0]):
+        last -= 1
+    whole_words = last > first and text[offsets[first][0] : offsets[last - 1][1]].strip()
+    return (first, last) if whole_words else (start, end)
 
 
 def answer_position(ex: QAExample) -> int | None:
@@ -277,21 +299,22 @@ def word_bounds(tokenizer: Tokenizer, ids: Sequence[int]) -> tuple[list[int], li
 
 def context_windows(tokenizer: Tokenizer, question: str, context: str, block_size: int,
                     max_new_tokens: int, context_tokens: int = 0) -> list[EncodedQA] | None:
-    """Prompts covering the whole context in overlapping windows (stride: half a window), or None when
-    the question alone does not fit. A context that fits gives exactly one prompt."""
+    """Prompts covering the whole context in overlapping windows (stride: half a window; each narrowed to
+    whole words), or None when the question alone does not fit. A context that fits gives exactly one prompt."""
     q_ids = [tokenizer.question_id] + tokenizer.encode(question) + [tokenizer.answer_id]
     budget = block_size - max_new_tokens - len(q_ids) - 1
     if context_tokens:
         budget = min(budget, context_tokens)
     if budget <= 0:
         return None
-    ctx = tokenizer.encode(context)
+    ctx, offsets = _encode_with_offsets(tokenizer, context)
     stride = max(1, budget // 2)
     starts = list(range(0, max(len(ctx) - budget, 0) + 1, stride))
     if starts[-1] + budget < len(ctx):
         starts.append(len(ctx) - budget)
     many = len(starts) > 1
-    prompts = ([tokenizer.context_id] + ctx[s : s + budget] + q_ids for s in starts)
+    windows = (whole_word_window(context, offsets, s, s + budget) for s in starts)
+    prompts = ([tokenizer.context_id, *ctx[s:e], *q_ids] for s, e in windows)
     return [EncodedQA(p, len(p), many) for p in prompts]
 
 
