@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lmforge.config import load_recipe
-from lmforge.generate import SamplingParams, filter_logits, generate, greedy_batch
+from lmforge.generate import SamplingParams, filter_logits, generate, greedy_batch, sample_next
 from lmforge.model import GPT, GPTConfig
 
 from .conftest import REPO
@@ -148,6 +148,15 @@ def test_top_k_and_top_p_filters():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     kept = ~torch.isinf(filter_logits(probs, 0, 0.7))
     assert kept.tolist() == [[True, True, False, False]]
+
+
+def test_tiny_temperature_or_penalty_samples_the_top_token_instead_of_failing():
+    logits = torch.tensor([[1.0, 30.0, 2.0, 29.0]])
+    seen = torch.tensor([[3]])
+    for params in (SamplingParams(temperature=1e-40, seed=1), SamplingParams(temperature=1e-3, top_p=0.5),
+                   SamplingParams(temperature=1.0, repetition_penalty=1e-40, top_k=2)):
+        picks = {int(sample_next(logits, params, seen, torch.Generator().manual_seed(i))) for i in range(20)}
+        assert picks == ({3} if params.repetition_penalty < 1 else {1}), params
 
 
 def test_repetition_penalty_discourages_seen_tokens(model):

@@ -54,7 +54,10 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
     logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
     if params.temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    # the largest logit shifted to 0 first: a tiny temperature (or penalty) then gives -inf, never inf - inf = nan
+    logits = logits.nan_to_num(posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
+    logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
+    logits = filter_logits(logits, params.top_k, params.top_p)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
