@@ -88,22 +88,31 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._refuse(send)
         seen = 0
+        too_large = False
         tracked_send = StartTracking(send)
 
         async def counting_receive():
-            nonlocal seen
+            nonlocal seen, too_large
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    too_large = True
                     raise BodyTooLarge
             return message
 
+        async def refusing_send(message):
+            # FastAPI answers a body it could not read with a 400 of its own: the 413 goes out instead
+            if not too_large:
+                await tracked_send(message)
+            elif message["type"] == "http.response.start" and not tracked_send.started:
+                await self._refuse(tracked_send)
+
         try:
-            await self.app(scope, counting_receive, tracked_send)
+            await self.app(scope, counting_receive, refusing_send)
         except BodyTooLarge:
             if not tracked_send.started:
-                await self._refuse(send)
+                await self._refuse(tracked_send)
 
     async def _refuse(self, send):
         body = json.dumps({"error": {"message": f"request body larger than {self.limit} bytes",
