@@ -28,6 +28,16 @@ def test_group_tokens_merges_subwords_and_attaches_whitespace():
     assert [w.tokens for w in words] == [[0, 1], [2], [3], [4, 5]]
 
 
+def test_group_tokens_shows_words_sharing_a_token_as_one():
+    text = "Hello), world... ok"
+    # tokens: "H" "ell" "o" ")," " world" ".." "." " o" "k": "),"  and ".." each hold two words
+    offsets = [(0, 1), (1, 4), (4, 5), (5, 7), (7, 13), (13, 15), (15, 16), (16, 18), (18, 19)]
+    words = group_tokens(text, offsets)
+    assert [w.text for w in words] == ["Hello", "),", "world", "..", ".", "ok"]
+    assert [w.tokens for w in words] == [[0, 1, 2], [3], [4], [5], [6], [7, 8]]
+    assert [(w.start, w.end) for w in words][1] == (5, 7)
+
+
 def test_group_tokens_keeps_special_tokens_as_words():
     text = "<|question|>Who?"
     words = group_tokens(text, [(0, 12), (12, 15), (15, 16)])
@@ -93,6 +103,8 @@ def test_most_attended_ignores_self_and_future():
     ])
     assert most_attended(w) == [None, 0, 1]
     assert most_attended(w, exclude_self=False) == [0, 1, 1]
+    # the first token discounted: the second word has no attention left for another word
+    assert most_attended(discount_first_token(w)) == [None, None, 1]
 
 
 def test_input_focus_uses_the_rows_that_predicted_each_new_token():

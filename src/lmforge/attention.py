@@ -45,26 +45,32 @@ def group_tokens(text: str, offsets: list[tuple[int, int]]) -> list[Word]:
     """Words of `text` with the tokens (given by character `offsets`) that make them up.
 
     A token belongs to the word holding its first non-space character; a whitespace-only token joins
-    the next word (the previous one at the end), so every token belongs to exactly one word.
+    the next word (the previous one at the end), so every token belongs to exactly one word. Words that
+    share a token (one token for "),", say) are shown as one word, so every word keeps its text.
     """
-    spans = [(m.start(), m.end()) for m in WORD_RE.finditer(text)]
+    spans = [(m.start(), m.end()) for m in WORD_RE.finditer(text)] or [(0, len(text))]
     char_word = [-1] * len(text)
     for w, (a, b) in enumerate(spans):
         char_word[a:b] = [w] * (b - a)
-    owner: list[int | None] = []
-    for a, b in offsets:
-        owner.append(next((char_word[c] for c in range(a, min(b, len(text))) if char_word[c] >= 0), None))
+    covered = [sorted({char_word[c] for c in range(a, min(b, len(text))) if char_word[c] >= 0}) for a, b in offsets]
+    # one group per run of words joined by shared tokens (a token's characters are contiguous: its words are too)
+    group = list(range(len(spans)))
+    for words_of_token in covered:
+        for w in words_of_token[1:]:
+            group[w] = group[words_of_token[0]]
+    owner: list[int | None] = [group[ws[0]] if ws else None for ws in covered]
     for t in range(len(owner)):  # whitespace-only tokens: attach to the next word, else the previous
         if owner[t] is None:
             later = [w for w in owner[t + 1 :] if w is not None]
             earlier = [w for w in owner[:t] if w is not None]
             owner[t] = later[0] if later else (earlier[-1] if earlier else 0)
-    if not spans:
-        spans = [(0, len(text))]
-    words = [Word(text[a:b], a, b, []) for a, b in spans]
+    words = {}
+    for w, (a, b) in enumerate(spans):
+        first = words.setdefault(group[w], Word(text[a:b], a, b, []))
+        first.end, first.text = b, text[first.start : b]
     for t, w in enumerate(owner):
         words[w].tokens.append(t)
-    return [w for w in words if w.tokens]
+    return [w for w in words.values() if w.tokens]
 
 
 def tokenize_words(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[Word]]:
@@ -125,7 +131,8 @@ def most_attended(word_attn: torch.Tensor, exclude_self: bool = True) -> list[in
     """For each row (attending word) of a (W, W) map, the column (word) with the most attention.
 
     With exclude_self a word's attention to itself does not count; the first word then has no answer
-    (None), as it can only see itself in a causal model.
+    (None), as it can only see itself in a causal model. A word with no attention left for any other word
+    (the second word once the first token is discounted) has none either.
     """
     scores = word_attn.clone().float()
     if exclude_self:
@@ -134,7 +141,7 @@ def most_attended(word_attn: torch.Tensor, exclude_self: bool = True) -> list[in
     out: list[int | None] = []
     for row in scores:
         best = int(row.argmax())
-        out.append(None if math.isinf(float(row[best])) else best)
+        out.append(best if float(row[best]) > 0 else None)
     return out
 
 
