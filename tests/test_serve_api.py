@@ -102,6 +102,10 @@ def test_health_models_and_info(client):
     models = client.get("/v1/models").json()
     ids = {m["id"] for m in models["data"]}
     assert {"best", "last", "pretrained"} <= ids
+    one = client.get("/v1/models/pretrained").json()
+    assert one["id"] == "pretrained" and one["object"] == "model" and one["stage"] == "pretrain"
+    missing = client.get("/v1/models/gpt-4")
+    assert missing.status_code == 404 and "available: " in missing.json()["error"]["message"]
     info = client.get("/api/info").json()
     assert info["active"] == "best" and info["model"]["n_layer"] == 2
     page = client.get("/")
@@ -129,7 +133,7 @@ def test_chat_answer_matches_the_pipeline(client, tiny_run):
     assert forced.json()["usage"]["completion_tokens"] >= 6
     streamed, chunks = stream_completion(client, "/v1/chat/completions", {
         "temperature": 0, "max_tokens": 16, "context": CONTEXT, "messages": [{"role": "user", "content": QUESTION}]})
-    assert streamed.strip() == expected
+    assert streamed == expected  # the deltas join to the whole message (no leading space)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
@@ -250,12 +254,21 @@ def test_overload_gets_429(tiny_run):
     ('{"prompt": "x", "n": 2}', "n", "only n=1"),
     ('{"prompt": "x", "max_tokens": 2, "min_tokens": 5}', "min_tokens", "must not exceed"),
     ('{"prompt": ""}', "prompt", "empty"),
+    ('{"prompt": "x", "seed": 18446744073709551616}', "seed", "less than"),
+    ('{"prompt": "\\ud800 lone"}', "prompt", "lone surrogate"),
+    ('{"prompt": "x", "stop": ["ok", "\\udfff"]}', "stop", "lone surrogate"),
+    ('{"prompt": "x", "suffix": " the end."}', "suffix", "not supported"),
+    ('{"prompt": "x", "max_tokens": 8, "model": "pretrained", "suffix": null, "n": null, "stream": null, '
+     '"presence_penalty": null, "frequency_penalty": null, "echo": null, "temperature": 1e-40}', None, None),
     ('{"temperature": 1}', "prompt", "Field required"),
     ('[1, 2]', None, "valid dictionary"),
     ("", "body", "JSON body is required"),
 ])
 def test_malformed_completion_requests_name_the_field(client, body, param, fragment):
     r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    if fragment is None:  # OpenAI's nullable fields as null, and a temperature so small it is greedy: fine
+        assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
+        return
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and fragment in err["message"]
@@ -271,6 +284,15 @@ def test_malformed_chat_and_other_errors(client):
     r = client.post("/v1/completions", content=b'{"prompt": "' + b"a" * 70_000 + b'"}',
                     headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+    # a prompt that does not fit the block with max_tokens is refused, as chat refuses it, not cut silently
+    r = client.post("/v1/completions", json={"prompt": "The city. " * 40, "max_tokens": 100})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert "does not fit the model's 128-token block" in r.json()["error"]["message"]
+    # JSON may escape a lone surrogate, which no tokenizer takes: a 400 naming the field, not a 500
+    for path, body, param in [("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800?"}]}',
+                               "messages.0.content"), ("/api/attention", '{"text": "a \\udc00 b"}', "text")]:
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert client.get("/v1/completions").status_code == 405
     assert client.get("/no/such/page").json()["error"]["message"] == "Not Found"
 
@@ -311,6 +333,29 @@ def test_attention_input_focus_and_limits(client):
     assert sum(focus["mean"]) == pytest.approx(1.0, abs=1e-3)  # all attention lands on the prompt here
     r = client.post("/api/attention", json={"text": "word " * 400})
     assert r.status_code == 400 and r.json()["error"]["param"] == "text" and "at most 128" in r.json()["error"]["message"]
+
+
+def test_input_focus_reads_the_prompt_the_answer_was_made_from(client, tiny_run):
+    """A context longer than the block: the focus is over the window the chat answer read (span or sampled),
+    and the answer's tokens are the ones the model gives (with their leading space)."""
+    from lmforge.attention import tokenize_words
+    from lmforge.data.qa import build_prompt, encode_for_inference
+
+    tok = load(tiny_run, "best")[1]
+    long_context = "The river flows slowly through the green valley. " * 20 + CONTEXT
+    answering = client.get("/api/info").json()["answering"]
+    made_from = {
+        "span": encode_for_inference(tok, QUESTION, long_context, 128, answering["max_new_tokens"],
+                                     answering["context_tokens"]).ids,
+        "sample": build_prompt(tok, QUESTION, long_context, 128 - 16)[0],
+    }
+    for decoding, prompt in made_from.items():
+        r = client.post("/api/attention", json={"question": QUESTION, "context": long_context, "completion": "Paris",
+                                                "decoding": decoding, "max_tokens": 16})
+        assert r.status_code == 200, r.text
+        expected = [w.text for w in tokenize_words(tok, tok.decode(prompt, skip_special=False))[1]]
+        assert r.json()["words"] == expected and "Paris" in expected
+        assert "".join(r.json()["focus"]["tokens"]) == " Paris"
     r = client.post("/api/attention", json={"text": "a", "question": "b"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "text"
 
@@ -356,6 +401,9 @@ def test_checkpoint_switch(client):
         r = client.post("/v1/completions", json={"prompt": "The", "max_tokens": 3})
         assert r.json()["model"] == "pretrained"
         assert client.post("/api/checkpoint", json={"checkpoint": "nope"}).status_code == 404
+        r = client.post("/api/checkpoint", json={"checkpoint": ""})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "checkpoint"
+        assert client.get("/health").json()["model"] == "pretrained"
     finally:
         client.post("/api/checkpoint", json={"checkpoint": "best"})
     assert client.get("/health").json()["model"] == "best"
@@ -465,6 +513,47 @@ def test_batcher_matches_generate_stream(tiny_run):
             list(batcher.tokens(prompts[2], copy.deepcopy(params[2])))
     finally:
         batcher.close()
+
+
+def test_a_request_that_fails_in_the_batcher_ends_alone(tiny_run, monkeypatch):
+    """A request whose own sampling fails (an impossible seed at its first token; a failure at a later
+    token) gets its error; the requests decoded beside it finish with the tokens they get alone."""
+    from lmforge.serve import batcher as batching
+
+    model, tok = load(tiny_run, "pretrained")
+    real_sample = batching.sample_next
+    calls = {"failing": 0}
+
+    def sample_failing_later(logits, params, history, generator):
+        if params.temperature == 0.5:  # the request that fails at its third token
+            calls["failing"] += 1
+            if calls["failing"] == 3:
+                raise RuntimeError("sampling failed")
+        return real_sample(logits, params, history, generator)
+
+    monkeypatch.setattr(batching, "sample_next", sample_failing_later)
+    good = [SamplingParams(max_new_tokens=40, min_new_tokens=40, temperature=0.8, seed=s, stop_ids={tok.eot_id})
+            for s in (1, 2)]
+    bad_seed = SamplingParams(max_new_tokens=40, temperature=0.8, seed=2**70)
+    fails_later = SamplingParams(max_new_tokens=40, min_new_tokens=40, temperature=0.5, seed=3)
+    prompt = tok.encode("Once upon a time")
+    alone = [generate(model, prompt, p) for p in good]
+    batcher = batching.Batcher(model, max_rows=4)
+
+    def run(params):
+        try:
+            return list(batcher.tokens(prompt, params))
+        except Exception as exc:  # noqa: BLE001
+            return exc
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(run, [good[0], bad_seed, fails_later, good[1]]))
+    finally:
+        batcher.close()
+    assert results[0] == alone[0] and results[3] == alone[1]
+    assert isinstance(results[1], ValueError) and "Overflow" in str(results[1])
+    assert isinstance(results[2], RuntimeError) and str(results[2]) == "sampling failed"
 
 
 def test_a_failing_generation_is_reported_not_hung(tiny_run):

@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from lmforge.config import GenerateConfig, ServeConfig
-from lmforge.serve.host import AnswerSettings, ModelHost, qa_prompt_text
+from lmforge.serve.host import AnswerSettings, ModelHost
 from lmforge.serve.limits import Admission, BodyLimit, StartTracking
 from lmforge.serve.memory import free_memory, memory_report
 from lmforge.serve.openai_api import openai_router
@@ -124,13 +124,18 @@ def create_app(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig | Non
     async def attention(req: AttentionRequest):
         req.check()
         model = host.model(host.resolve_model_name(req.model))
-        text = req.text if req.text is not None else qa_prompt_text(req.question, req.context)
+        text = req.text
+        if req.question is not None:  # the prompt the chat route answers from (a long context: the same window)
+            context = (req.context or "").strip() or None
+            ids = host.qa_prompt(model, req.question.strip(), context, req.decoding,
+                                 req.max_tokens or defaults.max_new_tokens, answering)
+            text = host.tokenizer.decode(ids, skip_special=False)
         ticket = admission.admit()
         try:
             async with ticket.slot():
                 return await anyio.to_thread.run_sync(
                     lambda: host.attention(model, text, req.completion, cfg.max_attention_tokens, req.discount_first,
-                                           req.log_scale, req.normalize))
+                                           req.log_scale, req.normalize, answer=req.question is not None))
         finally:
             ticket.release()
 

@@ -92,7 +92,7 @@ class Batcher:
                 return
             try:
                 with torch.inference_mode():
-                    joined = [job for job in joined if self._prefill(job)]
+                    joined = [job for job in joined if self._prefill_alone(job)]
                     leaving = [job for job in active if job.done or job.cancelled.is_set()]
                     full = cache is not None and cache.length >= cache.max_len
                     if joined or leaving or full:
@@ -100,7 +100,7 @@ class Batcher:
                         cache = self._rebuild(active, cache)
                     if active:
                         self._step(active, cache)
-            except Exception as exc:  # noqa: BLE001 - hand the failure to every waiting request, keep serving
+            except Exception as exc:  # noqa: BLE001 - the batched step failed: fail every request in it, keep serving
                 for job in active + joined:
                     job.out.put(exc)
                 active, cache = [], None
@@ -145,6 +145,18 @@ class Batcher:
         job.pending = token
         if job.produced >= job.limit or job.history.shape[1] >= self.model.cfg.block_size:
             self._finish(job)
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        """End one request with its own error (a bad seed, say); the others in the batch go on."""
+        job.done = True
+        job.out.put(exc)
+
+    def _prefill_alone(self, job: Job) -> bool:
+        try:
+            return self._prefill(job)
+        except Exception as exc:  # noqa: BLE001 - this request's own failure: only it ends
+            self._fail(job, exc)
+            return False
 
     def _prefill(self, job: Job) -> bool:
         """Run the prompt alone and sample the first token; True when the job goes on to the batch."""
@@ -196,5 +208,8 @@ class Batcher:
         for row, job in enumerate(jobs):
             job.length += 1
             if not job.cancelled.is_set():
-                self._emit(job, logits[row : row + 1])
+                try:
+                    self._emit(job, logits[row : row + 1])
+                except Exception as exc:  # noqa: BLE001 - sampling for this request failed: only it ends
+                    self._fail(job, exc)
 

@@ -24,7 +24,7 @@ from lmforge.attention import (
     token_attention,
     tokenize_words,
 )
-from lmforge.data.qa import build_prompt, encode_for_inference
+from lmforge.data.qa import answer_ids, build_prompt, encode_for_inference
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import SpanOptions, span_answer
 from lmforge.generate import SamplingParams, generate_stream, stream_text
@@ -33,7 +33,7 @@ from lmforge.pipeline import resolve_checkpoint
 from lmforge.rundir import RunDir
 from lmforge.serve.batcher import Batcher
 from lmforge.serve.schemas import RequestError
-from lmforge.tokenizer import ANSWER, CONTEXT, QUESTION, Tokenizer
+from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import model_from_checkpoint, read_state
 from lmforge.train.precision import model_autocast
 
@@ -61,11 +61,6 @@ class AnswerSettings:
     def of(cls, recipe) -> AnswerSettings:
         e = recipe.eval
         return cls(e.decoding, e.max_new_tokens, recipe.answer_context_tokens, SpanOptions.of(e), e.dtype)
-
-
-def qa_prompt_text(question: str, context: str | None) -> str:
-    """The fine-tuning prompt as text (the tokenizer maps the marker strings to their special ids)."""
-    return (f"{CONTEXT}{context}" if context else "") + f"{QUESTION}{question}{ANSWER}"
 
 
 class ModelHost:
@@ -130,6 +125,8 @@ class ModelHost:
         return requested
 
     def switch(self, name: str) -> str:
+        if not name:
+            raise RequestError("checkpoint: give a checkpoint id", "checkpoint")
         self.model(name)
         self.active = name
         return name
@@ -149,10 +146,13 @@ class ModelHost:
 
     # ----------------------------------------------------------------- prompts
 
-    def completion_ids(self, prompt: str) -> list[int]:
+    def completion_ids(self, model: GPT, prompt: str, max_tokens: int) -> list[int]:
         ids = self.tokenizer.encode(prompt)
         if not ids:
             raise RequestError("prompt is empty", "prompt")
+        if len(ids) + max_tokens > model.cfg.block_size:
+            raise RequestError(f"prompt is {len(ids)} tokens: with max_tokens={max_tokens} it does not fit the "
+                               f"model's {model.cfg.block_size}-token block (shorten it or lower max_tokens)", "prompt")
         return ids
 
     def chat_ids(self, model: GPT, question: str, context: str | None, max_tokens: int) -> list[int]:
@@ -170,6 +170,14 @@ class ModelHost:
         if enc is None:
             raise RequestError(f"the question does not fit the model's {model.cfg.block_size}-token block", "messages")
         return enc.ids
+
+    def qa_prompt(self, model: GPT, question: str, context: str | None, decoding: str, max_tokens: int,
+                  settings: AnswerSettings) -> list[int]:
+        """The prompt a chat request is answered from: eval's span prompt (`decoding` "span", with a context),
+        else the generation prompt leaving room for `max_tokens`."""
+        if decoding == "span" and context:
+            return self.span_prompt(model, question, context, settings)
+        return self.chat_ids(model, question, context, max_tokens)
 
     def span_answer(self, name: str, prompt_ids: list[int], settings: AnswerSettings) -> tuple[str, int]:
         """(answer, answer tokens): the span of the prompt's passage that checkpoint `name` finds likeliest."""
@@ -210,12 +218,15 @@ class ModelHost:
     # ----------------------------------------------------------------- attention
 
     def attention(self, model: GPT, text: str, completion: str | None, max_tokens: int, discount_first: bool,
-                  log: bool, normalize: bool) -> dict:
-        """Word attention of `text` (all layers and heads) and, with a completion, its input focus."""
+                  log: bool, normalize: bool, answer: bool = False) -> dict:
+        """Word attention of `text` (all layers and heads) and, with a completion, its input focus. `answer`:
+        the text is a QA prompt and the completion an answer, made of the tokens the model gives (" Paris")."""
         ids, words = tokenize_words(self.tokenizer, text)
         if not ids:
             raise RequestError("text is empty", "text")
-        new_ids = self.tokenizer.encode(completion) if completion else []
+        new_ids = []
+        if completion:
+            new_ids = answer_ids(self.tokenizer, completion) if answer else self.tokenizer.encode(completion)
         total = len(ids) + len(new_ids)
         limit = min(max_tokens, model.cfg.block_size)
         if total > limit:

@@ -77,6 +77,20 @@ async def _span_piece(ticket: Ticket, host: ModelHost, name: str, ids: list[int]
         ticket.release()
 
 
+async def _answer_pieces(pieces: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
+    """A chat answer's pieces without the space it starts with (" Paris" in the QA format), so the streamed
+    deltas join to the same text as the whole message."""
+    try:
+        started = False
+        async for piece in pieces:
+            if not started:
+                piece = Piece(piece.text.lstrip(), piece.tokens, piece.finish_reason)
+                started = bool(piece.text)
+            yield piece
+    finally:
+        await pieces.aclose()
+
+
 def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, admission: Admission,
                   answering: AnswerSettings | None = None) -> APIRouter:
     router = APIRouter(prefix="/v1")
@@ -113,18 +127,29 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    def model_object(checkpoint: dict) -> dict:
+        return {"id": checkpoint["id"], "object": "model", "created": int(time.time()), "owned_by": "lmforge",
+                "stage": checkpoint["stage"], "active": checkpoint["active"]}
+
     @router.get("/models")
     async def models():
-        created = int(time.time())
-        return {"object": "list", "data": [{"id": c["id"], "object": "model", "created": created, "owned_by": "lmforge",
-                                            "stage": c["stage"], "active": c["active"]} for c in host.checkpoints()]}
+        return {"object": "list", "data": [model_object(c) for c in host.checkpoints()]}
+
+    @router.get("/models/{model_id}")
+    async def model(model_id: str):
+        checkpoints = host.checkpoints()
+        for checkpoint in checkpoints:
+            if checkpoint["id"] == model_id:
+                return model_object(checkpoint)
+        available = ", ".join(c["id"] for c in checkpoints)
+        raise RequestError(f"unknown model '{model_id}' (available: {available})", "model", 404)
 
     @router.post("/completions")
     async def completions(req: CompletionRequest):
         name = host.resolve_model_name(req.model)
         model = host.model(name)
         params = sampling_params(req, req.max_tokens, defaults, cfg, model)
-        ids = host.completion_ids(req.prompt)
+        ids = host.completion_ids(model, req.prompt, params.max_new_tokens)
 
         def chunk(text, finish, meta, first=False):
             return {**meta, "object": "text_completion",
@@ -151,7 +176,7 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
         else:
             params = sampling_params(req, req.max_completion_tokens or req.max_tokens, defaults, cfg, model)
             ids = host.chat_ids(model, question, context, params.max_new_tokens)
-            source = lambda ticket: _pieces(ticket, host, name, ids, params, req.stop_list())  # noqa: E731
+            source = lambda ticket: _answer_pieces(_pieces(ticket, host, name, ids, params, req.stop_list()))  # noqa: E731
 
         def chunk(text, finish, meta, first=False):
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
@@ -160,7 +185,7 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
 
         def whole(text, finish, meta):
             return {**meta, "object": "chat.completion",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "logprobs": None, "finish_reason": finish}]}
 
         return await respond(req, name, len(ids), source, "chatcmpl", chunk, whole)

@@ -23,6 +23,18 @@ class RequestError(ValueError):
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @field_validator("*")
+    @classmethod
+    def _unicode(cls, v):
+        """JSON may escape a lone surrogate ("\\ud800"), which is no Unicode text: refuse it here, not fail later."""
+        for text in [v] if isinstance(v, str) else v if isinstance(v, list) else []:
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("holds a lone surrogate escape (\\ud800-\\udfff), which is not text") from None
+        return v
+
 
 class SamplingFields(Strict):
     model: str | None = None
@@ -33,13 +45,14 @@ class SamplingFields(Strict):
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
+    # OpenAI's nullable fields take null as "the default"
+    stream: bool | None = False
     stream_options: dict | None = None
-    n: int = 1
+    n: int | None = 1
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
     logprobs: bool | int | None = None
 
     @field_validator("stop")
@@ -55,14 +68,14 @@ class SamplingFields(Strict):
     @field_validator("n")
     @classmethod
     def _n(cls, v):
-        if v != 1:
+        if v not in (None, 1):
             raise ValueError("only n=1 is supported")
         return v
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
     def _penalty(cls, v):
-        if v != 0:
+        if v not in (None, 0):
             raise ValueError("not supported; use repetition_penalty")
         return v
 
@@ -82,7 +95,7 @@ class SamplingFields(Strict):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -101,6 +114,13 @@ class CompletionRequest(SamplingFields):
     def _echo(cls, v):
         if v:
             raise ValueError("echo is not supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        if v:
+            raise ValueError("suffix (text to insert before) is not supported: the model only continues text")
         return v
 
 
@@ -148,6 +168,9 @@ class AttentionRequest(Strict):
     question: str | None = None  # instead of text: the QA prompt built from question (+ context)
     context: str | None = None
     completion: str | None = None  # generated text whose "input focus" over the prompt words is wanted
+    # with question: how the chat answer was made, so the prompt is the one it was made from
+    decoding: Literal["sample", "span"] = "sample"
+    max_tokens: int | None = Field(None, ge=1)
     model: str | None = None
     discount_first: bool = False
     log_scale: bool = False
@@ -159,4 +182,4 @@ class AttentionRequest(Strict):
 
 
 class CheckpointRequest(Strict):
-    checkpoint: str
+    checkpoint: str = Field(min_length=1)

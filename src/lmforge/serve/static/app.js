@@ -184,7 +184,8 @@ async function generate() {
   const stats = () => {
     const now = performance.now();
     const n = usage ? usage.completion_tokens : pieces;
-    const rate = tFirst && now > tFirst ? (Math.max(n - 1, 0) / ((now - tFirst) / 1000)) : 0;
+    // tokens after the first, over the time since it came; an answer in one piece (a span): over the whole wait
+    const rate = pieces > 1 && now > tFirst ? (n - 1) / ((now - tFirst) / 1000) : tFirst ? n / ((now - t0) / 1000) : 0;
     $("gen-stats").textContent = `${n} tokens · ${rate.toFixed(1)} tokens/s · first token ${tFirst ? Math.round(tFirst - t0) : "–"} ms` + (finish ? ` · ${finish}` : "");
   };
   try {
@@ -226,8 +227,10 @@ const visible = (t) => (t.trim() ? t : t.replace(/\n/g, "↵").replace(/ /g, "�
 
 async function showFocus(body, completion) {
   const req = { completion, discount_first: $("focus-discount").checked };
-  if (body.messages) { req.question = body.messages[0].content; if (body.context) req.context = body.context; }
-  else req.text = body.prompt;
+  if (body.messages) {  // the prompt the answer was made from: same decoding, same room for it (a long context: same window)
+    req.question = body.messages[0].content; req.decoding = body.decoding || "sample"; req.max_tokens = body.max_tokens;
+    if (body.context) req.context = body.context;
+  } else req.text = body.prompt;
   try {
     const data = await api("/api/attention", req);
     state.focus = data;
