@@ -113,3 +113,32 @@ def test_export_refuses_to_overwrite_other_folders(tiny_run, tmp_path):
     (target / "notes.txt").write_text("keep me")
     assert main(["export", str(tiny_run), str(target), "--format", "hf"]) == 2
     assert (target / "notes.txt").read_text() == "keep me"
+
+
+def test_reexport_replaces_only_the_files_it_writes(exported, tiny_run, tmp_path):
+    import shutil
+
+    from lmforge.export import export_hf
+
+    clone = tmp_path / "hub-clone"  # a clone of the Hub repository holding an earlier export
+    shutil.copytree(exported, clone)
+    (clone / ".git").mkdir()
+    (clone / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (clone / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (clone / "NOTES.md").write_text("keep me")
+    (clone / "config.json").write_text("{}")  # stale: the export replaces it
+    export_hf(tiny_run, clone)
+    assert (clone / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert (clone / ".gitattributes").read_text() == "*.safetensors filter=lfs\n"
+    assert (clone / "NOTES.md").read_text() == "keep me"
+    assert json.loads((clone / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert not list(tmp_path.glob(".staging-*"))
+
+
+def test_export_into_an_existing_empty_folder(tiny_run, tmp_path):
+    from lmforge.export import export_hf
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_hf(tiny_run, empty)
+    assert (empty / "model.safetensors").is_file()

@@ -18,7 +18,7 @@ import torch
 
 from lmforge.config import Recipe, load_recipe, save_recipe
 from lmforge.errors import LmforgeError
-from lmforge.io import atomic_write_text, replace_dir
+from lmforge.io import atomic_write_text, move_files_into
 from lmforge.model import GPT, GPTConfig
 from lmforge.rundir import RunDir
 from lmforge.tokenizer import ANSWER, CONTEXT, EOT, PAD, QUESTION, Tokenizer
@@ -197,11 +197,23 @@ def model_card(recipe: Recipe, run: RunDir, checkpoint: Path, report: dict | Non
     return "\n".join(lines)
 
 
+def _check_export_target(out: Path) -> None:
+    """`out` may be new, empty, or hold an earlier export (its config.json); anything else is refused."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise LmforgeError(f"{out} exists and is not a folder; choose an empty or new folder")
+    if any(out.iterdir()) and not (out / "config.json").is_file():
+        raise LmforgeError(f"{out} exists and is not an exported model; choose an empty or new folder")
+
+
 def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -> Path:
     """Write a `transformers`-loadable directory for a run's checkpoint; returns `out`.
 
-    The directory is written under a staging name and swapped in, so a failed export never leaves a
-    half-written model where a good one was.
+    The files are written in a staging folder, then each is renamed into `out`: a failed export never leaves
+    a half-written file where a good one was, and re-exporting into a folder holding an export (a clone of a
+    Hub repository, say) replaces only the files the export writes, leaving `.git`, `.gitattributes` and
+    the user's own files alone.
     """
     from lmforge.pipeline import load, resolve_checkpoint
 
@@ -214,8 +226,7 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best") ->
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
 
     out = Path(out)
-    if out.exists() and not (out / "config.json").is_file():
-        raise LmforgeError(f"{out} exists and is not an exported model; choose an empty or new folder")
+    _check_export_target(out)
     staging = out.with_name(f".staging-{out.name}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -230,7 +241,7 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best") ->
             bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id,
         ).save_pretrained(staging)
         atomic_write_text(staging / "README.md", model_card(recipe, run, ckpt, report))
-        replace_dir(staging, out)
+        move_files_into(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
