@@ -142,3 +142,28 @@ def test_export_into_an_existing_empty_folder(tiny_run, tmp_path):
     empty.mkdir()
     export_hf(tiny_run, empty)
     assert (empty / "model.safetensors").is_file()
+
+
+def test_model_card_reports_only_the_exported_checkpoints_scores(tiny_run, tmp_path):
+    from lmforge.export import export_hf
+
+    out = export_hf(tiny_run, tmp_path / "pretrained-hf", checkpoint="pretrained")
+    card = (out / "README.md").read_text()
+    assert "Checkpoint `pretrained` was not evaluated" in card
+    assert "exact match" not in card and "| SQuAD v1.1 dev F1" not in card
+
+
+def test_model_card_names_the_decoding_of_its_scores(tiny_run):
+    from lmforge.config import load_recipe
+    from lmforge.export import model_card
+    from lmforge.rundir import RunDir
+
+    run = RunDir(tiny_run)
+    report = json.loads((tiny_run / "eval" / "report.json").read_text())
+    checkpoint = tiny_run / "checkpoints" / "best"
+    greedy = model_card(load_recipe(run.config), run, checkpoint, report)
+    assert "generated greedily (`do_sample=False`, at most 16 new tokens)" in greedy
+    report["squad"]["decoding"] = {"strategy": "span", "description": "extractive", "max_new_tokens": 16}
+    span = model_card(load_recipe(run.config), run, checkpoint, report)
+    assert "Decoding: span (extractive; max_new_tokens 16)" in span
+    assert "greedy generation from this model gives other answers" in span and "do_sample=False" not in span

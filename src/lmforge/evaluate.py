@@ -293,7 +293,7 @@ def _context_room(context_tokens) -> str:
     return f"at most {context_tokens} tokens" if isinstance(context_tokens, int) else "what the block leaves"
 
 
-def _decoding_text(decoding: dict) -> str:
+def decoding_text(decoding: dict) -> str:
     details = ", ".join(f"{k} {v}" for k, v in decoding.items() if k not in ("strategy", "description"))
     return f"{decoding.get('strategy', '?')} ({decoding.get('description', '')}; {details})"
 
@@ -302,7 +302,7 @@ SUBSETS = {"spread": "evenly spaced through the dev file (every article in propo
            "first": "the first ones in the dev file (a few articles)"}  # eval.squad_subset
 
 
-def _subset_text(subset: str | None) -> str:
+def subset_text(subset: str | None) -> str:
     return f", {SUBSETS.get(subset, subset)}" if subset else ""
 
 
@@ -310,7 +310,7 @@ def _ci_text(ci: list[float] | None) -> str:
     return f" (95% interval {ci[0]:.2f}-{ci[1]:.2f}: bootstrap over the questions)" if ci else ""
 
 
-def _precision_text(dtype: str | None) -> str:
+def precision_text(dtype: str | None) -> str:
     if dtype is None:
         return "not recorded (float32 before eval.dtype)"
     return "float32" if dtype == "float32" else f"{dtype} autocast (fp32 weights, fp32 loss and scores)"
@@ -331,12 +331,12 @@ def report_markdown(report: dict) -> str:
         f"| bits per byte | {report['bpb']:.4f} |",
         f"| SQuAD exact match | {squad.get('em', 0):.2f}{_ci_text(squad.get('em_ci95'))} |",
         f"| SQuAD F1 | {squad.get('f1', 0):.2f}{_ci_text(squad.get('f1_ci95'))} |",
-        f"| SQuAD questions | {squad.get('n', 0)}{_subset_text(squad.get('subset'))} |",
+        f"| SQuAD questions | {squad.get('n', 0)}{subset_text(squad.get('subset'))} |",
         f"| QA mode | {squad.get('mode', '')} |",
         f"| questions/s | {squad.get('questions_per_s', 0):.1f} |",
-        f"| precision | {_precision_text(report.get('dtype'))} |",
+        f"| precision | {precision_text(report.get('dtype'))} |",
         "",
-        f"Decoding: {_decoding_text(squad.get('decoding', {}))}.",
+        f"Decoding: {decoding_text(squad.get('decoding', {}))}.",
         "",
         f"Contexts longer than the room for them ({_context_room(squad.get('context_tokens'))}): "
         f"{squad.get('context_truncation', '')} "

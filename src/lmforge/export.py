@@ -18,6 +18,7 @@ import torch
 
 from lmforge.config import Recipe, load_recipe, save_recipe
 from lmforge.errors import LmforgeError
+from lmforge.evaluate import decoding_text, precision_text, subset_text
 from lmforge.io import atomic_write_text, move_files_into
 from lmforge.model import GPT, GPTConfig
 from lmforge.rundir import RunDir
@@ -135,6 +136,53 @@ def _training_summary(run: RunDir) -> str:
     return "; ".join(parts) or "not recorded"
 
 
+def _place_in_run(checkpoint: Path, run_root: Path) -> Path:
+    """A checkpoint's path inside its run (so a copied or moved run still matches), or its full path."""
+    checkpoint, run_root = checkpoint.resolve(), run_root.resolve()
+    return checkpoint.relative_to(run_root) if checkpoint.is_relative_to(run_root) else checkpoint
+
+
+def scored_checkpoint(report: dict, run: RunDir, checkpoint: Path) -> bool:
+    """Whether the evaluation `report` scored `checkpoint` of `run`."""
+    if "checkpoint" not in report or "run" not in report:
+        return False
+    return _place_in_run(Path(report["checkpoint"]), Path(report["run"])) == _place_in_run(checkpoint, run.root)
+
+
+def _evaluation_lines(run: RunDir, checkpoint: Path, report: dict | None) -> list[str]:
+    """The model card's scores, only when the run's report scored this very checkpoint, with the decoding
+    they were measured with."""
+    if not report or "squad" not in report:
+        return ["Not evaluated yet (run `lmforge eval`).", ""]
+    if not scored_checkpoint(report, run, checkpoint):
+        return [f"Checkpoint `{checkpoint.name}` was not evaluated: the run's evaluation report scored "
+                f"`{report.get('checkpoint', '?')}`. Run `lmforge eval --checkpoint {checkpoint.name}` before "
+                "exporting to report its scores.", ""]
+    sq = report["squad"]
+    decoding = sq.get("decoding", {})
+    lines = [
+        "| metric | value |",
+        "|---|---|",
+        f"| SQuAD v1.1 dev exact match | {sq['em']:.2f} |",
+        f"| SQuAD v1.1 dev F1 | {sq['f1']:.2f} |",
+        f"| questions | {sq['n']}{subset_text(sq.get('subset'))} ({sq['mode']}) |",
+        f"| precision | {precision_text(report.get('dtype'))} |",
+    ]
+    if "bpb" in report:
+        lines += [f"| held-out bits per byte | {report['bpb']:.4f} |",
+                  f"| held-out perplexity | {report['perplexity']:.2f} |"]
+    lines += ["", f"Decoding: {decoding_text(decoding)}.", ""]
+    if decoding.get("strategy") == "span":
+        lines += ["These scores come from lmforge's extractive span decoding (`eval.decoding = \"span\"`: the "
+                  "likeliest span of the passage), which `transformers`' `generate` does not do; greedy generation "
+                  "from this model gives other answers and other scores.", ""]
+    elif "max_new_tokens" in decoding:
+        lines += [f"The answers were generated greedily (`do_sample=False`, at most {decoding['max_new_tokens']} new "
+                  "tokens) in the prompt format above, with contexts longer than the room for them cut as "
+                  "`eval.long_context` in the recipe below says.", ""]
+    return lines
+
+
 def model_card(recipe: Recipe, run: RunDir, checkpoint: Path, report: dict | None) -> str:
     """README.md for the export: what it was trained on, with which recipe, and how it scored."""
     sources = "\n".join(
@@ -174,25 +222,12 @@ def model_card(recipe: Recipe, run: RunDir, checkpoint: Path, report: dict | Non
         else f"{QUESTION}{{question}}{ANSWER}",
         "```",
         "",
-        f"The answer ends with `{EOT}`. Use greedy decoding (`do_sample=False`) for the evaluated behaviour.",
+        f"The answer ends with `{EOT}`.",
         "",
         "## Evaluation",
         "",
+        *_evaluation_lines(run, checkpoint, report),
     ]
-    if report and "squad" in report:
-        sq = report["squad"]
-        lines += [
-            "| metric | value |",
-            "|---|---|",
-            f"| SQuAD v1.1 dev exact match | {sq['em']:.2f} |",
-            f"| SQuAD v1.1 dev F1 | {sq['f1']:.2f} |",
-            f"| questions | {sq['n']} ({sq['mode']}) |",
-            f"| held-out bits per byte | {report['bpb']:.4f} |",
-            f"| held-out perplexity | {report['perplexity']:.2f} |",
-            "",
-        ]
-    else:
-        lines += ["Not evaluated yet (run `lmforge eval`).", ""]
     lines += ["## Recipe", "", "```toml", run.config.read_text(encoding="utf-8").strip(), "```", ""]
     return "\n".join(lines)
 
