@@ -466,6 +466,42 @@ def test_single_answers_are_computed_in_eval_dtype(tiny_run):
         assert autocast_on and set(autocast_on) == {expected}, dtype
 
 
+def _answer_settings_spy(monkeypatch) -> list[dict]:
+    """Records the arguments of every `answer_question` call (it still answers)."""
+    import inspect
+
+    from lmforge import pipeline
+
+    calls: list[dict] = []
+    real = pipeline.answer_question
+
+    def spy(*args, **kwargs):
+        calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "answer_question", spy)
+    return calls
+
+
+def test_single_answers_use_the_eval_settings_of_the_run(tiny_run, monkeypatch, capsys):
+    """`generate --question` and the run's sample answer answer as `lmforge eval` does: eval.max_new_tokens
+    (16 in the tiny recipe) unless --max-new-tokens is given, the passage window and decoding of the recipe."""
+    from lmforge.cli import main
+    from lmforge.pipeline import sample_answer
+    from lmforge.rundir import RunDir
+
+    calls = _answer_settings_spy(monkeypatch)
+    recipe = tiny_recipe()
+    question, context = "What is the capital of France?", "Paris is the capital and most populous city of France."
+    assert main(["generate", "--run-dir", str(tiny_run), "--question", question, "--context", context]) == 0
+    assert main(["generate", "--run-dir", str(tiny_run), "--question", question, "--max-new-tokens", "5"]) == 0
+    sample_answer(recipe, RunDir(tiny_run))
+    assert [c["max_new_tokens"] for c in calls] == [recipe.eval.max_new_tokens, 5, recipe.eval.max_new_tokens]
+    assert all(c["context_tokens"] == recipe.answer_context_tokens and c["decoding"] == recipe.eval.decoding
+               for c in calls)
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
 @pytest.mark.slow
 def test_eval_cli_span_decoding_uses_the_answer_window(copy_run, data_dir):
     """`lmforge eval` passes eval.decoding and eval.context_tokens through; the window overrides qa.context_tokens."""

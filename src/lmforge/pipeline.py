@@ -320,6 +320,24 @@ def answer_question(model: GPT, tok: Tokenizer, question: str, context: str | No
     return tok.decode(answer).strip()
 
 
+def answer_as_evaluated(model: GPT, tok: Tokenizer, recipe: Recipe, question: str, context: str | None = None,
+                        max_new_tokens: int | None = None) -> str:
+    """One answer computed as `lmforge eval` scores the recipe's run: its eval.max_new_tokens (unless
+    `max_new_tokens` is given), passage window, decoding, span settings and dtype."""
+    e = recipe.eval
+    limit = e.max_new_tokens if max_new_tokens is None else max_new_tokens
+    return answer_question(model, tok, question, context, limit, recipe.answer_context_tokens, e.decoding,
+                           SpanOptions.of(e), e.dtype)
+
+
+def sample_answer(recipe: Recipe, run: RunDir) -> dict:
+    """The recipe's sample question answered by the run's best model, as `lmforge eval` would answer it."""
+    model, tok = load(run.root, "best")
+    context = recipe.sample_context or None
+    return {"question": recipe.sample_question, "context": context,
+            "answer": answer_as_evaluated(model, tok, recipe, recipe.sample_question, context)}
+
+
 def generate_text(run_dir: str | Path, prompt: str, params: SamplingParams, checkpoint: str = "best",
                   device: str = "cpu") -> str:
     model, tok = load(run_dir, checkpoint, device)
@@ -357,13 +375,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, data_dir: str 
     if not is_main():
         return {}
     report = eval_stage(recipe, run, data_dir)
-    model, tok = load(run.root, "best")
-    context = recipe.sample_context or None
-    report["sample"] = {"question": recipe.sample_question, "context": context,
-                        "answer": answer_question(model, tok, recipe.sample_question, context,
-                                                  context_tokens=recipe.answer_context_tokens,
-                                                  decoding=recipe.eval.decoding,
-                                                  span=SpanOptions.of(recipe.eval), dtype=recipe.eval.dtype)}
+    report["sample"] = sample_answer(recipe, run)
     report["run_dir"] = str(run.root)
     return report
 
