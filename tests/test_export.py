@@ -90,6 +90,29 @@ def test_import_hf_round_trip(exported, tiny_run, tmp_path):
         import_hf(exported, run.root)
 
 
+@pytest.mark.parametrize("change, message", [
+    ("not json", "not a valid JSON model config"),
+    ({"hidden_size": None}, "missing or not a positive integer: hidden_size"),
+    ({"vocab_size": 64}, "vocab_size 64 is smaller than its tokenizer's"),
+])
+def test_import_refuses_bad_configs_in_one_line(exported, tmp_path, change, message):
+    import shutil
+
+    from lmforge.export import import_hf
+
+    src = tmp_path / "src"
+    shutil.copytree(exported, src)
+    config = json.loads((src / "config.json").read_text())
+    if isinstance(change, dict):
+        config.update(change)
+        (src / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    else:
+        (src / "config.json").write_text(change)
+    with pytest.raises(LmforgeError, match=message):
+        import_hf(src, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_import_refuses_other_architectures(exported, tmp_path):
     import shutil
 

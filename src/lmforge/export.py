@@ -287,6 +287,24 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best") ->
 # --------------------------------------------------------------------------- import
 
 
+_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings")
+
+
+def _read_config(path: Path) -> dict:
+    """A Hugging Face config.json, with the keys lmforge's model shape needs (one line when it is not)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LmforgeError(f"{path}: not a valid JSON model config ({exc})") from None
+    if not isinstance(config, dict):
+        raise LmforgeError(f"{path}: not a model config (expected a JSON object)")
+    missing = [key for key in _SHAPE_KEYS if not (isinstance(config.get(key), int) and config[key] > 0)]
+    if missing:
+        raise LmforgeError(f"{path}: missing or not a positive integer: {', '.join(missing)}")
+    return config
+
+
 def _check_llama(config: dict, path: Path) -> None:
     """Refuse (in one line) what lmforge's model cannot represent exactly."""
     problems = []
@@ -328,9 +346,12 @@ def import_hf(src: str | Path, run_dir: str | Path) -> RunDir:
     for p in (cfg_path, weights_path, tok_path):
         if not p.is_file():
             raise LmforgeError(f"{src}: missing {p.name} (expected a Hugging Face model directory)")
-    config = json.loads(cfg_path.read_text())
+    config = _read_config(cfg_path)
     _check_llama(config, src)
     tok = Tokenizer.load(tok_path)
+    if config["vocab_size"] < tok.vocab_size:
+        raise LmforgeError(f"{src}: the model's vocab_size {config['vocab_size']} is smaller than its tokenizer's "
+                           f"{tok.vocab_size} tokens")
     cfg = GPTConfig(vocab_size=config["vocab_size"], n_layer=config["num_hidden_layers"],
                     n_head=config["num_attention_heads"], n_embd=config["hidden_size"],
                     block_size=config["max_position_embeddings"], mlp_hidden=config["intermediate_size"],
