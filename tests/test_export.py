@@ -90,6 +90,23 @@ def test_import_hf_round_trip(exported, tiny_run, tmp_path):
         import_hf(exported, run.root)
 
 
+def test_imported_run_keeps_the_recipe_and_is_evaluable(exported, tiny_run, data_dir, tmp_path):
+    """The export's model card carries the recipe: the imported run answers with the original's settings,
+    and `eval` scores it (without token shards, on questions alone, saying so)."""
+    from lmforge.config import load_recipe
+    from lmforge.export import import_hf
+    from lmforge.pipeline import eval_stage
+
+    run = import_hf(exported, tmp_path / "imported")
+    recipe, original = load_recipe(run.config), load_recipe(tiny_run / "config.toml")
+    assert recipe.eval == original.eval and recipe.qa == original.qa and recipe.data == original.data
+    assert recipe.model.n_layer == original.model.n_layer
+    report = eval_stage(load_recipe(run.config, {"eval.squad_questions": "4"}), run, data_dir)
+    assert report["squad"]["n"] == 4 and "val_loss" not in report
+    assert "lmforge prepare --run-dir" in report["text_metrics_skipped"]
+    assert "| bits per byte | not measured |" in (run.eval / "report.md").read_text()
+
+
 @pytest.mark.parametrize("change, message", [
     ("not json", "not a valid JSON model config"),
     ({"hidden_size": None}, "missing or not a positive integer: hidden_size"),

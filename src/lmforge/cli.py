@@ -139,8 +139,11 @@ def cmd_finetune(args, overrides) -> int:
 
 
 def _print_report(report: dict) -> None:
+    from lmforge.evaluate import text_metric
+
     squad = report["squad"]
-    print(f"val loss {report['val_loss']:.4f} | perplexity {report['perplexity']:.2f} | bpb {report['bpb']:.4f} | "
+    print(f"val loss {text_metric(report, 'val_loss', 4)} | perplexity {text_metric(report, 'perplexity', 2)} | "
+          f"bpb {text_metric(report, 'bpb', 4)} | "
           f"SQuAD EM {squad['em']:.2f} F1 {squad['f1']:.2f} on {squad['n']} questions ({squad['mode']})")
 
 

@@ -316,6 +316,11 @@ def precision_text(dtype: str | None) -> str:
     return "float32" if dtype == "float32" else f"{dtype} autocast (fp32 weights, fp32 loss and scores)"
 
 
+def text_metric(report: dict, key: str, digits: int) -> str:
+    """A report's held-out text metric ("val_loss", "perplexity", "bpb"), or "not measured" (no token shards)."""
+    return f"{report[key]:.{digits}f}" if key in report else "not measured"
+
+
 def report_markdown(report: dict) -> str:
     """A Markdown page: headline metrics table, then example predictions."""
     squad = report.get("squad", {})
@@ -326,9 +331,9 @@ def report_markdown(report: dict) -> str:
         "",
         "| metric | value |",
         "|---|---|",
-        f"| validation loss (nats/token) | {report['val_loss']:.4f} |",
-        f"| perplexity | {report['perplexity']:.2f} |",
-        f"| bits per byte | {report['bpb']:.4f} |",
+        f"| validation loss (nats/token) | {text_metric(report, 'val_loss', 4)} |",
+        f"| perplexity | {text_metric(report, 'perplexity', 2)} |",
+        f"| bits per byte | {text_metric(report, 'bpb', 4)} |",
         f"| SQuAD exact match | {squad.get('em', 0):.2f}{_ci_text(squad.get('em_ci95'))} |",
         f"| SQuAD F1 | {squad.get('f1', 0):.2f}{_ci_text(squad.get('f1_ci95'))} |",
         f"| SQuAD questions | {squad.get('n', 0)}{subset_text(squad.get('subset'))} |",
@@ -345,6 +350,8 @@ def report_markdown(report: dict) -> str:
         f"Questions longer than the block: {squad.get('skipped', 0)} (scored 0). "
         f"Unusable dev examples left out: {_dropped_text(squad.get('invalid_skipped', {}))}.",
         "",
+        *([f"Held-out text metrics not measured: {report['text_metrics_skipped']}.", ""]
+          if "text_metrics_skipped" in report else []),
         "## Examples",
         "",
         "| question | gold | predicted | F1 |",
@@ -389,8 +396,8 @@ def compare_row(report: dict, baseline: dict | None = None) -> list[str]:
         f"{squad.get('em', 0):.2f}",
         f"{squad.get('f1', 0):.2f}" + (" ({:.2f}-{:.2f})".format(*squad["f1_ci95"]) if "f1_ci95" in squad else ""),
         paired_f1_change(report, baseline) if baseline is not None else "-",
-        f"{report.get('bpb', float('nan')):.4f}",
-        f"{report.get('perplexity', float('nan')):.2f}",
+        text_metric(report, "bpb", 4),
+        text_metric(report, "perplexity", 2),
         f"{squad.get('questions_per_s', 0):.1f}",
         squad.get("long_context", "-"),
         squad.get("decoding", {}).get("strategy", "-"),

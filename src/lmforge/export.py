@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import tomllib
 from pathlib import Path
 
 import torch
 
-from lmforge.config import Recipe, load_recipe, save_recipe
+from lmforge.config import Recipe, load_recipe, recipe_from_dict, save_recipe, validate
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import decoding_text, precision_text, subset_text
 from lmforge.io import atomic_write_text, move_files_into
@@ -333,11 +335,29 @@ def _rope_theta(config: dict) -> float:
     return float((config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
+_CARD_RECIPE = re.compile(r"^## Recipe\n\n```toml\n(.*?)\n```", re.S | re.M)
+
+
+def card_recipe(src: Path) -> Recipe | None:
+    """The recipe an lmforge export wrote into its model card (README.md), or None when there is none usable."""
+    card = src / "README.md"
+    found = _CARD_RECIPE.search(card.read_text(encoding="utf-8", errors="replace")) if card.is_file() else None
+    if found is None:
+        return None
+    try:
+        return recipe_from_dict(tomllib.loads(found.group(1)), origin=f"{card} (its recipe)")
+    except (tomllib.TOMLDecodeError, LmforgeError) as exc:
+        log.warning("%s: its recipe is not usable (%s); the imported run gets default settings", card, exc)
+        return None
+
+
 def import_hf(src: str | Path, run_dir: str | Path) -> RunDir:
     """Read a Llama-architecture Hugging Face directory into a new run directory.
 
     The weights become the run's `pretrained` and `best` checkpoints, so `lmforge finetune`, `eval`,
-    `generate` and `serve` work on it. The tokenizer must be one lmforge can use (its special tokens).
+    `generate` and `serve` work on it. The tokenizer must be one lmforge can use (its special tokens). The
+    run's recipe is the one in an lmforge export's model card (data sources, QA and eval settings: answers
+    are computed as the original run computed them), else the defaults; its model shape is config.json's.
     """
     from safetensors.torch import load_file
 
@@ -364,14 +384,16 @@ def import_hf(src: str | Path, run_dir: str | Path) -> RunDir:
     if expected - got:
         raise LmforgeError(f"{weights_path}: missing tensors {sorted(expected - got)[:3]}")
 
+    recipe = card_recipe(src) or Recipe(name=src.name)
+    m = recipe.model
+    m.n_layer, m.n_head, m.n_embd, m.block_size = cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size
+    m.vocab_size, m.mlp_hidden, m.rope_theta, m.norm_eps = cfg.vocab_size, cfg.mlp_hidden, cfg.rope_theta, cfg.norm_eps
+    validate(recipe)
+
     run = RunDir(Path(run_dir))
     if run.root.is_dir() and any(run.root.iterdir()):
         raise LmforgeError(f"run directory {run.root} already exists and is not empty")
     run.root.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe(name=src.name)
-    m = recipe.model
-    m.n_layer, m.n_head, m.n_embd, m.block_size = cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size
-    m.vocab_size, m.mlp_hidden, m.rope_theta, m.norm_eps = cfg.vocab_size, cfg.mlp_hidden, cfg.rope_theta, cfg.norm_eps
     save_recipe(recipe, run.config)
     tok.save(run.tokenizer)
     state = {"stage": "import", "step": 0, "tokens": 0, "source": str(src)}

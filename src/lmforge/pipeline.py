@@ -20,7 +20,7 @@ import torch
 from lmforge.config import Recipe, save_recipe
 from lmforge.data.loader import TokenBatcher, log_phase_plan, resolve_phases
 from lmforge.data.qa import QABatcher, clean_examples, encode_examples, encode_for_inference
-from lmforge.data.shards import load_manifest, prepare_shards, tokenizer_hash
+from lmforge.data.shards import has_shards, load_manifest, prepare_shards, tokenizer_hash
 from lmforge.data.sources import QAExample, data_dir_from_env, iter_documents, iter_qa_examples
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import SpanOptions, report_markdown, span_answer, squad_eval, text_metrics
@@ -275,19 +275,30 @@ def load(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> 
     return model.to(device).eval(), tok
 
 
+def held_out_text_metrics(recipe: Recipe, run: RunDir, model: GPT, tok: Tokenizer) -> dict:
+    """Loss, perplexity and bits per byte on the run's held-out token shards; a run without shards (one made
+    by `lmforge import-hf`) is scored on questions alone, and the report says why and how to get them."""
+    if not has_shards(run.data):
+        why = (f"no token shards in {run.data} (`lmforge prepare --run-dir {run.root} --data-dir DIR` makes them "
+               "from the recipe's [[data.sources]])")
+        log.warning("held-out text metrics not measured: %s", why)
+        return {"text_metrics_skipped": why}
+    val = TokenBatcher(run.data, "val", model.cfg.block_size, recipe.pretrain.batch_size, seed=recipe.seed + 1)
+    return text_metrics(model, val.fixed_batches(recipe.eval.val_batches), tok.token_byte_lengths())
+
+
 def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, checkpoint: str = "best") -> dict:
     device = resolve_device(recipe.pretrain.device)
     model, tok = load(run.root, checkpoint, device=str(device))
     e = recipe.eval
     dtype = resolve_dtype(e.dtype, device)
-    val = TokenBatcher(run.data, "val", model.cfg.block_size, recipe.pretrain.batch_size, seed=recipe.seed + 1)
     checkpoint_path = resolve_checkpoint(run, checkpoint)
     report: dict = {"run": str(run.root), "checkpoint": str(checkpoint_path),
                     "stage": read_state(checkpoint_path).get("stage"),
                     "dtype": str(dtype).removeprefix("torch.")}
     splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
     with autocast(device, dtype):
-        report.update(text_metrics(model, val.fixed_batches(e.val_batches), tok.token_byte_lengths()))
+        report.update(held_out_text_metrics(recipe, run, model, tok))
         report["squad"] = squad_eval(model, tok, splits.eval, recipe.qa.mode, e.max_new_tokens, e.batch_size,
                                      e.n_examples, e.long_context, recipe.answer_context_tokens, e.decoding,
                                      SpanOptions.of(e))
