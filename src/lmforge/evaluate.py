@@ -285,7 +285,7 @@ def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode
     }
 
 
-def _dropped_text(dropped: dict) -> str:
+def dropped_text(dropped: dict) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in dropped.items()) or "none"
 
 
@@ -348,7 +348,7 @@ def report_markdown(report: dict) -> str:
         f"({squad.get('contexts_truncated', 0)} cut to one window, {squad.get('contexts_windowed', 0)} split into "
         "windows). "
         f"Questions longer than the block: {squad.get('skipped', 0)} (scored 0). "
-        f"Unusable dev examples left out: {_dropped_text(squad.get('invalid_skipped', {}))}.",
+        f"Unusable dev examples left out: {dropped_text(squad.get('invalid_skipped', {}))}.",
         "",
         *([f"Held-out text metrics not measured: {report['text_metrics_skipped']}.", ""]
           if "text_metrics_skipped" in report else []),

@@ -23,7 +23,7 @@ from lmforge.data.qa import QABatcher, clean_examples, encode_examples, encode_f
 from lmforge.data.shards import has_shards, load_manifest, prepare_shards, tokenizer_hash
 from lmforge.data.sources import QAExample, data_dir_from_env, iter_documents, iter_qa_examples
 from lmforge.errors import LmforgeError
-from lmforge.evaluate import SpanOptions, report_markdown, span_answer, squad_eval, text_metrics
+from lmforge.evaluate import SpanOptions, dropped_text, report_markdown, span_answer, squad_eval, text_metrics
 from lmforge.generate import SamplingParams, generate
 from lmforge.io import atomic_write_json, atomic_write_text
 from lmforge.model import GPT, GPTConfig, build_model
@@ -297,6 +297,9 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
                     "stage": read_state(checkpoint_path).get("stage"),
                     "dtype": str(dtype).removeprefix("torch.")}
     splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
+    if not splits.eval:
+        raise LmforgeError(f"QA source '{recipe.qa.dev.name}' has no usable dev question to score (left out: "
+                           f"{dropped_text(splits.dropped_dev)}); the previous report is kept")
     with autocast(device, dtype):
         report.update(held_out_text_metrics(recipe, run, model, tok))
         report["squad"] = squad_eval(model, tok, splits.eval, recipe.qa.mode, e.max_new_tokens, e.batch_size,
