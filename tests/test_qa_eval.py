@@ -483,6 +483,13 @@ def _answer_settings_spy(monkeypatch) -> list[dict]:
     return calls
 
 
+def test_generate_question_with_max_new_tokens_filling_the_block_names_it(tiny_run, capsys):
+    from lmforge.cli import main
+
+    assert main(["generate", "--run-dir", str(tiny_run), "--question", "Who?", "--max-new-tokens", "200"]) == 2
+    assert "max new tokens 200 leave no room for the question in the model's 128-token block" in capsys.readouterr().err
+
+
 def test_single_answers_use_the_eval_settings_of_the_run(tiny_run, monkeypatch, capsys):
     """`generate --question` and the run's sample answer answer as `lmforge eval` does: eval.max_new_tokens
     (16 in the tiny recipe) unless --max-new-tokens is given, the passage window and decoding of the recipe."""
@@ -547,6 +554,8 @@ def test_span_decoding_is_validated():
     assert tiny_recipe(**{"eval.span_max_starts": "2"}).eval.span_max_starts == 2
     with pytest.raises(ConfigError, match="eval.span_max_starts"):
         tiny_recipe(**{"eval.span_max_starts": "-1"})
+    with pytest.raises(ConfigError, match=r"eval.max_new_tokens.*must be < model.block_size \(128\)"):
+        tiny_recipe(**{"eval.max_new_tokens": "128"})
     recipe = tiny_recipe(**{"qa.context_tokens": "96"})
     assert recipe.answer_context_tokens == 96  # 0: as in fine-tuning
     assert tiny_recipe(**{"qa.context_tokens": "96", "eval.context_tokens": "32"}).answer_context_tokens == 32

@@ -322,6 +322,9 @@ def answer_question(model: GPT, tok: Tokenizer, question: str, context: str | No
     """The answer in the fine-tuning prompt format (a long context is cut to its best-matching window):
     generated greedily, or with decoding="span" and a context, the passage span the model finds likeliest
     (chosen as `span` says: the recipe's eval.span_* settings), computed in `dtype` (eval.dtype)."""
+    if max_new_tokens >= model.cfg.block_size:
+        raise LmforgeError(f"max new tokens {max_new_tokens} leave no room for the question in the model's "
+                           f"{model.cfg.block_size}-token block")
     enc = encode_for_inference(tok, question, context or None, model.cfg.block_size, max_new_tokens, context_tokens)
     if enc is None:
         raise LmforgeError("question is longer than the model's block size")
