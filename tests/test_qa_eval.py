@@ -167,6 +167,17 @@ def test_eval_compare_prints_one_table(tiny_run, tmp_path, capsys):
     assert "no evaluation report" in capsys.readouterr().err
 
 
+def test_eval_compare_refuses_files_that_are_not_reports(tiny_run, tmp_path, capsys):
+    from lmforge.cli import main
+
+    listed = tmp_path / "list.json"
+    listed.write_text("[1]")
+    for path in (tiny_run / "eval" / "predictions.json", listed):  # predictions.json sits beside report.json
+        assert main(["eval", "--compare", str(tiny_run), str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: not an lmforge evaluation report" in err and len(err.splitlines()) == 1
+
+
 def test_report_keeps_each_questions_scores_and_compare_pairs_them():
     """report.json keeps every scored question's EM and F1, which give the report's averages; --compare pairs
     two reports on the questions both scored: the mean F1 change and a bootstrap interval over those questions."""

@@ -420,6 +420,9 @@ def load_report(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise LmforgeError(f"no evaluation report at {path} (run `lmforge eval --run-dir {run_dir}` first)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        report = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LmforgeError(f"{path}: unreadable report ({exc})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("squad"), dict):
+        raise LmforgeError(f"{path}: not an lmforge evaluation report (give a run directory or its eval/report.json)")
+    return report
