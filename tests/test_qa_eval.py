@@ -494,6 +494,23 @@ def _answer_settings_spy(monkeypatch) -> list[dict]:
     return calls
 
 
+def test_closed_book_single_answers_leave_the_context_out(copy_run, monkeypatch, capsys):
+    """A closed-book model is asked in the prompt format it was fine-tuned on, as eval asks it."""
+    from lmforge.cli import main
+    from lmforge.config import load_recipe, save_recipe
+    from lmforge.pipeline import sample_answer
+    from lmforge.rundir import RunDir
+
+    run = RunDir(copy_run())
+    recipe = load_recipe(run.config, {"qa.mode": "closed_book", "sample_context": "Paris is in France."})
+    save_recipe(recipe, run.config)
+    calls = _answer_settings_spy(monkeypatch)
+    assert main(["generate", "--run-dir", str(run.root), "--question", "Where is Paris?", "--context", "France"]) == 0
+    assert sample_answer(recipe, run)["context"] is None
+    assert [c.get("context") for c in calls] == [None, None]
+    assert "closed-book run (qa.mode = 'closed_book'): the context is left out" in capsys.readouterr().err
+
+
 def test_generate_question_with_max_new_tokens_filling_the_block_names_it(tiny_run, capsys):
     from lmforge.cli import main
 

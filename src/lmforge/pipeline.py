@@ -340,7 +340,11 @@ def answer_question(model: GPT, tok: Tokenizer, question: str, context: str | No
 def answer_as_evaluated(model: GPT, tok: Tokenizer, recipe: Recipe, question: str, context: str | None = None,
                         max_new_tokens: int | None = None) -> str:
     """One answer computed as `lmforge eval` scores the recipe's run: its eval.max_new_tokens (unless
-    `max_new_tokens` is given), passage window, decoding, span settings and dtype."""
+    `max_new_tokens` is given), passage window, decoding, span settings and dtype. A closed-book run is asked
+    without the context, in the prompt format it was fine-tuned on (as eval asks it)."""
+    if context and recipe.qa.mode != "context":
+        log.warning("closed-book run (qa.mode = %r): the context is left out of the prompt", recipe.qa.mode)
+        context = None
     e = recipe.eval
     limit = e.max_new_tokens if max_new_tokens is None else max_new_tokens
     return answer_question(model, tok, question, context, limit, recipe.answer_context_tokens, e.decoding,
@@ -350,7 +354,7 @@ def answer_as_evaluated(model: GPT, tok: Tokenizer, recipe: Recipe, question: st
 def sample_answer(recipe: Recipe, run: RunDir) -> dict:
     """The recipe's sample question answered by the run's best model, as `lmforge eval` would answer it."""
     model, tok = load(run.root, "best")
-    context = recipe.sample_context or None
+    context = (recipe.sample_context or None) if recipe.qa.mode == "context" else None
     return {"question": recipe.sample_question, "context": context,
             "answer": answer_as_evaluated(model, tok, recipe, recipe.sample_question, context)}
 
