@@ -266,6 +266,25 @@ def test_validation_examples_never_overlap_the_scored_questions(data_dir):
         assert not {ex.id for ex in splits.train} & {ex.id for ex in splits.val}
 
 
+def test_eval_scoring_more_questions_than_the_run_counts_its_validation_examples(copy_run, data_dir, tmp_path):
+    """Fine-tuning selected on the end of the dev file; an eval of every question reaches into it and says so."""
+    from lmforge.config import load_recipe, save_recipe
+    from lmforge.pipeline import eval_stage
+    from lmforge.rundir import RunDir
+
+    squad = json.loads((data_dir / "squad" / "dev-v1.1.json").read_text())
+    small = tmp_path / "dev-small.json"
+    small.write_text(json.dumps({"data": [{**squad["data"][0], "paragraphs": squad["data"][0]["paragraphs"][:2]}]}))
+    run = RunDir(copy_run())
+    trained = load_recipe(run.config, {"qa.dev.local": str(small), "qa.max_dev_examples": "4",
+                                       "eval.squad_questions": "6"})
+    save_recipe(trained, run.config)  # as if fine-tuned with these: its validation loss used the last 4
+    assert eval_stage(trained, run, data_dir)["squad"]["validation_questions_scored"] == 0
+    report = eval_stage(load_recipe(run.config, {"eval.squad_questions": "0"}), run, data_dir)
+    assert report["squad"]["validation_questions_scored"] == 4
+    assert "4 of the scored questions are validation examples" in (run.eval / "report.md").read_text()
+
+
 def test_spread_subset_samples_every_article_and_first_takes_the_start(data_dir):
     """SQuAD dev is grouped by article (its first 810 questions are all about Super Bowl 50): the default
     subset is spread through the file, in file order; "first" keeps the old behaviour."""

@@ -352,6 +352,9 @@ def report_markdown(report: dict) -> str:
         "",
         *([f"Held-out text metrics not measured: {report['text_metrics_skipped']}.", ""]
           if "text_metrics_skipped" in report else []),
+        *([f"{squad['validation_questions_scored']} of the scored questions are validation examples fine-tuning "
+           "selected its checkpoint on (eval.squad_questions above the run's): their scores are optimistic.", ""]
+          if squad.get("validation_questions_scored") else []),
         "## Examples",
         "",
         "| question | gold | predicted | F1 |",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import Recipe, save_recipe
+from lmforge.config import Recipe, load_recipe, save_recipe
 from lmforge.data.loader import TokenBatcher, log_phase_plan, resolve_phases
 from lmforge.data.qa import QABatcher, clean_examples, encode_examples, encode_for_inference
 from lmforge.data.shards import has_shards, load_manifest, prepare_shards, tokenizer_hash
@@ -183,6 +183,15 @@ class QASplits:
     eval: list[QAExample]  # dev questions scored with EM/F1 (eval.squad_subset of those before `val`)
     dropped_train: dict[str, int]  # unusable examples left out, per reason
     dropped_dev: dict[str, int]
+    dev: list[QAExample]  # every usable dev example, in file order
+
+
+def dev_validation_size(recipe: Recipe, n_dev: int) -> int:
+    """How many examples at the end of the dev file the fine-tuning validation loss takes (0: it takes train
+    examples, because every dev question is scored)."""
+    qa = recipe.qa
+    n_eval = recipe.eval.squad_questions or n_dev
+    return min(qa.max_dev_examples, max(n_dev - n_eval, 0)) if qa.max_dev_examples else 0
 
 
 def load_qa_splits(recipe: Recipe, data_dir: Path | None) -> QASplits:
@@ -198,16 +207,25 @@ def load_qa_splits(recipe: Recipe, data_dir: Path | None) -> QASplits:
     raw_train = list(islice(iter_qa_examples(qa.train, data_dir), qa.max_train_examples or None))
     train, dropped_train = clean_examples(raw_train, f"QA source '{qa.train.name}'")
     dev, dropped_dev = clean_examples(list(iter_qa_examples(qa.dev, data_dir)), f"QA source '{qa.dev.name}'")
-    n_eval = recipe.eval.squad_questions or len(dev)
-    n_val = min(qa.max_dev_examples, max(len(dev) - n_eval, 0)) if qa.max_dev_examples else 0
+    n_val = dev_validation_size(recipe, len(dev))
     if n_val:
         val = dev[len(dev) - n_val :]
     else:
         n_hold = max(1, min(qa.max_dev_examples, len(train) // 10))
         val, train = train[:n_hold], (train[n_hold:] if len(train) > n_hold else train)
         log.info("every dev question is scored: %d train examples held out for the validation loss", len(val))
-    scored = scored_questions(dev[: len(dev) - n_val], n_eval, recipe.eval.squad_subset)
-    return QASplits(train, val, scored, dict(dropped_train), dict(dropped_dev))
+    scored = scored_questions(dev[: len(dev) - n_val], recipe.eval.squad_questions or len(dev),
+                              recipe.eval.squad_subset)
+    return QASplits(train, val, scored, dict(dropped_train), dict(dropped_dev), dev)
+
+
+def scored_validation_questions(splits: QASplits, trained: Recipe) -> int:
+    """How many of the scored questions were validation examples of a fine-tuning run with the `trained`
+    recipe, the examples it selected its checkpoint on (an eval scoring more questions than the run's
+    eval.squad_questions reaches into them)."""
+    n_val = dev_validation_size(trained, len(splits.dev))
+    held = {ex.id for ex in splits.dev[len(splits.dev) - n_val :]} if n_val else set()
+    return sum(ex.id in held for ex in splits.eval)
 
 
 def scored_questions(pool: list[QAExample], n: int, subset: str) -> list[QAExample]:
@@ -300,6 +318,11 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
     if not splits.eval:
         raise LmforgeError(f"QA source '{recipe.qa.dev.name}' has no usable dev question to score (left out: "
                            f"{dropped_text(splits.dropped_dev)}); the previous report is kept")
+    overlap = scored_validation_questions(splits, load_recipe(run.config)) if run.config.is_file() else 0
+    if overlap:
+        log.warning("%d of the %d scored questions are validation examples fine-tuning selected its checkpoint on "
+                    "(eval.squad_questions %d scores more than the run's recipe): their scores are optimistic",
+                    overlap, len(splits.eval), e.squad_questions)
     with autocast(device, dtype):
         report.update(held_out_text_metrics(recipe, run, model, tok))
         report["squad"] = squad_eval(model, tok, splits.eval, recipe.qa.mode, e.max_new_tokens, e.batch_size,
@@ -307,6 +330,7 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
                                      SpanOptions.of(e))
     report["squad"]["invalid_skipped"] = splits.dropped_dev
     report["squad"]["subset"] = e.squad_subset
+    report["squad"]["validation_questions_scored"] = overlap
     # every scored question's answer, in the format the official evaluate-v1.1.py reads (it averages over the
     # whole dev file, counting questions outside the subset as unanswered)
     atomic_write_json(run.eval / "predictions.json", report["squad"].pop("predictions"))
