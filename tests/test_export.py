@@ -90,6 +90,46 @@ def test_import_hf_round_trip(exported, tiny_run, tmp_path):
         import_hf(exported, run.root)
 
 
+def test_imported_run_keeps_the_recipe_and_is_evaluable(exported, tiny_run, data_dir, tmp_path):
+    """The export's model card carries the recipe: the imported run answers with the original's settings,
+    and `eval` scores it (without token shards, on questions alone, saying so)."""
+    from lmforge.config import load_recipe
+    from lmforge.export import import_hf
+    from lmforge.pipeline import eval_stage
+
+    run = import_hf(exported, tmp_path / "imported")
+    recipe, original = load_recipe(run.config), load_recipe(tiny_run / "config.toml")
+    assert recipe.eval == original.eval and recipe.qa == original.qa and recipe.data == original.data
+    assert recipe.model.n_layer == original.model.n_layer
+    report = eval_stage(load_recipe(run.config, {"eval.squad_questions": "4"}), run, data_dir)
+    assert report["squad"]["n"] == 4 and "val_loss" not in report
+    assert "lmforge prepare --run-dir" in report["text_metrics_skipped"]
+    assert "| bits per byte | not measured |" in (run.eval / "report.md").read_text()
+
+
+@pytest.mark.parametrize("change, message", [
+    ("not json", "not a valid JSON model config"),
+    ({"hidden_size": None}, "missing or not a positive integer: hidden_size"),
+    ({"vocab_size": 64}, "vocab_size 64 is smaller than its tokenizer's"),
+])
+def test_import_refuses_bad_configs_in_one_line(exported, tmp_path, change, message):
+    import shutil
+
+    from lmforge.export import import_hf
+
+    src = tmp_path / "src"
+    shutil.copytree(exported, src)
+    config = json.loads((src / "config.json").read_text())
+    if isinstance(change, dict):
+        config.update(change)
+        (src / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    else:
+        (src / "config.json").write_text(change)
+    with pytest.raises(LmforgeError, match=message):
+        import_hf(src, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_import_refuses_other_architectures(exported, tmp_path):
     import shutil
 
@@ -113,3 +153,57 @@ def test_export_refuses_to_overwrite_other_folders(tiny_run, tmp_path):
     (target / "notes.txt").write_text("keep me")
     assert main(["export", str(tiny_run), str(target), "--format", "hf"]) == 2
     assert (target / "notes.txt").read_text() == "keep me"
+
+
+def test_reexport_replaces_only_the_files_it_writes(exported, tiny_run, tmp_path):
+    import shutil
+
+    from lmforge.export import export_hf
+
+    clone = tmp_path / "hub-clone"  # a clone of the Hub repository holding an earlier export
+    shutil.copytree(exported, clone)
+    (clone / ".git").mkdir()
+    (clone / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (clone / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (clone / "NOTES.md").write_text("keep me")
+    (clone / "config.json").write_text("{}")  # stale: the export replaces it
+    export_hf(tiny_run, clone)
+    assert (clone / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert (clone / ".gitattributes").read_text() == "*.safetensors filter=lfs\n"
+    assert (clone / "NOTES.md").read_text() == "keep me"
+    assert json.loads((clone / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert not list(tmp_path.glob(".staging-*"))
+
+
+def test_export_into_an_existing_empty_folder(tiny_run, tmp_path):
+    from lmforge.export import export_hf
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_hf(tiny_run, empty)
+    assert (empty / "model.safetensors").is_file()
+
+
+def test_model_card_reports_only_the_exported_checkpoints_scores(tiny_run, tmp_path):
+    from lmforge.export import export_hf
+
+    out = export_hf(tiny_run, tmp_path / "pretrained-hf", checkpoint="pretrained")
+    card = (out / "README.md").read_text()
+    assert "Checkpoint `pretrained` was not evaluated" in card
+    assert "exact match" not in card and "| SQuAD v1.1 dev F1" not in card
+
+
+def test_model_card_names_the_decoding_of_its_scores(tiny_run):
+    from lmforge.config import load_recipe
+    from lmforge.export import model_card
+    from lmforge.rundir import RunDir
+
+    run = RunDir(tiny_run)
+    report = json.loads((tiny_run / "eval" / "report.json").read_text())
+    checkpoint = tiny_run / "checkpoints" / "best"
+    greedy = model_card(load_recipe(run.config), run, checkpoint, report)
+    assert "generated greedily (`do_sample=False`, at most 16 new tokens)" in greedy
+    report["squad"]["decoding"] = {"strategy": "span", "description": "extractive", "max_new_tokens": 16}
+    span = model_card(load_recipe(run.config), run, checkpoint, report)
+    assert "Decoding: span (extractive; max_new_tokens 16)" in span
+    assert "greedy generation from this model gives other answers" in span and "do_sample=False" not in span

@@ -119,6 +119,24 @@ def test_finetune_and_eval_survive_bad_qa_files(copy_run, tmp_path):
     assert "answer text not in the context" in (run.eval / "report.md").read_text()
 
 
+def test_eval_without_a_usable_dev_question_stops_and_keeps_the_report(copy_run, data_dir, tmp_path):
+    from lmforge.config import load_recipe
+    from lmforge.errors import LmforgeError
+    from lmforge.pipeline import eval_stage
+    from lmforge.rundir import RunDir
+
+    run = RunDir(copy_run())
+    unusable = [{"id": "empty-answer", "question": "What?", "answers": [{"text": " ", "answer_start": 0}]},
+                {"id": "not-in-context", "question": "Where?", "answers": [{"text": "Italy", "answer_start": 3}]}]
+    dev = tmp_path / "dev.json"
+    dev.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": CONTEXT, "qas": unusable}]}]}))
+    before = (run.eval / "report.json").read_bytes()
+    recipe = load_recipe(run.config, {"qa.dev.local": str(dev)})
+    with pytest.raises(LmforgeError, match=r"no usable dev question .*1 empty answer, 1 answer text not in the"):
+        eval_stage(recipe, run, data_dir)
+    assert (run.eval / "report.json").read_bytes() == before
+
+
 def test_training_window_keeps_the_answer_even_without_a_usable_offset(tiny_run):
     from lmforge.data.qa import answer_position, encode_for_training
     from lmforge.data.sources import QAExample

@@ -167,6 +167,17 @@ def test_eval_compare_prints_one_table(tiny_run, tmp_path, capsys):
     assert "no evaluation report" in capsys.readouterr().err
 
 
+def test_eval_compare_refuses_files_that_are_not_reports(tiny_run, tmp_path, capsys):
+    from lmforge.cli import main
+
+    listed = tmp_path / "list.json"
+    listed.write_text("[1]")
+    for path in (tiny_run / "eval" / "predictions.json", listed):  # predictions.json sits beside report.json
+        assert main(["eval", "--compare", str(tiny_run), str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: not an lmforge evaluation report" in err and len(err.splitlines()) == 1
+
+
 def test_report_keeps_each_questions_scores_and_compare_pairs_them():
     """report.json keeps every scored question's EM and F1, which give the report's averages; --compare pairs
     two reports on the questions both scored: the mean F1 change and a bootstrap interval over those questions."""
@@ -253,6 +264,25 @@ def test_validation_examples_never_overlap_the_scored_questions(data_dir):
         assert len(scored) == (64 if n_eval == "64" else 10570)
         assert len(splits.val) > 1 and not scored & {ex.id for ex in splits.val}
         assert not {ex.id for ex in splits.train} & {ex.id for ex in splits.val}
+
+
+def test_eval_scoring_more_questions_than_the_run_counts_its_validation_examples(copy_run, data_dir, tmp_path):
+    """Fine-tuning selected on the end of the dev file; an eval of every question reaches into it and says so."""
+    from lmforge.config import load_recipe, save_recipe
+    from lmforge.pipeline import eval_stage
+    from lmforge.rundir import RunDir
+
+    squad = json.loads((data_dir / "squad" / "dev-v1.1.json").read_text())
+    small = tmp_path / "dev-small.json"
+    small.write_text(json.dumps({"data": [{**squad["data"][0], "paragraphs": squad["data"][0]["paragraphs"][:2]}]}))
+    run = RunDir(copy_run())
+    trained = load_recipe(run.config, {"qa.dev.local": str(small), "qa.max_dev_examples": "4",
+                                       "eval.squad_questions": "6"})
+    save_recipe(trained, run.config)  # as if fine-tuned with these: its validation loss used the last 4
+    assert eval_stage(trained, run, data_dir)["squad"]["validation_questions_scored"] == 0
+    report = eval_stage(load_recipe(run.config, {"eval.squad_questions": "0"}), run, data_dir)
+    assert report["squad"]["validation_questions_scored"] == 4
+    assert "4 of the scored questions are validation examples" in (run.eval / "report.md").read_text()
 
 
 def test_spread_subset_samples_every_article_and_first_takes_the_start(data_dir):
@@ -466,6 +496,66 @@ def test_single_answers_are_computed_in_eval_dtype(tiny_run):
         assert autocast_on and set(autocast_on) == {expected}, dtype
 
 
+def _answer_settings_spy(monkeypatch) -> list[dict]:
+    """Records the arguments of every `answer_question` call (it still answers)."""
+    import inspect
+
+    from lmforge import pipeline
+
+    calls: list[dict] = []
+    real = pipeline.answer_question
+
+    def spy(*args, **kwargs):
+        calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "answer_question", spy)
+    return calls
+
+
+def test_closed_book_single_answers_leave_the_context_out(copy_run, monkeypatch, capsys):
+    """A closed-book model is asked in the prompt format it was fine-tuned on, as eval asks it."""
+    from lmforge.cli import main
+    from lmforge.config import load_recipe, save_recipe
+    from lmforge.pipeline import sample_answer
+    from lmforge.rundir import RunDir
+
+    run = RunDir(copy_run())
+    recipe = load_recipe(run.config, {"qa.mode": "closed_book", "sample_context": "Paris is in France."})
+    save_recipe(recipe, run.config)
+    calls = _answer_settings_spy(monkeypatch)
+    assert main(["generate", "--run-dir", str(run.root), "--question", "Where is Paris?", "--context", "France"]) == 0
+    assert sample_answer(recipe, run)["context"] is None
+    assert [c.get("context") for c in calls] == [None, None]
+    assert "closed-book run (qa.mode = 'closed_book'): the context is left out" in capsys.readouterr().err
+
+
+def test_generate_question_with_max_new_tokens_filling_the_block_names_it(tiny_run, capsys):
+    from lmforge.cli import main
+
+    assert main(["generate", "--run-dir", str(tiny_run), "--question", "Who?", "--max-new-tokens", "200"]) == 2
+    assert "max new tokens 200 leave no room for the question in the model's 128-token block" in capsys.readouterr().err
+
+
+def test_single_answers_use_the_eval_settings_of_the_run(tiny_run, monkeypatch, capsys):
+    """`generate --question` and the run's sample answer answer as `lmforge eval` does: eval.max_new_tokens
+    (16 in the tiny recipe) unless --max-new-tokens is given, the passage window and decoding of the recipe."""
+    from lmforge.cli import main
+    from lmforge.pipeline import sample_answer
+    from lmforge.rundir import RunDir
+
+    calls = _answer_settings_spy(monkeypatch)
+    recipe = tiny_recipe()
+    question, context = "What is the capital of France?", "Paris is the capital and most populous city of France."
+    assert main(["generate", "--run-dir", str(tiny_run), "--question", question, "--context", context]) == 0
+    assert main(["generate", "--run-dir", str(tiny_run), "--question", question, "--max-new-tokens", "5"]) == 0
+    sample_answer(recipe, RunDir(tiny_run))
+    assert [c["max_new_tokens"] for c in calls] == [recipe.eval.max_new_tokens, 5, recipe.eval.max_new_tokens]
+    assert all(c["context_tokens"] == recipe.answer_context_tokens and c["decoding"] == recipe.eval.decoding
+               for c in calls)
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
 @pytest.mark.slow
 def test_eval_cli_span_decoding_uses_the_answer_window(copy_run, data_dir):
     """`lmforge eval` passes eval.decoding and eval.context_tokens through; the window overrides qa.context_tokens."""
@@ -511,6 +601,8 @@ def test_span_decoding_is_validated():
     assert tiny_recipe(**{"eval.span_max_starts": "2"}).eval.span_max_starts == 2
     with pytest.raises(ConfigError, match="eval.span_max_starts"):
         tiny_recipe(**{"eval.span_max_starts": "-1"})
+    with pytest.raises(ConfigError, match=r"eval.max_new_tokens.*must be < model.block_size \(128\)"):
+        tiny_recipe(**{"eval.max_new_tokens": "128"})
     recipe = tiny_recipe(**{"qa.context_tokens": "96"})
     assert recipe.answer_context_tokens == 96  # 0: as in fine-tuning
     assert tiny_recipe(**{"qa.context_tokens": "96", "eval.context_tokens": "32"}).answer_context_tokens == 32

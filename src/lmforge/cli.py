@@ -139,8 +139,11 @@ def cmd_finetune(args, overrides) -> int:
 
 
 def _print_report(report: dict) -> None:
+    from lmforge.evaluate import text_metric
+
     squad = report["squad"]
-    print(f"val loss {report['val_loss']:.4f} | perplexity {report['perplexity']:.2f} | bpb {report['bpb']:.4f} | "
+    print(f"val loss {text_metric(report, 'val_loss', 4)} | perplexity {text_metric(report, 'perplexity', 2)} | "
+          f"bpb {text_metric(report, 'bpb', 4)} | "
           f"SQuAD EM {squad['em']:.2f} F1 {squad['f1']:.2f} on {squad['n']} questions ({squad['mode']})")
 
 
@@ -176,28 +179,23 @@ def _generate_checkpoint(run_dir: Path, question: str | None) -> str:
 def cmd_generate(args, overrides) -> int:
     from lmforge.config import GenerateConfig
     from lmforge.generate import SamplingParams, generate_stream, stream_text
-    from lmforge.pipeline import answer_question, load
+    from lmforge.pipeline import answer_as_evaluated, load
 
     if overrides:
         raise LmforgeError(f"generate takes no recipe overrides (got --{next(iter(overrides))})")
     model, tok = load(args.run_dir, args.checkpoint or _generate_checkpoint(Path(args.run_dir), args.question))
     if args.question:
-        from lmforge.config import load_recipe
-        from lmforge.evaluate import SpanOptions
+        from lmforge.config import Recipe, load_recipe
 
         run_recipe = Path(args.run_dir) / "config.toml"
-        recipe = load_recipe(run_recipe) if run_recipe.is_file() else None
-        context_tokens = recipe.answer_context_tokens if recipe else 0
-        decoding = recipe.eval.decoding if recipe else "greedy"
-        span = SpanOptions.of(recipe.eval) if recipe else SpanOptions()
-        print(answer_question(model, tok, args.question, args.context, args.max_new_tokens, context_tokens,
-                              decoding, span, recipe.eval.dtype if recipe else "float32"))
+        recipe = load_recipe(run_recipe) if run_recipe.is_file() else Recipe()
+        print(answer_as_evaluated(model, tok, recipe, args.question, args.context, args.max_new_tokens))
         return 0
     if not args.prompt:
         raise LmforgeError("give a PROMPT, or --question (with optional --context)")
     d = GenerateConfig()
     params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=d.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
         temperature=d.temperature if args.temperature is None else args.temperature,
         top_k=d.top_k if args.top_k is None else args.top_k,
         top_p=d.top_p if args.top_p is None else args.top_p,
@@ -445,7 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", help="answer this question in the fine-tuned QA format (greedy; with --context "
                                       "and the run's eval.decoding = 'span', the passage span it finds likeliest)")
     p.add_argument("--context", help="optional context passage for --question")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int,
+                   help="at most this many new tokens (default: 64 for a PROMPT; for --question the run's "
+                        "eval.max_new_tokens, as `lmforge eval` answers)")
     p.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, help="keep the k most likely tokens; 0 = off (default 50)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.95)")

@@ -375,6 +375,8 @@ def validate(recipe: Recipe) -> Recipe:
     _check(recipe.eval.dtype in DTYPES, "eval.dtype", _one_of(DTYPES))
     _check(recipe.eval.squad_subset in SQUAD_SUBSETS, "eval.squad_subset", _one_of(SQUAD_SUBSETS))
     _check(recipe.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
+    _check(recipe.eval.max_new_tokens < m.block_size, "eval.max_new_tokens",
+           f"must be < model.block_size ({m.block_size}): the question's prompt needs room in the block")
     _check(recipe.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     _check(recipe.eval.long_context in LONG_CONTEXTS, "eval.long_context", _one_of(LONG_CONTEXTS))
     _check(recipe.eval.decoding in DECODINGS, "eval.decoding", _one_of(DECODINGS))

@@ -287,7 +287,7 @@ def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode
     }
 
 
-def _dropped_text(dropped: dict) -> str:
+def dropped_text(dropped: dict) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in dropped.items()) or "none"
 
 
@@ -295,7 +295,7 @@ def _context_room(context_tokens) -> str:
     return f"at most {context_tokens} tokens" if isinstance(context_tokens, int) else "what the block leaves"
 
 
-def _decoding_text(decoding: dict) -> str:
+def decoding_text(decoding: dict) -> str:
     details = ", ".join(f"{k} {v}" for k, v in decoding.items() if k not in ("strategy", "description"))
     return f"{decoding.get('strategy', '?')} ({decoding.get('description', '')}; {details})"
 
@@ -304,7 +304,7 @@ SUBSETS = {"spread": "evenly spaced through the dev file (every article in propo
            "first": "the first ones in the dev file (a few articles)"}  # eval.squad_subset
 
 
-def _subset_text(subset: str | None) -> str:
+def subset_text(subset: str | None) -> str:
     return f", {SUBSETS.get(subset, subset)}" if subset else ""
 
 
@@ -312,10 +312,15 @@ def _ci_text(ci: list[float] | None) -> str:
     return f" (95% interval {ci[0]:.2f}-{ci[1]:.2f}: bootstrap over the questions)" if ci else ""
 
 
-def _precision_text(dtype: str | None) -> str:
+def precision_text(dtype: str | None) -> str:
     if dtype is None:
         return "not recorded (float32 before eval.dtype)"
     return "float32" if dtype == "float32" else f"{dtype} autocast (fp32 weights, fp32 loss and scores)"
+
+
+def text_metric(report: dict, key: str, digits: int) -> str:
+    """A report's held-out text metric ("val_loss", "perplexity", "bpb"), or "not measured" (no token shards)."""
+    return f"{report[key]:.{digits}f}" if key in report else "not measured"
 
 
 def report_markdown(report: dict) -> str:
@@ -328,25 +333,30 @@ def report_markdown(report: dict) -> str:
         "",
         "| metric | value |",
         "|---|---|",
-        f"| validation loss (nats/token) | {report['val_loss']:.4f} |",
-        f"| perplexity | {report['perplexity']:.2f} |",
-        f"| bits per byte | {report['bpb']:.4f} |",
+        f"| validation loss (nats/token) | {text_metric(report, 'val_loss', 4)} |",
+        f"| perplexity | {text_metric(report, 'perplexity', 2)} |",
+        f"| bits per byte | {text_metric(report, 'bpb', 4)} |",
         f"| SQuAD exact match | {squad.get('em', 0):.2f}{_ci_text(squad.get('em_ci95'))} |",
         f"| SQuAD F1 | {squad.get('f1', 0):.2f}{_ci_text(squad.get('f1_ci95'))} |",
-        f"| SQuAD questions | {squad.get('n', 0)}{_subset_text(squad.get('subset'))} |",
+        f"| SQuAD questions | {squad.get('n', 0)}{subset_text(squad.get('subset'))} |",
         f"| QA mode | {squad.get('mode', '')} |",
         f"| questions/s | {squad.get('questions_per_s', 0):.1f} |",
-        f"| precision | {_precision_text(report.get('dtype'))} |",
+        f"| precision | {precision_text(report.get('dtype'))} |",
         "",
-        f"Decoding: {_decoding_text(squad.get('decoding', {}))}.",
+        f"Decoding: {decoding_text(squad.get('decoding', {}))}.",
         "",
         f"Contexts longer than the room for them ({_context_room(squad.get('context_tokens'))}): "
         f"{squad.get('context_truncation', '')} "
         f"({squad.get('contexts_truncated', 0)} cut to one window, {squad.get('contexts_windowed', 0)} split into "
         "windows). "
         f"Questions longer than the block: {squad.get('skipped', 0)} (scored 0). "
-        f"Unusable dev examples left out: {_dropped_text(squad.get('invalid_skipped', {}))}.",
+        f"Unusable dev examples left out: {dropped_text(squad.get('invalid_skipped', {}))}.",
         "",
+        *([f"Held-out text metrics not measured: {report['text_metrics_skipped']}.", ""]
+          if "text_metrics_skipped" in report else []),
+        *([f"{squad['validation_questions_scored']} of the scored questions are validation examples fine-tuning "
+           "selected its checkpoint on (eval.squad_questions above the run's): their scores are optimistic.", ""]
+          if squad.get("validation_questions_scored") else []),
         "## Examples",
         "",
         "| question | gold | predicted | F1 |",
@@ -391,8 +401,8 @@ def compare_row(report: dict, baseline: dict | None = None) -> list[str]:
         f"{squad.get('em', 0):.2f}",
         f"{squad.get('f1', 0):.2f}" + (" ({:.2f}-{:.2f})".format(*squad["f1_ci95"]) if "f1_ci95" in squad else ""),
         paired_f1_change(report, baseline) if baseline is not None else "-",
-        f"{report.get('bpb', float('nan')):.4f}",
-        f"{report.get('perplexity', float('nan')):.2f}",
+        text_metric(report, "bpb", 4),
+        text_metric(report, "perplexity", 2),
         f"{squad.get('questions_per_s', 0):.1f}",
         squad.get("long_context", "-"),
         squad.get("decoding", {}).get("strategy", "-"),
@@ -415,6 +425,9 @@ def load_report(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise LmforgeError(f"no evaluation report at {path} (run `lmforge eval --run-dir {run_dir}` first)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        report = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LmforgeError(f"{path}: unreadable report ({exc})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("squad"), dict):
+        raise LmforgeError(f"{path}: not an lmforge evaluation report (give a run directory or its eval/report.json)")
+    return report

@@ -11,14 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import tomllib
 from pathlib import Path
 
 import torch
 
-from lmforge.config import Recipe, load_recipe, save_recipe
+from lmforge.config import Recipe, load_recipe, recipe_from_dict, save_recipe, validate
 from lmforge.errors import LmforgeError
-from lmforge.io import atomic_write_text, replace_dir
+from lmforge.evaluate import decoding_text, precision_text, subset_text
+from lmforge.io import atomic_write_text, move_files_into
 from lmforge.model import GPT, GPTConfig
 from lmforge.rundir import RunDir
 from lmforge.tokenizer import ANSWER, CONTEXT, EOT, PAD, QUESTION, Tokenizer
@@ -135,6 +138,53 @@ def _training_summary(run: RunDir) -> str:
     return "; ".join(parts) or "not recorded"
 
 
+def _place_in_run(checkpoint: Path, run_root: Path) -> Path:
+    """A checkpoint's path inside its run (so a copied or moved run still matches), or its full path."""
+    checkpoint, run_root = checkpoint.resolve(), run_root.resolve()
+    return checkpoint.relative_to(run_root) if checkpoint.is_relative_to(run_root) else checkpoint
+
+
+def scored_checkpoint(report: dict, run: RunDir, checkpoint: Path) -> bool:
+    """Whether the evaluation `report` scored `checkpoint` of `run`."""
+    if "checkpoint" not in report or "run" not in report:
+        return False
+    return _place_in_run(Path(report["checkpoint"]), Path(report["run"])) == _place_in_run(checkpoint, run.root)
+
+
+def _evaluation_lines(run: RunDir, checkpoint: Path, report: dict | None) -> list[str]:
+    """The model card's scores, only when the run's report scored this very checkpoint, with the decoding
+    they were measured with."""
+    if not report or "squad" not in report:
+        return ["Not evaluated yet (run `lmforge eval`).", ""]
+    if not scored_checkpoint(report, run, checkpoint):
+        return [f"Checkpoint `{checkpoint.name}` was not evaluated: the run's evaluation report scored "
+                f"`{report.get('checkpoint', '?')}`. Run `lmforge eval --checkpoint {checkpoint.name}` before "
+                "exporting to report its scores.", ""]
+    sq = report["squad"]
+    decoding = sq.get("decoding", {})
+    lines = [
+        "| metric | value |",
+        "|---|---|",
+        f"| SQuAD v1.1 dev exact match | {sq['em']:.2f} |",
+        f"| SQuAD v1.1 dev F1 | {sq['f1']:.2f} |",
+        f"| questions | {sq['n']}{subset_text(sq.get('subset'))} ({sq['mode']}) |",
+        f"| precision | {precision_text(report.get('dtype'))} |",
+    ]
+    if "bpb" in report:
+        lines += [f"| held-out bits per byte | {report['bpb']:.4f} |",
+                  f"| held-out perplexity | {report['perplexity']:.2f} |"]
+    lines += ["", f"Decoding: {decoding_text(decoding)}.", ""]
+    if decoding.get("strategy") == "span":
+        lines += ["These scores come from lmforge's extractive span decoding (`eval.decoding = \"span\"`: the "
+                  "likeliest span of the passage), which `transformers`' `generate` does not do; greedy generation "
+                  "from this model gives other answers and other scores.", ""]
+    elif "max_new_tokens" in decoding:
+        lines += [f"The answers were generated greedily (`do_sample=False`, at most {decoding['max_new_tokens']} new "
+                  "tokens) in the prompt format above, with contexts longer than the room for them cut as "
+                  "`eval.long_context` in the recipe below says.", ""]
+    return lines
+
+
 def model_card(recipe: Recipe, run: RunDir, checkpoint: Path, report: dict | None) -> str:
     """README.md for the export: what it was trained on, with which recipe, and how it scored."""
     sources = "\n".join(
@@ -174,34 +224,33 @@ def model_card(recipe: Recipe, run: RunDir, checkpoint: Path, report: dict | Non
         else f"{QUESTION}{{question}}{ANSWER}",
         "```",
         "",
-        f"The answer ends with `{EOT}`. Use greedy decoding (`do_sample=False`) for the evaluated behaviour.",
+        f"The answer ends with `{EOT}`.",
         "",
         "## Evaluation",
         "",
+        *_evaluation_lines(run, checkpoint, report),
     ]
-    if report and "squad" in report:
-        sq = report["squad"]
-        lines += [
-            "| metric | value |",
-            "|---|---|",
-            f"| SQuAD v1.1 dev exact match | {sq['em']:.2f} |",
-            f"| SQuAD v1.1 dev F1 | {sq['f1']:.2f} |",
-            f"| questions | {sq['n']} ({sq['mode']}) |",
-            f"| held-out bits per byte | {report['bpb']:.4f} |",
-            f"| held-out perplexity | {report['perplexity']:.2f} |",
-            "",
-        ]
-    else:
-        lines += ["Not evaluated yet (run `lmforge eval`).", ""]
     lines += ["## Recipe", "", "```toml", run.config.read_text(encoding="utf-8").strip(), "```", ""]
     return "\n".join(lines)
+
+
+def _check_export_target(out: Path) -> None:
+    """`out` may be new, empty, or hold an earlier export (its config.json); anything else is refused."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise LmforgeError(f"{out} exists and is not a folder; choose an empty or new folder")
+    if any(out.iterdir()) and not (out / "config.json").is_file():
+        raise LmforgeError(f"{out} exists and is not an exported model; choose an empty or new folder")
 
 
 def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -> Path:
     """Write a `transformers`-loadable directory for a run's checkpoint; returns `out`.
 
-    The directory is written under a staging name and swapped in, so a failed export never leaves a
-    half-written model where a good one was.
+    The files are written in a staging folder, then each is renamed into `out`: a failed export never leaves
+    a half-written file where a good one was, and re-exporting into a folder holding an export (a clone of a
+    Hub repository, say) replaces only the files the export writes, leaving `.git`, `.gitattributes` and
+    the user's own files alone.
     """
     from lmforge.pipeline import load, resolve_checkpoint
 
@@ -214,8 +263,7 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best") ->
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
 
     out = Path(out)
-    if out.exists() and not (out / "config.json").is_file():
-        raise LmforgeError(f"{out} exists and is not an exported model; choose an empty or new folder")
+    _check_export_target(out)
     staging = out.with_name(f".staging-{out.name}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -230,7 +278,7 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best") ->
             bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id,
         ).save_pretrained(staging)
         atomic_write_text(staging / "README.md", model_card(recipe, run, ckpt, report))
-        replace_dir(staging, out)
+        move_files_into(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -239,6 +287,24 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best") ->
 
 
 # --------------------------------------------------------------------------- import
+
+
+_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings")
+
+
+def _read_config(path: Path) -> dict:
+    """A Hugging Face config.json, with the keys lmforge's model shape needs (one line when it is not)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LmforgeError(f"{path}: not a valid JSON model config ({exc})") from None
+    if not isinstance(config, dict):
+        raise LmforgeError(f"{path}: not a model config (expected a JSON object)")
+    missing = [key for key in _SHAPE_KEYS if not (isinstance(config.get(key), int) and config[key] > 0)]
+    if missing:
+        raise LmforgeError(f"{path}: missing or not a positive integer: {', '.join(missing)}")
+    return config
 
 
 def _check_llama(config: dict, path: Path) -> None:
@@ -269,11 +335,29 @@ def _rope_theta(config: dict) -> float:
     return float((config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
+_CARD_RECIPE = re.compile(r"^## Recipe\n\n```toml\n(.*?)\n```", re.S | re.M)
+
+
+def card_recipe(src: Path) -> Recipe | None:
+    """The recipe an lmforge export wrote into its model card (README.md), or None when there is none usable."""
+    card = src / "README.md"
+    found = _CARD_RECIPE.search(card.read_text(encoding="utf-8", errors="replace")) if card.is_file() else None
+    if found is None:
+        return None
+    try:
+        return recipe_from_dict(tomllib.loads(found.group(1)), origin=f"{card} (its recipe)")
+    except (tomllib.TOMLDecodeError, LmforgeError) as exc:
+        log.warning("%s: its recipe is not usable (%s); the imported run gets default settings", card, exc)
+        return None
+
+
 def import_hf(src: str | Path, run_dir: str | Path) -> RunDir:
     """Read a Llama-architecture Hugging Face directory into a new run directory.
 
     The weights become the run's `pretrained` and `best` checkpoints, so `lmforge finetune`, `eval`,
-    `generate` and `serve` work on it. The tokenizer must be one lmforge can use (its special tokens).
+    `generate` and `serve` work on it. The tokenizer must be one lmforge can use (its special tokens). The
+    run's recipe is the one in an lmforge export's model card (data sources, QA and eval settings: answers
+    are computed as the original run computed them), else the defaults; its model shape is config.json's.
     """
     from safetensors.torch import load_file
 
@@ -282,9 +366,12 @@ def import_hf(src: str | Path, run_dir: str | Path) -> RunDir:
     for p in (cfg_path, weights_path, tok_path):
         if not p.is_file():
             raise LmforgeError(f"{src}: missing {p.name} (expected a Hugging Face model directory)")
-    config = json.loads(cfg_path.read_text())
+    config = _read_config(cfg_path)
     _check_llama(config, src)
     tok = Tokenizer.load(tok_path)
+    if config["vocab_size"] < tok.vocab_size:
+        raise LmforgeError(f"{src}: the model's vocab_size {config['vocab_size']} is smaller than its tokenizer's "
+                           f"{tok.vocab_size} tokens")
     cfg = GPTConfig(vocab_size=config["vocab_size"], n_layer=config["num_hidden_layers"],
                     n_head=config["num_attention_heads"], n_embd=config["hidden_size"],
                     block_size=config["max_position_embeddings"], mlp_hidden=config["intermediate_size"],
@@ -297,14 +384,16 @@ def import_hf(src: str | Path, run_dir: str | Path) -> RunDir:
     if expected - got:
         raise LmforgeError(f"{weights_path}: missing tensors {sorted(expected - got)[:3]}")
 
+    recipe = card_recipe(src) or Recipe(name=src.name)
+    m = recipe.model
+    m.n_layer, m.n_head, m.n_embd, m.block_size = cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size
+    m.vocab_size, m.mlp_hidden, m.rope_theta, m.norm_eps = cfg.vocab_size, cfg.mlp_hidden, cfg.rope_theta, cfg.norm_eps
+    validate(recipe)
+
     run = RunDir(Path(run_dir))
     if run.root.is_dir() and any(run.root.iterdir()):
         raise LmforgeError(f"run directory {run.root} already exists and is not empty")
     run.root.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe(name=src.name)
-    m = recipe.model
-    m.n_layer, m.n_head, m.n_embd, m.block_size = cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size
-    m.vocab_size, m.mlp_hidden, m.rope_theta, m.norm_eps = cfg.vocab_size, cfg.mlp_hidden, cfg.rope_theta, cfg.norm_eps
     save_recipe(recipe, run.config)
     tok.save(run.tokenizer)
     state = {"stage": "import", "step": 0, "tokens": 0, "source": str(src)}

@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp_path) then atomically move tmp_path to path."""
     path = Path(path)
@@ -23,8 +28,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
+        _fsync(tmp_path)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -55,6 +59,22 @@ def replace_dir(staging: Path, target: Path) -> None:
     staging.rename(target)
     if old.exists():
         shutil.rmtree(old)
+
+
+def move_files_into(staging: Path, target: Path) -> list[str]:
+    """Move every file of the fully written, flat directory `staging` into `target` (created if need be), one
+    atomic rename per file, and remove `staging`; returns the names moved.
+
+    Only those names are replaced: `target`'s other files and folders (a `.git`, notes) stay, and a crash
+    leaves each file whole, old or new.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in staging.iterdir())
+    for name in names:
+        _fsync(staging / name)
+        os.replace(staging / name, target / name)
+    staging.rmdir()
+    return names
 
 
 def existing_dir(target: Path) -> Path | None:

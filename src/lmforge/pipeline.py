@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import Recipe, save_recipe
+from lmforge.config import Recipe, load_recipe, save_recipe
 from lmforge.data.loader import TokenBatcher, log_phase_plan, resolve_phases
 from lmforge.data.qa import QABatcher, clean_examples, encode_examples, encode_for_inference
-from lmforge.data.shards import load_manifest, prepare_shards, tokenizer_hash
+from lmforge.data.shards import has_shards, load_manifest, prepare_shards, tokenizer_hash
 from lmforge.data.sources import QAExample, data_dir_from_env, iter_documents, iter_qa_examples
 from lmforge.errors import LmforgeError
-from lmforge.evaluate import SpanOptions, report_markdown, span_answer, squad_eval, text_metrics
+from lmforge.evaluate import SpanOptions, dropped_text, report_markdown, span_answer, squad_eval, text_metrics
 from lmforge.generate import SamplingParams, generate
 from lmforge.io import atomic_write_json, atomic_write_text
 from lmforge.model import GPT, GPTConfig, build_model
@@ -183,6 +183,15 @@ class QASplits:
     eval: list[QAExample]  # dev questions scored with EM/F1 (eval.squad_subset of those before `val`)
     dropped_train: dict[str, int]  # unusable examples left out, per reason
     dropped_dev: dict[str, int]
+    dev: list[QAExample]  # every usable dev example, in file order
+
+
+def dev_validation_size(recipe: Recipe, n_dev: int) -> int:
+    """How many examples at the end of the dev file the fine-tuning validation loss takes (0: it takes train
+    examples, because every dev question is scored)."""
+    qa = recipe.qa
+    n_eval = recipe.eval.squad_questions or n_dev
+    return min(qa.max_dev_examples, max(n_dev - n_eval, 0)) if qa.max_dev_examples else 0
 
 
 def load_qa_splits(recipe: Recipe, data_dir: Path | None) -> QASplits:
@@ -198,16 +207,25 @@ def load_qa_splits(recipe: Recipe, data_dir: Path | None) -> QASplits:
     raw_train = list(islice(iter_qa_examples(qa.train, data_dir), qa.max_train_examples or None))
     train, dropped_train = clean_examples(raw_train, f"QA source '{qa.train.name}'")
     dev, dropped_dev = clean_examples(list(iter_qa_examples(qa.dev, data_dir)), f"QA source '{qa.dev.name}'")
-    n_eval = recipe.eval.squad_questions or len(dev)
-    n_val = min(qa.max_dev_examples, max(len(dev) - n_eval, 0)) if qa.max_dev_examples else 0
+    n_val = dev_validation_size(recipe, len(dev))
     if n_val:
         val = dev[len(dev) - n_val :]
     else:
         n_hold = max(1, min(qa.max_dev_examples, len(train) // 10))
         val, train = train[:n_hold], (train[n_hold:] if len(train) > n_hold else train)
         log.info("every dev question is scored: %d train examples held out for the validation loss", len(val))
-    scored = scored_questions(dev[: len(dev) - n_val], n_eval, recipe.eval.squad_subset)
-    return QASplits(train, val, scored, dict(dropped_train), dict(dropped_dev))
+    scored = scored_questions(dev[: len(dev) - n_val], recipe.eval.squad_questions or len(dev),
+                              recipe.eval.squad_subset)
+    return QASplits(train, val, scored, dict(dropped_train), dict(dropped_dev), dev)
+
+
+def scored_validation_questions(splits: QASplits, trained: Recipe) -> int:
+    """How many of the scored questions were validation examples of a fine-tuning run with the `trained`
+    recipe, the examples it selected its checkpoint on (an eval scoring more questions than the run's
+    eval.squad_questions reaches into them)."""
+    n_val = dev_validation_size(trained, len(splits.dev))
+    held = {ex.id for ex in splits.dev[len(splits.dev) - n_val :]} if n_val else set()
+    return sum(ex.id in held for ex in splits.eval)
 
 
 def scored_questions(pool: list[QAExample], n: int, subset: str) -> list[QAExample]:
@@ -275,24 +293,44 @@ def load(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> 
     return model.to(device).eval(), tok
 
 
+def held_out_text_metrics(recipe: Recipe, run: RunDir, model: GPT, tok: Tokenizer) -> dict:
+    """Loss, perplexity and bits per byte on the run's held-out token shards; a run without shards (one made
+    by `lmforge import-hf`) is scored on questions alone, and the report says why and how to get them."""
+    if not has_shards(run.data):
+        why = (f"no token shards in {run.data} (`lmforge prepare --run-dir {run.root} --data-dir DIR` makes them "
+               "from the recipe's [[data.sources]])")
+        log.warning("held-out text metrics not measured: %s", why)
+        return {"text_metrics_skipped": why}
+    val = TokenBatcher(run.data, "val", model.cfg.block_size, recipe.pretrain.batch_size, seed=recipe.seed + 1)
+    return text_metrics(model, val.fixed_batches(recipe.eval.val_batches), tok.token_byte_lengths())
+
+
 def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, checkpoint: str = "best") -> dict:
     device = resolve_device(recipe.pretrain.device)
     model, tok = load(run.root, checkpoint, device=str(device))
     e = recipe.eval
     dtype = resolve_dtype(e.dtype, device)
-    val = TokenBatcher(run.data, "val", model.cfg.block_size, recipe.pretrain.batch_size, seed=recipe.seed + 1)
     checkpoint_path = resolve_checkpoint(run, checkpoint)
     report: dict = {"run": str(run.root), "checkpoint": str(checkpoint_path),
                     "stage": read_state(checkpoint_path).get("stage"),
                     "dtype": str(dtype).removeprefix("torch.")}
     splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
+    if not splits.eval:
+        raise LmforgeError(f"QA source '{recipe.qa.dev.name}' has no usable dev question to score (left out: "
+                           f"{dropped_text(splits.dropped_dev)}); the previous report is kept")
+    overlap = scored_validation_questions(splits, load_recipe(run.config)) if run.config.is_file() else 0
+    if overlap:
+        log.warning("%d of the %d scored questions are validation examples fine-tuning selected its checkpoint on "
+                    "(eval.squad_questions %d scores more than the run's recipe): their scores are optimistic",
+                    overlap, len(splits.eval), e.squad_questions)
     with autocast(device, dtype):
-        report.update(text_metrics(model, val.fixed_batches(e.val_batches), tok.token_byte_lengths()))
+        report.update(held_out_text_metrics(recipe, run, model, tok))
         report["squad"] = squad_eval(model, tok, splits.eval, recipe.qa.mode, e.max_new_tokens, e.batch_size,
                                      e.n_examples, e.long_context, recipe.answer_context_tokens, e.decoding,
                                      SpanOptions.of(e))
     report["squad"]["invalid_skipped"] = splits.dropped_dev
     report["squad"]["subset"] = e.squad_subset
+    report["squad"]["validation_questions_scored"] = overlap
     # every scored question's answer, in the format the official evaluate-v1.1.py reads (it averages over the
     # whole dev file, counting questions outside the subset as unanswered)
     atomic_write_json(run.eval / "predictions.json", report["squad"].pop("predictions"))
@@ -308,6 +346,9 @@ def answer_question(model: GPT, tok: Tokenizer, question: str, context: str | No
     """The answer in the fine-tuning prompt format (a long context is cut to its best-matching window):
     generated greedily, or with decoding="span" and a context, the passage span the model finds likeliest
     (chosen as `span` says: the recipe's eval.span_* settings), computed in `dtype` (eval.dtype)."""
+    if max_new_tokens >= model.cfg.block_size:
+        raise LmforgeError(f"max new tokens {max_new_tokens} leave no room for the question in the model's "
+                           f"{model.cfg.block_size}-token block")
     enc = encode_for_inference(tok, question, context or None, model.cfg.block_size, max_new_tokens, context_tokens)
     if enc is None:
         raise LmforgeError("question is longer than the model's block size")
@@ -318,6 +359,28 @@ def answer_question(model: GPT, tok: Tokenizer, question: str, context: str | No
             answer = generate(model, enc.ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
                                                              stop_ids={tok.eot_id}))
     return tok.decode(answer).strip()
+
+
+def answer_as_evaluated(model: GPT, tok: Tokenizer, recipe: Recipe, question: str, context: str | None = None,
+                        max_new_tokens: int | None = None) -> str:
+    """One answer computed as `lmforge eval` scores the recipe's run: its eval.max_new_tokens (unless
+    `max_new_tokens` is given), passage window, decoding, span settings and dtype. A closed-book run is asked
+    without the context, in the prompt format it was fine-tuned on (as eval asks it)."""
+    if context and recipe.qa.mode != "context":
+        log.warning("closed-book run (qa.mode = %r): the context is left out of the prompt", recipe.qa.mode)
+        context = None
+    e = recipe.eval
+    limit = e.max_new_tokens if max_new_tokens is None else max_new_tokens
+    return answer_question(model, tok, question, context, limit, recipe.answer_context_tokens, e.decoding,
+                           SpanOptions.of(e), e.dtype)
+
+
+def sample_answer(recipe: Recipe, run: RunDir) -> dict:
+    """The recipe's sample question answered by the run's best model, as `lmforge eval` would answer it."""
+    model, tok = load(run.root, "best")
+    context = (recipe.sample_context or None) if recipe.qa.mode == "context" else None
+    return {"question": recipe.sample_question, "context": context,
+            "answer": answer_as_evaluated(model, tok, recipe, recipe.sample_question, context)}
 
 
 def generate_text(run_dir: str | Path, prompt: str, params: SamplingParams, checkpoint: str = "best",
@@ -357,13 +420,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, data_dir: str 
     if not is_main():
         return {}
     report = eval_stage(recipe, run, data_dir)
-    model, tok = load(run.root, "best")
-    context = recipe.sample_context or None
-    report["sample"] = {"question": recipe.sample_question, "context": context,
-                        "answer": answer_question(model, tok, recipe.sample_question, context,
-                                                  context_tokens=recipe.answer_context_tokens,
-                                                  decoding=recipe.eval.decoding,
-                                                  span=SpanOptions.of(recipe.eval), dtype=recipe.eval.dtype)}
+    report["sample"] = sample_answer(recipe, run)
     report["run_dir"] = str(run.root)
     return report
 

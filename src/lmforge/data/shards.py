@@ -303,9 +303,13 @@ def prepare_shards(data: DataConfig, tokenizer: Tokenizer, data_dir: Path | None
     return manifest
 
 
+def has_shards(data_dir: Path) -> bool:
+    return (data_dir / "manifest.json").is_file()
+
+
 def load_manifest(data_dir: Path) -> dict:
     path = data_dir / "manifest.json"
-    if not path.is_file():
+    if not has_shards(data_dir):
         raise LmforgeError(f"no token shards in {data_dir} (run `lmforge prepare` first)")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
