@@ -14,6 +14,16 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# what a plain open() would give a new file: mkstemp's temporary files are owner-only (0600)
+NEW_FILE_MODE = 0o666 & ~_umask()
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
@@ -29,6 +39,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp_path)
         _fsync(tmp_path)
+        os.chmod(tmp_path, NEW_FILE_MODE)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
