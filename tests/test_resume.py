@@ -7,6 +7,7 @@ signal handler) gets a chance to tidy up, as with an out-of-memory kill or a pow
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,3 +192,34 @@ def test_resuming_from_an_incompatible_checkpoint_is_a_clear_error(copy_run, dat
     assert "cannot resume from this checkpoint" in str(err.value) and "'bad_evals'" in str(err.value)
     assert "\n" not in str(err.value)
     assert (run.checkpoint("last") / "model.safetensors").read_bytes() == before
+
+
+def checkpoint_files(run: RunDir) -> dict[str, bytes]:
+    return {p.name: (p / "model.safetensors").read_bytes() for p in run.checkpoints.iterdir() if p.is_dir()}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_resuming_a_trained_stage_without_its_last_checkpoint_is_refused(copy_run, data_dir, stage, damage):
+    from lmforge.pipeline import finetune_stage, pretrain_stage
+
+    run = RunDir(copy_run())
+    if stage == "pretrain":  # the run as pretraining left it: its last checkpoint is the newest snapshot
+        copy_checkpoint(run.checkpoint("pretrain-step-0000150"), run.checkpoint("last"))
+        shutil.rmtree(run.checkpoint("best"))
+        shutil.rmtree(run.checkpoint("finetune-step-0000100"))
+        shutil.rmtree(run.checkpoint("finetune-step-0000150"))
+    if damage == "missing":
+        shutil.rmtree(run.checkpoint("last"))
+    else:
+        (run.checkpoint("last") / "state.json").write_text("{broken")
+    before = checkpoint_files(run)
+    with pytest.raises(LmforgeError) as err:
+        if stage == "pretrain":
+            pretrain_stage(tiny_recipe(**{"pretrain.max_steps": "5"}), run, resume=True)
+        else:
+            finetune_stage(tiny_recipe(**{"finetune.max_steps": "5"}), run, data_dir, resume=True)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"cannot resume {stage}:")
+    assert f"to continue from {stage}-step-0000150, copy it to {run.checkpoint('last')}" in message
+    assert checkpoint_files(run) == before  # no snapshot deleted, best and pretrained untouched

@@ -25,11 +25,17 @@ from lmforge.data.sources import QAExample, data_dir_from_env, iter_documents, i
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import SpanOptions, report_markdown, span_answer, squad_eval, text_metrics
 from lmforge.generate import SamplingParams, generate
-from lmforge.io import atomic_write_json, atomic_write_text
+from lmforge.io import atomic_write_json, atomic_write_text, existing_dir
 from lmforge.model import GPT, GPTConfig, build_model
 from lmforge.rundir import RunDir
 from lmforge.tokenizer import Tokenizer, train_tokenizer
-from lmforge.train.checkpoint import checkpoint_dir, copy_checkpoint, model_from_checkpoint, read_state
+from lmforge.train.checkpoint import (
+    checkpoint_dir,
+    copy_checkpoint,
+    list_checkpoints,
+    model_from_checkpoint,
+    read_state,
+)
 from lmforge.train.distributed import barrier, from_main, is_main, on_main
 from lmforge.train.loop import StageResult, resolve_device, train_stage
 from lmforge.train.precision import autocast, model_autocast, resolve_dtype
@@ -128,18 +134,47 @@ def _check_resume_shape(run: RunDir, cfg: GPTConfig) -> None:
         raise LmforgeError(f"cannot resume {run.checkpoint('last')}: model shape differs ({'; '.join(diff)})")
 
 
-def _can_resume(run: RunDir, stage: str) -> bool:
+def _stage_progress(run: RunDir, stage: str) -> str:
+    """What shows that `stage` trained in this run ("" if nothing): it is marked done, or checkpoints hold its
+    steps after step 0 (a step-0 `best` alone is what an attempt killed before its first checkpoint leaves)."""
+    trained = []
+    for path in list_checkpoints(run.checkpoints):
+        try:
+            state = read_state(path)
+        except LmforgeError:
+            state = {}
+        if path.name.startswith(f"{stage}-step-") or (state.get("stage") == stage and state.get("step", 0) > 0):
+            trained.append(path.name)
+    found = ["progress.json says done"] if is_done(run, stage) else []
+    found += [f"checkpoints {', '.join(trained)}"] if trained else []
+    return "; ".join(found)
+
+
+def _resume_advice(run: RunDir, stage: str) -> str:
+    snapshots = [p.name for p in list_checkpoints(run.checkpoints) if p.name.startswith(f"{stage}-step-")]
+    keep = f"to continue from {snapshots[-1]}, copy it to {run.checkpoint('last')}; " if snapshots else ""
+    return f"{keep}to start {stage} over, run `lmforge {stage}` without --resume"
+
+
+def _resumes(run: RunDir, stage: str) -> bool:
+    """For --resume: True when checkpoints/last continues `stage`, False when the stage has not begun (it
+    starts at step 0). A stage that made progress but has no readable `last` of its own is refused: starting
+    it over would replace its best model and delete its kept snapshots."""
+    last = run.checkpoint("last")
     try:
-        return read_state(run.checkpoint("last")).get("stage") == stage
-    except LmforgeError:
-        return False
-
-
-def _refuse_pretraining_over_finetuned(run: RunDir) -> None:
-    """`pretrain --resume` after fine-tuning would start over and overwrite last/best/pretrained."""
-    if _can_resume(run, "finetune"):
-        raise LmforgeError(f"{run.checkpoint('last')} is a fine-tuning checkpoint: pretraining in this run is over "
-                           "(resuming it would overwrite the fine-tuned model); pretrain in a new run directory")
+        state = read_state(last) if existing_dir(last) is not None else {}
+    except LmforgeError as exc:
+        raise LmforgeError(f"cannot resume {stage}: {exc}; {_resume_advice(run, stage)}") from None
+    if state.get("stage") == stage:
+        return True
+    if stage == "pretrain" and state.get("stage") == "finetune":
+        raise LmforgeError(f"{last} is a fine-tuning checkpoint: pretraining in this run is over (resuming it would "
+                           "overwrite the fine-tuned model); pretrain in a new run directory")
+    if found := _stage_progress(run, stage):
+        raise LmforgeError(f"cannot resume {stage}: no {stage} checkpoint in {last}, but {stage} already trained "
+                           f"in this run ({found}); {_resume_advice(run, stage)}")
+    log.info("%s: nothing to resume yet, starting at step 0", stage)
+    return False
 
 
 # --------------------------------------------------------------------------- pretraining
@@ -151,9 +186,7 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
     if manifest["tokenizer_hash"] != tokenizer_hash(tok):
         raise LmforgeError(f"{run.data}: shards were made with another tokenizer (run `lmforge prepare` again)")
     cfg = model_config(recipe, tok)
-    if resume:
-        _refuse_pretraining_over_finetuned(run)
-    resume = resume and _can_resume(run, "pretrain")
+    resume = resume and _resumes(run, "pretrain")
     if resume:
         _check_resume_shape(run, cfg)
     torch.manual_seed(recipe.seed)  # the initial weights are part of the recipe: two fresh runs are identical
@@ -231,7 +264,7 @@ def qa_batches(recipe: Recipe, tok: Tokenizer, block_size: int, examples: list[Q
 
 def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, resume: bool = False) -> StageResult:
     tok = Tokenizer.load(run.tokenizer)
-    resume = resume and _can_resume(run, "finetune")
+    resume = resume and _resumes(run, "finetune")
     if not resume:
         start = run.checkpoint(PRETRAINED)
         if not (start / "model.safetensors").is_file():

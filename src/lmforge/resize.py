@@ -26,7 +26,13 @@ from lmforge.errors import LmforgeError
 from lmforge.model import GPT, GPTConfig
 from lmforge.rundir import RunDir
 from lmforge.tokenizer import Tokenizer, train_tokenizer
-from lmforge.train.checkpoint import load_trainer_state, load_weights, read_state, save_checkpoint
+from lmforge.train.checkpoint import (
+    list_checkpoints,
+    load_trainer_state,
+    load_weights,
+    read_state,
+    save_checkpoint,
+)
 from lmforge.train.metrics import MetricsLogger, plot_losses
 
 log = logging.getLogger("lmforge")
@@ -81,14 +87,6 @@ def resize_checkpoint(path: Path, rows: list[int], new_hash: str) -> bool:
     return True
 
 
-def _checkpoints(run: RunDir) -> list[Path]:
-    if not run.checkpoints.is_dir():
-        return []
-    return sorted(p for p in run.checkpoints.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and not p.name.endswith(".old")
-                  and (p / "model.safetensors").is_file())
-
-
 def retrain_tokenizer(recipe: Recipe, vocab_size: int, data_dir: str | Path | None = None) -> Tokenizer:
     """A tokenizer trained like the run's (same sources and sample) with another vocabulary size."""
     from lmforge.pipeline import _all_texts
@@ -112,7 +110,7 @@ def resize_vocab(recipe: Recipe, run: RunDir, new_tok: Tokenizer, data_dir: str 
     new_rows = model_config(new_recipe, new_tok).vocab_size
     rows = token_row_map(old_tok, new_tok, new_rows)
     kept = sum(r >= 0 for r in rows)
-    checkpoints = _checkpoints(run)
+    checkpoints = list_checkpoints(run.checkpoints)
     old_rows = read_state(checkpoints[0])["model_config"]["vocab_size"] if checkpoints else old_tok.vocab_size
     log.info("resize-vocab: %d -> %d rows, %d tokens keep their learned rows", old_rows, new_rows, kept)
     prepare_shards(new_recipe.data, new_tok, data_dir_from_env(data_dir), run.data)
