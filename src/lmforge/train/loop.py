@@ -74,6 +74,9 @@ class StageResult:
     stop_reason: str  # completed | early_stopping | interrupted | stop_file
 
 
+STOP_REQUESTS = ("interrupted", "stop_file")  # the stop reasons a user asked for (signal, STOP file)
+
+
 # --------------------------------------------------------------------------- devices and precision
 
 
@@ -258,16 +261,19 @@ def train_stage(
         if name == "last":
             keep_recent(run.checkpoints, stage, step, cfg.keep_checkpoints)
 
-    def evaluate_now() -> bool:
+    evaluated_step = -1
+
+    def evaluate_now(counts_for_patience: bool = True) -> bool:
         """Evaluate, keep the best checkpoint, return True when patience is exhausted."""
-        nonlocal best, bad_evals, last_val
+        nonlocal best, bad_evals, last_val, evaluated_step
         last_val = validation_loss(model, val_batches, device, dtype, parallel)
+        evaluated_step = step
         improved = last_val < best
         if improved:
-            best, bad_evals = last_val, 0
+            best = last_val
             checkpoint("best", with_trainer=False)
-        else:
-            bad_evals += 1
+        if counts_for_patience:
+            bad_evals = 0 if improved else bad_evals + 1
         metrics.log({"stage": stage, "step": step, "split": "val", "loss": last_val, "tokens": tokens,
                      "perplexity": math.exp(min(last_val, 50)), "best": best})
         return cfg.patience > 0 and bad_evals >= cfg.patience
@@ -354,6 +360,11 @@ def train_stage(
                     stop_reason = requested or stop_reason
                 if stop_reason != "completed":
                     break
+            if stop_reason in STOP_REQUESTS and evaluated_step != step:
+                # the stopped model competes for `best` (what fine-tuning starts from); patience counts only
+                # the scheduled evaluations, as in an uninterrupted run
+                evaluate_now(counts_for_patience=False)
+                log.info("%s: stopped at step %d: val loss %.4f (best %.4f)", stage, step, last_val, best)
             checkpoint("last", with_trainer=True)
         if parallel.is_main:
             control.archive(stage)
