@@ -96,7 +96,21 @@ def _all_texts(recipe: Recipe, data_dir: Path | None) -> Iterator[str]:
                 iterators.remove(it)
 
 
+def _refuse_replacing_a_used_tokenizer(run: RunDir) -> None:
+    """A new tokenizer.json under shards or checkpoints made with the old one would leave them unusable."""
+    used_by = []
+    if trained := list_checkpoints(run.checkpoints):
+        used_by.append(f"checkpoints ({', '.join(p.name for p in trained)})")
+    if run.data.is_dir() and any(run.data.iterdir()):
+        used_by.append(f"token shards in {run.data}")
+    if used_by:
+        raise LmforgeError(f"{run.root} already has {' and '.join(used_by)} made with its tokenizer: to change the "
+                           f"tokenizer of this run, use `lmforge resize-vocab {run.root} --vocab-size N` (or "
+                           "--tokenizer NEW.json), or train a tokenizer in a new run directory")
+
+
 def train_tokenizer_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None) -> Tokenizer:
+    _refuse_replacing_a_used_tokenizer(run)
     if not recipe.data.sources:
         raise LmforgeError("recipe has no [[data.sources]] to train the tokenizer on")
     tok = train_tokenizer(_all_texts(recipe, data_dir_from_env(data_dir)), recipe.tokenizer.vocab_size,
