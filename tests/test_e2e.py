@@ -98,13 +98,13 @@ def test_cli_refuses_to_overwrite_an_existing_run(tiny_run):
 
 def test_tokenizer_train_refuses_to_replace_the_tokenizer_of_a_trained_run(copy_run, data_dir):
     run = copy_run()
-    before = (run / "tokenizer.json").read_bytes()
+    before = {name: (run / name).read_bytes() for name in ("tokenizer.json", "config.toml")}
     proc = cli("tokenizer", "train", "--run-dir", run, "--data-dir", data_dir, "--tokenizer.vocab_size", "1000")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("lmforge: error:") and "checkpoints (best," in error and "token shards" in error
     assert f"use `lmforge resize-vocab {run} --vocab-size N`" in error
-    assert (run / "tokenizer.json").read_bytes() == before
+    assert {name: (run / name).read_bytes() for name in before} == before  # the refused override is not saved
 
 
 @pytest.mark.parametrize(

@@ -94,3 +94,13 @@ def test_resize_vocab_cli_grows_a_run_and_training_continues(copy_run, data_dir)
     assert result.steps == 156
     losses = [r["loss"] for r in read_metrics(run.metrics) if r.get("split") == "train" and r["step"] > 150]
     assert len(losses) >= 6 and max(losses[-6:]) < math.log(2304) - 1.0  # far below an untrained model's loss
+
+
+def test_resize_vocab_takes_no_recipe_overrides(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.config.write_text("name = 'r'\n")
+    assert main(["resize-vocab", str(run.root), "--vocab-size", "1500", "--model.n_layer", "3"]) == 2
+    assert "resize-vocab takes no recipe overrides (got --model.n_layer)" in capsys.readouterr().err
+    assert run.config.read_text() == "name = 'r'\n"
+

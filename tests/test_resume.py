@@ -98,6 +98,10 @@ def losses(run_dir: Path, split: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == split}
 
 
+def checkpoint_files(run: RunDir) -> dict[str, bytes]:
+    return {p.name: (p / "model.safetensors").read_bytes() for p in run.checkpoints.iterdir() if p.is_dir()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_kill_9_between_checkpoints_then_resume_matches_an_uninterrupted_run(stage, tiny_run, data_dir, tmp_path):
@@ -194,10 +198,6 @@ def test_resuming_from_an_incompatible_checkpoint_is_a_clear_error(copy_run, dat
     assert (run.checkpoint("last") / "model.safetensors").read_bytes() == before
 
 
-def checkpoint_files(run: RunDir) -> dict[str, bytes]:
-    return {p.name: (p / "model.safetensors").read_bytes() for p in run.checkpoints.iterdir() if p.is_dir()}
-
-
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 @pytest.mark.parametrize("damage", ["missing", "unreadable"])
 def test_resuming_a_trained_stage_without_its_last_checkpoint_is_refused(copy_run, data_dir, stage, damage):
@@ -223,3 +223,22 @@ def test_resuming_a_trained_stage_without_its_last_checkpoint_is_refused(copy_ru
     assert "\n" not in message and message.startswith(f"cannot resume {stage}:")
     assert f"to continue from {stage}-step-0000150, copy it to {run.checkpoint('last')}" in message
     assert checkpoint_files(run) == before  # no snapshot deleted, best and pretrained untouched
+
+
+@pytest.mark.parametrize("argv", [
+    ["pretrain", "--resume", "--model.n_layer", "4"],
+    ["pretrain", "--resume", "--pretrain.optimizer", "muon"],
+    ["finetune", "--resume", "--data-dir", "DATA", "--finetune.optimizer", "muon"],
+])
+def test_a_refused_override_leaves_config_toml_as_it_was(copy_run, data_dir, argv, capsys):
+    from lmforge.cli import main
+
+    run = RunDir(copy_run())
+    if argv[0] == "pretrain":  # a pretraining resume point
+        copy_checkpoint(run.checkpoint("pretrain-step-0000150"), run.checkpoint("last"))
+    before = run.config.read_bytes()
+    argv = [str(data_dir) if a == "DATA" else a for a in argv]
+    assert main([*argv, "--run-dir", str(run.root)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("lmforge: error:") and ("model shape differs" in error or "trained with optimizer" in error)
+    assert run.config.read_bytes() == before

@@ -334,8 +334,10 @@ def cmd_resize_vocab(args, overrides) -> int:
     from lmforge.resize import resize_vocab, retrain_tokenizer
     from lmforge.tokenizer import Tokenizer
 
+    if overrides:  # the resize keeps the run's recipe: its data and tokenizer settings make the new shards
+        raise LmforgeError(f"resize-vocab takes no recipe overrides (got --{next(iter(overrides))})")
     run = _run_dir(args.run)
-    recipe = load_recipe(run.config, overrides)
+    recipe = load_recipe(run.config)
     if (args.tokenizer is None) == (args.vocab_size is None):
         raise LmforgeError("give exactly one of --tokenizer NEW.json or --vocab-size N")
     if args.tokenizer:

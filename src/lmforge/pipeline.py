@@ -53,18 +53,26 @@ def default_run_dir(recipe: Recipe) -> Path:
 
 
 def open_run(recipe: Recipe, run_dir: str | Path | None, fresh: bool = False) -> RunDir:
-    """Create (or reuse) the run directory and write the resolved config.toml.
+    """Create (or reuse) the run directory; a new run gets the resolved config.toml at once.
 
-    With fresh=True an existing non-empty directory is refused, so a new run never overwrites
-    what an earlier one wrote.
+    An existing run keeps its config.toml until a stage has accepted the recipe (`record_recipe`), so an
+    override the stage refuses (another model shape on --resume) is never saved. With fresh=True an existing
+    non-empty directory is refused, so a new run never overwrites what an earlier one wrote.
     """
     run = RunDir(Path(run_dir) if run_dir else default_run_dir(recipe))
     if fresh and run.root.is_dir() and any(run.root.iterdir()):
         raise LmforgeError(f"run directory {run.root} already exists and is not empty (use --resume to continue it, "
                            "or choose another --run-dir)")
     run.root.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, run.config)
+    if not run.config.is_file():
+        save_recipe(recipe, run.config)
     return run
+
+
+def record_recipe(recipe: Recipe, run: RunDir) -> None:
+    """Save the recipe (overrides included) that a stage has accepted as the run's config.toml."""
+    if is_main():  # under torchrun, rank 0 alone writes the run directory
+        save_recipe(recipe, run.config)
 
 
 def _progress(run: RunDir) -> dict:
@@ -116,6 +124,7 @@ def train_tokenizer_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | No
     tok = train_tokenizer(_all_texts(recipe, data_dir_from_env(data_dir)), recipe.tokenizer.vocab_size,
                           recipe.tokenizer.sample_chars, recipe.tokenizer.min_frequency)
     tok.save(run.tokenizer)
+    record_recipe(recipe, run)
     log.info("tokenizer: %d tokens -> %s", tok.vocab_size, run.tokenizer)
     mark_done(run, "tokenizer", vocab_size=tok.vocab_size)
     return tok
@@ -124,6 +133,7 @@ def train_tokenizer_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | No
 def prepare_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None) -> dict:
     tok = Tokenizer.load(run.tokenizer)
     manifest = prepare_shards(recipe.data, tok, data_dir_from_env(data_dir), run.data)
+    record_recipe(recipe, run)
     mark_done(run, "prepare", train_tokens=sum(s["train_tokens"] for s in manifest["sources"]))
     return manifest
 
@@ -212,7 +222,8 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
     train = TokenBatcher(run.data, "train", cfg.block_size, p.batch_size, seed=recipe.seed, phases=phases,
                          shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch, delete_consumed=d.delete_consumed)
     val = TokenBatcher(run.data, "val", cfg.block_size, p.batch_size, seed=recipe.seed + 1)
-    result = train_stage(model, train, val, p, run, "pretrain", p.max_steps, resume=resume, seed=recipe.seed)
+    result = train_stage(model, train, val, p, run, "pretrain", p.max_steps, resume=resume, seed=recipe.seed,
+                         on_start=lambda: record_recipe(recipe, run))
     if is_main():  # under torchrun, rank 0 alone writes the run directory
         copy_checkpoint(run.checkpoint("best"), run.checkpoint(PRETRAINED))
         mark_done(run, "pretrain", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
@@ -294,7 +305,8 @@ def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = No
     if f.epochs > 0:
         total = min(f.max_steps, math.ceil(f.epochs * train.steps_per_epoch / f.grad_accum))
     log.info("fine-tuning (%s): %d examples, %d steps", recipe.qa.mode, len(train.items), total)
-    result = train_stage(model, train, val, f, run, "finetune", total, resume=resume, seed=recipe.seed)
+    result = train_stage(model, train, val, f, run, "finetune", total, resume=resume, seed=recipe.seed,
+                         on_start=lambda: record_recipe(recipe, run))
     if is_main():
         mark_done(run, "finetune", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
     barrier()

@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -186,8 +187,12 @@ def train_stage(
     total_steps: int,
     resume: bool = False,
     seed: int = 0,
+    on_start: Callable[[], None] | None = None,
 ) -> StageResult:
     """Train `model` for `total_steps` optimizer steps (or until early stopping / a stop request).
+
+    `on_start` is called once the device, the optimizer and the resume point have been accepted, before the
+    first step (the pipeline saves the run's config.toml there).
 
     Under torchrun (cfg.distributed = ddp | fsdp) every rank runs this; each trains on its rows of the
     global batch and only rank 0 writes metrics, plots and checkpoints.
@@ -232,6 +237,8 @@ def train_stage(
             log.info("%s: control values in effect: %s", stage, describe(restored))
     if cfg.dropout >= 0:
         model.set_dropout(cfg.dropout)
+    if on_start is not None:
+        on_start()
 
     val_batches = val_data.fixed_batches(cfg.eval_batches)
     metrics = MetricsLogger(run.metrics, run.tensorboard) if parallel.is_main else NullMetrics()
