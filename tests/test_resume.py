@@ -166,6 +166,22 @@ def test_resuming_with_another_model_shape_is_a_clear_error(copy_run):
     assert (run.checkpoint("last") / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.parametrize("resume", [True, False])
+def test_finetuning_with_another_model_shape_is_a_clear_error(copy_run, data_dir, resume):
+    from lmforge.pipeline import finetune_stage
+
+    run = RunDir(copy_run())
+    start = run.checkpoint("last" if resume else "pretrained")
+    before = checkpoint_files(run)
+    with pytest.raises(LmforgeError) as err:
+        finetune_stage(tiny_recipe(**{"model.n_embd": "128", "model.n_head": "4"}), run, data_dir, resume=resume)
+    message = str(err.value)
+    action = "resume" if resume else "fine-tune from"
+    assert "\n" not in message and message.startswith(f"cannot {action} {start}: model shape differs")
+    assert "n_embd: checkpoint 64 vs recipe 128" in message
+    assert checkpoint_files(run) == before
+
+
 def test_resuming_pretraining_over_a_finetuned_run_is_refused(copy_run):
     from lmforge.pipeline import pretrain_stage
 

@@ -150,12 +150,13 @@ def model_config(recipe: Recipe, tokenizer: Tokenizer) -> GPTConfig:
                      dropout=m.dropout, mlp_hidden=m.mlp_hidden, rope_theta=m.rope_theta, norm_eps=m.norm_eps)
 
 
-def _check_resume_shape(run: RunDir, cfg: GPTConfig) -> None:
-    saved = read_state(run.checkpoint("last"))["model_config"]
+def _check_shape(checkpoint: Path, cfg: GPTConfig, action: str = "resume") -> None:
+    """Refuse to `action` (resume, fine-tune from) `checkpoint` when the recipe's model has another shape."""
+    saved = read_state(checkpoint)["model_config"]
     ours = {k: v for k, v in cfg.__dict__.items() if k != "dropout"}
     diff = [f"{k}: checkpoint {saved.get(k)} vs recipe {v}" for k, v in ours.items() if saved.get(k) != v]
     if diff:
-        raise LmforgeError(f"cannot resume {run.checkpoint('last')}: model shape differs ({'; '.join(diff)})")
+        raise LmforgeError(f"cannot {action} {checkpoint}: model shape differs ({'; '.join(diff)})")
 
 
 def _stage_progress(run: RunDir, stage: str) -> str:
@@ -212,7 +213,7 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
     cfg = model_config(recipe, tok)
     resume = resume and _resumes(run, "pretrain")
     if resume:
-        _check_resume_shape(run, cfg)
+        _check_shape(run.checkpoint("last"), cfg)
     torch.manual_seed(recipe.seed)  # the initial weights are part of the recipe: two fresh runs are identical
     model = build_model(cfg)
     p = recipe.pretrain
@@ -290,12 +291,15 @@ def qa_batches(recipe: Recipe, tok: Tokenizer, block_size: int, examples: list[Q
 def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, resume: bool = False) -> StageResult:
     tok = Tokenizer.load(run.tokenizer)
     resume = resume and _resumes(run, "finetune")
+    cfg = model_config(recipe, tok)
     if not resume:
         start = run.checkpoint(PRETRAINED)
         if not (start / "model.safetensors").is_file():
             raise LmforgeError(f"no pretrained model in {run.root} (run `lmforge pretrain` first)")
+        _check_shape(start, cfg, "fine-tune from")
         model = model_from_checkpoint(start)
     else:
+        _check_shape(run.checkpoint("last"), cfg)
         model = GPT(GPTConfig(**read_state(run.checkpoint("last"))["model_config"]))
     f = recipe.finetune
     splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
