@@ -111,6 +111,8 @@ def test_tokenizer_train_refuses_to_replace_the_tokenizer_of_a_trained_run(copy_
     "args, message",
     [
         (["run", "no-such-recipe"], "recipe not found: no-such-recipe"),
+        (["run"], "give a RECIPE to start a new run, or --resume --run-dir RUN to continue one"),
+        (["run", "--run-dir", "/nonexistent/run"], "give a RECIPE to start a new run"),
         (["generate", "--run-dir", "/nonexistent/run", "hi"], "run directory not found"),
         (["pretrain", "--run-dir", "/nonexistent/run"], "give a RECIPE, or a --run-dir"),
         (["run", "tiny", "--bogus", "1"], "unrecognised argument '--bogus'"),
