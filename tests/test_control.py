@@ -87,6 +87,7 @@ def test_control_changes_take_effect_at_the_next_step(tmp_path):
     ("lr = [oops", "invalid TOML"),
     ("lr = 1e-3\nlearning_rate = 1e-3\n", "unknown key 'control.learning_rate'"),
     ("lr = -1e-3\n", "control.lr: must be > 0"),
+    ("lr = inf\n", "control.lr: must be a finite number"),
     ("grad_accum = 'two'\n", "control.grad_accum: expected int"),
 ])
 def test_bad_control_file_is_rejected_and_the_run_continues(tmp_path, caplog, text, reason):
@@ -203,6 +204,8 @@ def test_control_cli_writes_merges_and_validates(tmp_path, capsys):
     assert main(["control", str(run.root), "--lr", "-1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "lmforge: error: control.lr: must be > 0"
+    assert main(["control", str(run.root), "--lr", "inf"]) == 2
+    assert capsys.readouterr().err.strip() == "lmforge: error: control.lr: must be a finite number, got inf"
     assert run.control_file.read_text() == before  # nothing written
     assert main(["control", str(run.root)]) == 0
     assert "patience = 3" in capsys.readouterr().out
