@@ -115,6 +115,8 @@ def cmd_data_inspect(args, overrides) -> int:
 
     if overrides:
         raise LmforgeError(f"data inspect takes no recipe overrides (got --{next(iter(overrides))})")
+    if args.samples < 0:
+        raise LmforgeError(f"--samples must be >= 0 (got {args.samples})")
     report = inspect_data(args.run_dir, samples=args.samples)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
