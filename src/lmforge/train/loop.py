@@ -90,6 +90,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LmforgeError(f"device '{name}' requested but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LmforgeError("device 'mps' requested but MPS is not available")
     return torch.device(name)
 
 
