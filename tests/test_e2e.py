@@ -128,6 +128,7 @@ def test_cli_user_errors_are_one_line(args, message):
 def test_offline_without_local_copy_names_the_dataset(tmp_path, monkeypatch):
     env_overrides = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     monkeypatch.setattr(os, "environ", {**os.environ, **env_overrides})
+    (tmp_path / "empty").mkdir()
     proc = cli("tokenizer", "train", TINY, "--run-dir", tmp_path / "r", "--data-dir", tmp_path / "empty")
     assert proc.returncode == 2
     assert "squad-contexts" in proc.stderr and "rajpurkar/squad" in proc.stderr and "Traceback" not in proc.stderr
