@@ -71,6 +71,10 @@ def test_overrides_are_typed_and_validated():
     # an out-of-range value from the command line is blamed on the override, not on the recipe file
     with pytest.raises(ConfigError, match=r"^override --pretrain.lr=-1: pretrain.lr: must be > 0$"):
         load_recipe(TINY, {"pretrain.lr": "-1"})
+    with pytest.raises(ConfigError, match=r"^override --pretrain.lr=inf: pretrain.lr: must be a finite number"):
+        load_recipe(TINY, {"pretrain.lr": "inf"})
+    with pytest.raises(ConfigError, match=r"^override --finetune.grad_clip=nan: finetune.grad_clip: must be a finite"):
+        load_recipe(TINY, {"finetune.grad_clip": "nan"})
     with pytest.raises(ConfigError, match=r"^my.toml: pretrain.lr: must be > 0$"):  # other keys overridden
         recipe_from_dict({"pretrain": {"lr": -1}}, {"pretrain.max_steps": "5"}, origin="my.toml")
 

@@ -87,6 +87,7 @@ def test_control_changes_take_effect_at_the_next_step(tmp_path):
     ("lr = [oops", "invalid TOML"),
     ("lr = 1e-3\nlearning_rate = 1e-3\n", "unknown key 'control.learning_rate'"),
     ("lr = -1e-3\n", "control.lr: must be > 0"),
+    ("lr = inf\n", "control.lr: must be a finite number"),
     ("grad_accum = 'two'\n", "control.grad_accum: expected int"),
 ])
 def test_bad_control_file_is_rejected_and_the_run_continues(tmp_path, caplog, text, reason):
@@ -178,6 +179,21 @@ def test_stop_file_and_signal_end_the_stage_after_the_step_with_a_checkpoint(tmp
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored after the stage
 
 
+def test_a_stopped_stage_evaluates_its_last_step_so_it_can_be_best(tmp_path):
+    run = make_run(tmp_path)
+    result, _ = train(run, cfg(max_steps=12, patience=1), {6: lambda: main(["stop", str(run.root)])})
+    assert (result.steps, result.stop_reason) == (6, "stop_file")
+    assert val_steps(run) == [0, 4, 6]
+    val = {r["step"]: r["loss"] for r in read_metrics(run.metrics) if r.get("split") == "val"}
+    assert val[6] < val[4] and read_state(run.checkpoint("best"))["step"] == 6
+    last = read_state(run.checkpoint("last"))
+    assert last["best_val_loss"] == pytest.approx(val[6]) and last["bad_evals"] == 0
+    # a stop right after a scheduled evaluation does not evaluate the same step again
+    run2 = make_run(tmp_path / "b")
+    train(run2, cfg(max_steps=12), {4: lambda: os.kill(os.getpid(), signal.SIGTERM)})
+    assert val_steps(run2) == [0, 4] and read_state(run2.checkpoint("best"))["step"] == 4
+
+
 def test_control_cli_writes_merges_and_validates(tmp_path, capsys):
     run = make_run(tmp_path)
     assert main(["control", str(run.root), "--lr", "1e-4", "--grad-accum", "4"]) == 0
@@ -188,6 +204,8 @@ def test_control_cli_writes_merges_and_validates(tmp_path, capsys):
     assert main(["control", str(run.root), "--lr", "-1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "lmforge: error: control.lr: must be > 0"
+    assert main(["control", str(run.root), "--lr", "inf"]) == 2
+    assert capsys.readouterr().err.strip() == "lmforge: error: control.lr: must be a finite number, got inf"
     assert run.control_file.read_text() == before  # nothing written
     assert main(["control", str(run.root)]) == 0
     assert "patience = 3" in capsys.readouterr().out
@@ -302,7 +320,8 @@ def test_sigterm_during_pretraining_moves_a_chained_run_on_to_finetuning(copy_ru
     progress = json.loads((run.root / "progress.json").read_text())
     assert progress["pretrain"]["stop"] == "interrupted" and progress["pretrain"]["steps"] == 3
     assert progress["finetune"]["done"] and progress["finetune"]["steps"] == 3
-    assert read_state(run.checkpoint("pretrained"))["stage"] == "pretrain"
+    pretrained = read_state(run.checkpoint("pretrained"))  # the stopped model, evaluated, not the step-0 one
+    assert (pretrained["stage"], pretrained["step"]) == ("pretrain", 3)
     assert report["squad"]["n"] == 8
     events = [r["event"] for r in read_metrics(run.metrics) if "event" in r]
     assert events[-3:] == ["pretrain_end", "finetune_start", "finetune_end"]

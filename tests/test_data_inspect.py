@@ -30,6 +30,8 @@ def test_data_inspect_of_a_non_run_is_one_line(tmp_path, capsys):
     assert main(["data", "inspect", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run directory not found" in err
+    assert main(["data", "inspect", str(tmp_path), "--samples", "-1"]) == 2
+    assert capsys.readouterr().err == "lmforge: error: --samples must be >= 0 (got -1)\n"
 
 
 def test_prepare_again_keeps_the_finished_shards(copy_run, data_dir, capsys):

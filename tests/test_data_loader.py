@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +193,25 @@ def test_phase_plan_warns_about_a_phase_the_run_never_reaches(caplog):
     assert "never" not in caplog.text and "after this run" not in caplog.text
     log_phase_plan(PHASES, tokens_per_step=BATCH * BLOCK, total_steps=20)
     assert "data phase 2 'mix' starts at step 20, after this run's 20 steps" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "manifest"])
+def test_damaged_shards_or_manifest_are_one_line_naming_the_file(tmp_path, shards, damage):
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    shard = data / "web" / "train-00000.bin"
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:1000])
+        expected = f"{shard}: damaged shard (1,000 bytes, the manifest says"
+    elif damage == "missing":
+        shard.unlink()
+        expected = f"{shard}: shard missing; delete {shard.parent} and run `lmforge prepare` again"
+    else:
+        (data / "manifest.json").write_text("{")
+        expected = f"{data / 'manifest.json'}: unreadable manifest ("
+    with pytest.raises(LmforgeError) as err:
+        loader = batcher(data, phases=[Phase("web", 0, {"web": 1.0})], shuffle_buffer=4)
+        for _ in range(4):
+            loader.next_batch()
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+    assert "delete_consumed" not in str(err.value)

@@ -14,7 +14,7 @@ import pytest
 import zstandard
 
 from lmforge.config import SourceConfig
-from lmforge.data.sources import iter_documents
+from lmforge.data.sources import data_dir_from_env, iter_documents
 from lmforge.errors import LmforgeError
 
 DOCS = ["First document about rivers.", "Second one, about mountains.", "A third about the sea."]
@@ -166,3 +166,13 @@ def test_real_pretraining_samples(data_dir):
     books = SourceConfig(name="books", local="pretrain/gutenberg", template="{title}\n\n{text}", max_chars=300_000)
     titles = [doc.split("\n", 1)[0] for doc in iter_documents(books, data_dir)]
     assert "Alice's Adventures in Wonderland" in titles and "Moby Dick: Or The Whale" not in titles  # too long
+
+
+def test_a_data_dir_that_does_not_exist_is_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("LMFORGE_DATA_DIR", raising=False)
+    assert data_dir_from_env(None) is None and data_dir_from_env(tmp_path) == tmp_path
+    with pytest.raises(LmforgeError, match=f"^--data-dir {tmp_path / 'nope'}: no such directory$"):
+        data_dir_from_env(tmp_path / "nope")
+    monkeypatch.setenv("LMFORGE_DATA_DIR", str(tmp_path / "gone"))
+    with pytest.raises(LmforgeError, match=f"^LMFORGE_DATA_DIR {tmp_path / 'gone'}: no such directory$"):
+        data_dir_from_env(None)

@@ -96,10 +96,23 @@ def test_cli_refuses_to_overwrite_an_existing_run(tiny_run):
     assert (tiny_run / "config.toml").read_bytes() == before
 
 
+def test_tokenizer_train_refuses_to_replace_the_tokenizer_of_a_trained_run(copy_run, data_dir):
+    run = copy_run()
+    before = {name: (run / name).read_bytes() for name in ("tokenizer.json", "config.toml")}
+    proc = cli("tokenizer", "train", "--run-dir", run, "--data-dir", data_dir, "--tokenizer.vocab_size", "1000")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("lmforge: error:") and "checkpoints (best," in error and "token shards" in error
+    assert f"use `lmforge resize-vocab {run} --vocab-size N`" in error
+    assert {name: (run / name).read_bytes() for name in before} == before  # the refused override is not saved
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["run", "no-such-recipe"], "recipe not found: no-such-recipe"),
+        (["run"], "give a RECIPE to start a new run, or --resume --run-dir RUN to continue one"),
+        (["run", "--run-dir", "/nonexistent/run"], "give a RECIPE to start a new run"),
         (["generate", "--run-dir", "/nonexistent/run", "hi"], "run directory not found"),
         (["pretrain", "--run-dir", "/nonexistent/run"], "give a RECIPE, or a --run-dir"),
         (["run", "tiny", "--bogus", "1"], "unrecognised argument '--bogus'"),
@@ -115,6 +128,7 @@ def test_cli_user_errors_are_one_line(args, message):
 def test_offline_without_local_copy_names_the_dataset(tmp_path, monkeypatch):
     env_overrides = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     monkeypatch.setattr(os, "environ", {**os.environ, **env_overrides})
+    (tmp_path / "empty").mkdir()
     proc = cli("tokenizer", "train", TINY, "--run-dir", tmp_path / "r", "--data-dir", tmp_path / "empty")
     assert proc.returncode == 2
     assert "squad-contexts" in proc.stderr and "rajpurkar/squad" in proc.stderr and "Traceback" not in proc.stderr

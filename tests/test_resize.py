@@ -17,6 +17,8 @@ from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.checkpoint import copy_checkpoint, load_trainer_state, model_from_checkpoint, read_state
 from lmforge.train.metrics import read_metrics
 
+from .conftest import TINY
+
 TEXT = [" ".join(f"w{i * 7919 % 5000}" for i in range(j, j + 50)) for j in range(0, 5000, 50)]
 OTHER_TEXT = [" ".join(f"zq{i * 31 % 900}x" for i in range(j, j + 50)) for j in range(0, 5000, 50)]
 
@@ -94,3 +96,31 @@ def test_resize_vocab_cli_grows_a_run_and_training_continues(copy_run, data_dir)
     assert result.steps == 156
     losses = [r["loss"] for r in read_metrics(run.metrics) if r.get("split") == "train" and r["step"] > 150]
     assert len(losses) >= 6 and max(losses[-6:]) < math.log(2304) - 1.0  # far below an untrained model's loss
+
+
+def test_resize_vocab_takes_no_recipe_overrides(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.config.write_text("name = 'r'\n")
+    assert main(["resize-vocab", str(run.root), "--vocab-size", "1500", "--model.n_layer", "3"]) == 2
+    assert "resize-vocab takes no recipe overrides (got --model.n_layer)" in capsys.readouterr().err
+    assert run.config.read_text() == "name = 'r'\n"
+
+
+@pytest.mark.parametrize("how", ["--vocab-size", "--tokenizer"])
+def test_resize_vocab_below_the_recipe_minimum_is_refused_before_anything_changes(tmp_path, capsys, how):
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.config.write_text(TINY.read_text())
+    train_tokenizer(TEXT, 330, 100_000, 1).save(run.tokenizer)
+    small = train_tokenizer(["abc " * 10_000], vocab_size=1000, sample_chars=50, min_frequency=1)
+    assert small.vocab_size < 300
+    small.save(tmp_path / "small.json")
+    before = {p.name: p.read_bytes() for p in run.root.iterdir()}
+    value = "10" if how == "--vocab-size" else str(tmp_path / "small.json")
+    assert main(["resize-vocab", str(run.root), how, value]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    size = 10 if how == "--vocab-size" else small.vocab_size
+    assert error == (f"lmforge: error: cannot resize the vocabulary to {size} tokens: "
+                     "tokenizer.vocab_size: must be >= 300 (256 bytes + specials)")
+    assert {p.name: p.read_bytes() for p in run.root.iterdir()} == before

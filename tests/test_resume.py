@@ -7,6 +7,7 @@ signal handler) gets a chance to tidy up, as with an out-of-memory kill or a pow
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +98,10 @@ def losses(run_dir: Path, split: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == split}
 
 
+def checkpoint_files(run: RunDir) -> dict[str, bytes]:
+    return {p.name: (p / "model.safetensors").read_bytes() for p in run.checkpoints.iterdir() if p.is_dir()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_kill_9_between_checkpoints_then_resume_matches_an_uninterrupted_run(stage, tiny_run, data_dir, tmp_path):
@@ -161,6 +166,22 @@ def test_resuming_with_another_model_shape_is_a_clear_error(copy_run):
     assert (run.checkpoint("last") / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.parametrize("resume", [True, False])
+def test_finetuning_with_another_model_shape_is_a_clear_error(copy_run, data_dir, resume):
+    from lmforge.pipeline import finetune_stage
+
+    run = RunDir(copy_run())
+    start = run.checkpoint("last" if resume else "pretrained")
+    before = checkpoint_files(run)
+    with pytest.raises(LmforgeError) as err:
+        finetune_stage(tiny_recipe(**{"model.n_embd": "128", "model.n_head": "4"}), run, data_dir, resume=resume)
+    message = str(err.value)
+    action = "resume" if resume else "fine-tune from"
+    assert "\n" not in message and message.startswith(f"cannot {action} {start}: model shape differs")
+    assert "n_embd: checkpoint 64 vs recipe 128" in message
+    assert checkpoint_files(run) == before
+
+
 def test_resuming_pretraining_over_a_finetuned_run_is_refused(copy_run):
     from lmforge.pipeline import pretrain_stage
 
@@ -191,3 +212,49 @@ def test_resuming_from_an_incompatible_checkpoint_is_a_clear_error(copy_run, dat
     assert "cannot resume from this checkpoint" in str(err.value) and "'bad_evals'" in str(err.value)
     assert "\n" not in str(err.value)
     assert (run.checkpoint("last") / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_resuming_a_trained_stage_without_its_last_checkpoint_is_refused(copy_run, data_dir, stage, damage):
+    from lmforge.pipeline import finetune_stage, pretrain_stage
+
+    run = RunDir(copy_run())
+    if stage == "pretrain":  # the run as pretraining left it: its last checkpoint is the newest snapshot
+        copy_checkpoint(run.checkpoint("pretrain-step-0000150"), run.checkpoint("last"))
+        shutil.rmtree(run.checkpoint("best"))
+        shutil.rmtree(run.checkpoint("finetune-step-0000100"))
+        shutil.rmtree(run.checkpoint("finetune-step-0000150"))
+    if damage == "missing":
+        shutil.rmtree(run.checkpoint("last"))
+    else:
+        (run.checkpoint("last") / "state.json").write_text("{broken")
+    before = checkpoint_files(run)
+    with pytest.raises(LmforgeError) as err:
+        if stage == "pretrain":
+            pretrain_stage(tiny_recipe(**{"pretrain.max_steps": "5"}), run, resume=True)
+        else:
+            finetune_stage(tiny_recipe(**{"finetune.max_steps": "5"}), run, data_dir, resume=True)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"cannot resume {stage}:")
+    assert f"to continue from {stage}-step-0000150, copy it to {run.checkpoint('last')}" in message
+    assert checkpoint_files(run) == before  # no snapshot deleted, best and pretrained untouched
+
+
+@pytest.mark.parametrize("argv", [
+    ["pretrain", "--resume", "--model.n_layer", "4"],
+    ["pretrain", "--resume", "--pretrain.optimizer", "muon"],
+    ["finetune", "--resume", "--data-dir", "DATA", "--finetune.optimizer", "muon"],
+])
+def test_a_refused_override_leaves_config_toml_as_it_was(copy_run, data_dir, argv, capsys):
+    from lmforge.cli import main
+
+    run = RunDir(copy_run())
+    if argv[0] == "pretrain":  # a pretraining resume point
+        copy_checkpoint(run.checkpoint("pretrain-step-0000150"), run.checkpoint("last"))
+    before = run.config.read_bytes()
+    argv = [str(data_dir) if a == "DATA" else a for a in argv]
+    assert main([*argv, "--run-dir", str(run.root)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("lmforge: error:") and ("model shape differs" in error or "trained with optimizer" in error)
+    assert run.config.read_bytes() == before

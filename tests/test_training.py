@@ -13,7 +13,7 @@ from lmforge.model import GPT, GPTConfig
 from lmforge.rundir import RunDir
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.loop import train_stage
+from lmforge.train.loop import resolve_device, train_stage
 from lmforge.train.metrics import read_metrics
 from lmforge.train.schedule import lr_at
 
@@ -71,6 +71,15 @@ def test_schedule_warmup_and_cosine():
     assert lr_at(10, 1.0, 10, 100, 0.1) == pytest.approx(1.0)
     assert lr_at(55, 1.0, 10, 100, 0.1) == pytest.approx(0.55)
     assert lr_at(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("device, message", [("cuda", "CUDA is not available"), ("cuda:1", "CUDA is not available"),
+                                             ("mps", "MPS is not available")])
+def test_an_unavailable_device_is_one_line(monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(LmforgeError, match=f"^device '{device}' requested but {message}$"):
+        resolve_device(device)
 
 
 def test_interrupted_run_resumes_exactly_and_checkpoint_reloads(tiny_run, tmp_path):

@@ -115,6 +115,8 @@ def cmd_data_inspect(args, overrides) -> int:
 
     if overrides:
         raise LmforgeError(f"data inspect takes no recipe overrides (got --{next(iter(overrides))})")
+    if args.samples < 0:
+        raise LmforgeError(f"--samples must be >= 0 (got {args.samples})")
     report = inspect_data(args.run_dir, samples=args.samples)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -260,12 +262,14 @@ def cmd_run(args, overrides) -> int:
     from lmforge.config import load_recipe
     from lmforge.pipeline import run_recipe
 
-    if args.resume and not args.recipe:
-        if not args.run_dir:
-            raise LmforgeError("--resume needs --run-dir")
-        recipe = load_recipe(_run_dir(args.run_dir).config, overrides)
-    else:
+    if args.recipe:
         recipe = load_recipe(resolve_recipe_path(args.recipe), overrides)
+    elif args.resume and args.run_dir:
+        recipe = load_recipe(_run_dir(args.run_dir).config, overrides)
+    elif args.resume:
+        raise LmforgeError("--resume needs --run-dir")
+    else:
+        raise LmforgeError("give a RECIPE to start a new run, or --resume --run-dir RUN to continue one")
     report = run_recipe(recipe, args.run_dir, args.data_dir, resume=args.resume)
     if not report:  # a torchrun rank other than 0: rank 0 reports
         return 0
@@ -332,8 +336,10 @@ def cmd_resize_vocab(args, overrides) -> int:
     from lmforge.resize import resize_vocab, retrain_tokenizer
     from lmforge.tokenizer import Tokenizer
 
+    if overrides:  # the resize keeps the run's recipe: its data and tokenizer settings make the new shards
+        raise LmforgeError(f"resize-vocab takes no recipe overrides (got --{next(iter(overrides))})")
     run = _run_dir(args.run)
-    recipe = load_recipe(run.config, overrides)
+    recipe = load_recipe(run.config)
     if (args.tokenizer is None) == (args.vocab_size is None):
         raise LmforgeError("give exactly one of --tokenizer NEW.json or --vocab-size N")
     if args.tokenizer:
@@ -387,10 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def stage(name: str, help_text: str, func, recipe: bool = True, data: bool = True, resume: bool = False):
+    def stage(name: str, help_text: str, func, recipe: bool = True, data: bool = True, resume: bool = False,
+              recipe_default: str = "RUN_DIR/config.toml"):
         p = sub.add_parser(name, help=help_text, description=help_text)
         if recipe:
-            p.add_argument("recipe", nargs="?", help="recipe TOML path or name (default: RUN_DIR/config.toml)")
+            p.add_argument("recipe", nargs="?", help=f"recipe TOML path or name (default: {recipe_default})")
         p.add_argument("--run-dir", help="run directory (default for `run`: runs/<recipe>-<timestamp>)")
         if data:
             p.add_argument("--data-dir", help="local copies of datasets, used before the Hub (env LMFORGE_DATA_DIR)")
@@ -432,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="+", metavar="RUN",
                    help="print one table comparing the eval reports of these run directories (no evaluation)")
     p = stage("run", "run every stage of a recipe: tokenizer, prepare, pretrain, finetune, eval, sample answer",
-              cmd_run, resume=True)
+              cmd_run, resume=True, recipe_default="with --resume, RUN_DIR/config.toml")
 
     p = sub.add_parser("generate", help="generate text or answer a question with a trained model",
                        description="Generate a continuation of PROMPT, or answer --question (with --context).")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -253,6 +254,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):  # TOML and the CLI accept inf, nan
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}", key)
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got a boolean {value!r}")
     if not isinstance(value, tp):

@@ -25,11 +25,17 @@ from lmforge.data.sources import QAExample, data_dir_from_env, iter_documents, i
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import SpanOptions, dropped_text, report_markdown, span_answer, squad_eval, text_metrics
 from lmforge.generate import SamplingParams, generate
-from lmforge.io import atomic_write_json, atomic_write_text
+from lmforge.io import atomic_write_json, atomic_write_text, existing_dir
 from lmforge.model import GPT, GPTConfig, build_model
 from lmforge.rundir import RunDir
 from lmforge.tokenizer import Tokenizer, train_tokenizer
-from lmforge.train.checkpoint import checkpoint_dir, copy_checkpoint, model_from_checkpoint, read_state
+from lmforge.train.checkpoint import (
+    checkpoint_dir,
+    copy_checkpoint,
+    list_checkpoints,
+    model_from_checkpoint,
+    read_state,
+)
 from lmforge.train.distributed import barrier, from_main, is_main, on_main
 from lmforge.train.loop import StageResult, resolve_device, train_stage
 from lmforge.train.precision import autocast, model_autocast, resolve_dtype
@@ -47,18 +53,26 @@ def default_run_dir(recipe: Recipe) -> Path:
 
 
 def open_run(recipe: Recipe, run_dir: str | Path | None, fresh: bool = False) -> RunDir:
-    """Create (or reuse) the run directory and write the resolved config.toml.
+    """Create (or reuse) the run directory; a new run gets the resolved config.toml at once.
 
-    With fresh=True an existing non-empty directory is refused, so a new run never overwrites
-    what an earlier one wrote.
+    An existing run keeps its config.toml until a stage has accepted the recipe (`record_recipe`), so an
+    override the stage refuses (another model shape on --resume) is never saved. With fresh=True an existing
+    non-empty directory is refused, so a new run never overwrites what an earlier one wrote.
     """
     run = RunDir(Path(run_dir) if run_dir else default_run_dir(recipe))
     if fresh and run.root.is_dir() and any(run.root.iterdir()):
         raise LmforgeError(f"run directory {run.root} already exists and is not empty (use --resume to continue it, "
                            "or choose another --run-dir)")
     run.root.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, run.config)
+    if not run.config.is_file():
+        save_recipe(recipe, run.config)
     return run
+
+
+def record_recipe(recipe: Recipe, run: RunDir) -> None:
+    """Save the recipe (overrides included) that a stage has accepted as the run's config.toml."""
+    if is_main():  # under torchrun, rank 0 alone writes the run directory
+        save_recipe(recipe, run.config)
 
 
 def _progress(run: RunDir) -> dict:
@@ -90,12 +104,27 @@ def _all_texts(recipe: Recipe, data_dir: Path | None) -> Iterator[str]:
                 iterators.remove(it)
 
 
+def _refuse_replacing_a_used_tokenizer(run: RunDir) -> None:
+    """A new tokenizer.json under shards or checkpoints made with the old one would leave them unusable."""
+    used_by = []
+    if trained := list_checkpoints(run.checkpoints):
+        used_by.append(f"checkpoints ({', '.join(p.name for p in trained)})")
+    if (run.data / "manifest.json").is_file():  # a finished preparation (an interrupted one is redone anyway)
+        used_by.append(f"token shards in {run.data}")
+    if used_by:
+        raise LmforgeError(f"{run.root} already has {' and '.join(used_by)} made with its tokenizer: to change the "
+                           f"tokenizer of this run, use `lmforge resize-vocab {run.root} --vocab-size N` (or "
+                           "--tokenizer NEW.json), or train a tokenizer in a new run directory")
+
+
 def train_tokenizer_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None) -> Tokenizer:
+    _refuse_replacing_a_used_tokenizer(run)
     if not recipe.data.sources:
         raise LmforgeError("recipe has no [[data.sources]] to train the tokenizer on")
     tok = train_tokenizer(_all_texts(recipe, data_dir_from_env(data_dir)), recipe.tokenizer.vocab_size,
                           recipe.tokenizer.sample_chars, recipe.tokenizer.min_frequency)
     tok.save(run.tokenizer)
+    record_recipe(recipe, run)
     log.info("tokenizer: %d tokens -> %s", tok.vocab_size, run.tokenizer)
     mark_done(run, "tokenizer", vocab_size=tok.vocab_size)
     return tok
@@ -104,6 +133,7 @@ def train_tokenizer_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | No
 def prepare_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None) -> dict:
     tok = Tokenizer.load(run.tokenizer)
     manifest = prepare_shards(recipe.data, tok, data_dir_from_env(data_dir), run.data)
+    record_recipe(recipe, run)
     mark_done(run, "prepare", train_tokens=sum(s["train_tokens"] for s in manifest["sources"]))
     return manifest
 
@@ -120,26 +150,56 @@ def model_config(recipe: Recipe, tokenizer: Tokenizer) -> GPTConfig:
                      dropout=m.dropout, mlp_hidden=m.mlp_hidden, rope_theta=m.rope_theta, norm_eps=m.norm_eps)
 
 
-def _check_resume_shape(run: RunDir, cfg: GPTConfig) -> None:
-    saved = read_state(run.checkpoint("last"))["model_config"]
+def _check_shape(checkpoint: Path, cfg: GPTConfig, action: str = "resume") -> None:
+    """Refuse to `action` (resume, fine-tune from) `checkpoint` when the recipe's model has another shape."""
+    saved = read_state(checkpoint)["model_config"]
     ours = {k: v for k, v in cfg.__dict__.items() if k != "dropout"}
     diff = [f"{k}: checkpoint {saved.get(k)} vs recipe {v}" for k, v in ours.items() if saved.get(k) != v]
     if diff:
-        raise LmforgeError(f"cannot resume {run.checkpoint('last')}: model shape differs ({'; '.join(diff)})")
+        raise LmforgeError(f"cannot {action} {checkpoint}: model shape differs ({'; '.join(diff)})")
 
 
-def _can_resume(run: RunDir, stage: str) -> bool:
+def _stage_progress(run: RunDir, stage: str) -> str:
+    """What shows that `stage` trained in this run ("" if nothing): it is marked done, or checkpoints hold its
+    steps after step 0 (a step-0 `best` alone is what an attempt killed before its first checkpoint leaves)."""
+    trained = []
+    for path in list_checkpoints(run.checkpoints):
+        try:
+            state = read_state(path)
+        except LmforgeError:
+            state = {}
+        if path.name.startswith(f"{stage}-step-") or (state.get("stage") == stage and state.get("step", 0) > 0):
+            trained.append(path.name)
+    found = ["progress.json says done"] if is_done(run, stage) else []
+    found += [f"checkpoints {', '.join(trained)}"] if trained else []
+    return "; ".join(found)
+
+
+def _resume_advice(run: RunDir, stage: str) -> str:
+    snapshots = [p.name for p in list_checkpoints(run.checkpoints) if p.name.startswith(f"{stage}-step-")]
+    keep = f"to continue from {snapshots[-1]}, copy it to {run.checkpoint('last')}; " if snapshots else ""
+    return f"{keep}to start {stage} over, run `lmforge {stage}` without --resume"
+
+
+def _resumes(run: RunDir, stage: str) -> bool:
+    """For --resume: True when checkpoints/last continues `stage`, False when the stage has not begun (it
+    starts at step 0). A stage that made progress but has no readable `last` of its own is refused: starting
+    it over would replace its best model and delete its kept snapshots."""
+    last = run.checkpoint("last")
     try:
-        return read_state(run.checkpoint("last")).get("stage") == stage
-    except LmforgeError:
-        return False
-
-
-def _refuse_pretraining_over_finetuned(run: RunDir) -> None:
-    """`pretrain --resume` after fine-tuning would start over and overwrite last/best/pretrained."""
-    if _can_resume(run, "finetune"):
-        raise LmforgeError(f"{run.checkpoint('last')} is a fine-tuning checkpoint: pretraining in this run is over "
-                           "(resuming it would overwrite the fine-tuned model); pretrain in a new run directory")
+        state = read_state(last) if existing_dir(last) is not None else {}
+    except LmforgeError as exc:
+        raise LmforgeError(f"cannot resume {stage}: {exc}; {_resume_advice(run, stage)}") from None
+    if state.get("stage") == stage:
+        return True
+    if stage == "pretrain" and state.get("stage") == "finetune":
+        raise LmforgeError(f"{last} is a fine-tuning checkpoint: pretraining in this run is over (resuming it would "
+                           "overwrite the fine-tuned model); pretrain in a new run directory")
+    if found := _stage_progress(run, stage):
+        raise LmforgeError(f"cannot resume {stage}: no {stage} checkpoint in {last}, but {stage} already trained "
+                           f"in this run ({found}); {_resume_advice(run, stage)}")
+    log.info("%s: nothing to resume yet, starting at step 0", stage)
+    return False
 
 
 # --------------------------------------------------------------------------- pretraining
@@ -151,11 +211,9 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
     if manifest["tokenizer_hash"] != tokenizer_hash(tok):
         raise LmforgeError(f"{run.data}: shards were made with another tokenizer (run `lmforge prepare` again)")
     cfg = model_config(recipe, tok)
+    resume = resume and _resumes(run, "pretrain")
     if resume:
-        _refuse_pretraining_over_finetuned(run)
-    resume = resume and _can_resume(run, "pretrain")
-    if resume:
-        _check_resume_shape(run, cfg)
+        _check_shape(run.checkpoint("last"), cfg)
     torch.manual_seed(recipe.seed)  # the initial weights are part of the recipe: two fresh runs are identical
     model = build_model(cfg)
     p = recipe.pretrain
@@ -165,7 +223,8 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
     train = TokenBatcher(run.data, "train", cfg.block_size, p.batch_size, seed=recipe.seed, phases=phases,
                          shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch, delete_consumed=d.delete_consumed)
     val = TokenBatcher(run.data, "val", cfg.block_size, p.batch_size, seed=recipe.seed + 1)
-    result = train_stage(model, train, val, p, run, "pretrain", p.max_steps, resume=resume, seed=recipe.seed)
+    result = train_stage(model, train, val, p, run, "pretrain", p.max_steps, resume=resume, seed=recipe.seed,
+                         on_start=lambda: record_recipe(recipe, run))
     if is_main():  # under torchrun, rank 0 alone writes the run directory
         copy_checkpoint(run.checkpoint("best"), run.checkpoint(PRETRAINED))
         mark_done(run, "pretrain", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
@@ -249,13 +308,16 @@ def qa_batches(recipe: Recipe, tok: Tokenizer, block_size: int, examples: list[Q
 
 def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, resume: bool = False) -> StageResult:
     tok = Tokenizer.load(run.tokenizer)
-    resume = resume and _can_resume(run, "finetune")
+    resume = resume and _resumes(run, "finetune")
+    cfg = model_config(recipe, tok)
     if not resume:
         start = run.checkpoint(PRETRAINED)
         if not (start / "model.safetensors").is_file():
             raise LmforgeError(f"no pretrained model in {run.root} (run `lmforge pretrain` first)")
+        _check_shape(start, cfg, "fine-tune from")
         model = model_from_checkpoint(start)
     else:
+        _check_shape(run.checkpoint("last"), cfg)
         model = GPT(GPTConfig(**read_state(run.checkpoint("last"))["model_config"]))
     f = recipe.finetune
     splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
@@ -265,7 +327,8 @@ def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = No
     if f.epochs > 0:
         total = min(f.max_steps, math.ceil(f.epochs * train.steps_per_epoch / f.grad_accum))
     log.info("fine-tuning (%s): %d examples, %d steps", recipe.qa.mode, len(train.items), total)
-    result = train_stage(model, train, val, f, run, "finetune", total, resume=resume, seed=recipe.seed)
+    result = train_stage(model, train, val, f, run, "finetune", total, resume=resume, seed=recipe.seed,
+                         on_start=lambda: record_recipe(recipe, run))
     if is_main():
         mark_done(run, "finetune", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
     barrier()

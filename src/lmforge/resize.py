@@ -19,14 +19,20 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import Recipe, save_recipe
+from lmforge.config import Recipe, save_recipe, validate
 from lmforge.data.shards import prepare_shards, tokenizer_hash
 from lmforge.data.sources import data_dir_from_env
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.model import GPT, GPTConfig
 from lmforge.rundir import RunDir
 from lmforge.tokenizer import Tokenizer, train_tokenizer
-from lmforge.train.checkpoint import load_trainer_state, load_weights, read_state, save_checkpoint
+from lmforge.train.checkpoint import (
+    list_checkpoints,
+    load_trainer_state,
+    load_weights,
+    read_state,
+    save_checkpoint,
+)
 from lmforge.train.metrics import MetricsLogger, plot_losses
 
 log = logging.getLogger("lmforge")
@@ -81,20 +87,24 @@ def resize_checkpoint(path: Path, rows: list[int], new_hash: str) -> bool:
     return True
 
 
-def _checkpoints(run: RunDir) -> list[Path]:
-    if not run.checkpoints.is_dir():
-        return []
-    return sorted(p for p in run.checkpoints.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and not p.name.endswith(".old")
-                  and (p / "model.safetensors").is_file())
+def resized_recipe(recipe: Recipe, vocab_size: int) -> Recipe:
+    """The run's recipe for a tokenizer of `vocab_size` tokens (the model's vocabulary follows it), validated:
+    an impossible one is refused before anything is changed."""
+    new = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, vocab_size=0),
+                              tokenizer=dataclasses.replace(recipe.tokenizer, vocab_size=vocab_size))
+    try:
+        return validate(new)
+    except ConfigError as exc:
+        raise LmforgeError(f"cannot resize the vocabulary to {vocab_size} tokens: {exc}") from None
 
 
 def retrain_tokenizer(recipe: Recipe, vocab_size: int, data_dir: str | Path | None = None) -> Tokenizer:
     """A tokenizer trained like the run's (same sources and sample) with another vocabulary size."""
     from lmforge.pipeline import _all_texts
 
-    t = recipe.tokenizer
-    return train_tokenizer(_all_texts(recipe, data_dir_from_env(data_dir)), vocab_size, t.sample_chars, t.min_frequency)
+    t = resized_recipe(recipe, vocab_size).tokenizer
+    return train_tokenizer(_all_texts(recipe, data_dir_from_env(data_dir)), t.vocab_size, t.sample_chars,
+                           t.min_frequency)
 
 
 def resize_vocab(recipe: Recipe, run: RunDir, new_tok: Tokenizer, data_dir: str | Path | None = None) -> dict:
@@ -106,13 +116,11 @@ def resize_vocab(recipe: Recipe, run: RunDir, new_tok: Tokenizer, data_dir: str 
     new_hash = tokenizer_hash(new_tok)
     if new_hash == tokenizer_hash(old_tok):
         raise LmforgeError(f"{run.tokenizer}: the new tokenizer is the same as the run's")
-    new_recipe = dataclasses.replace(
-        recipe, model=dataclasses.replace(recipe.model, vocab_size=0),
-        tokenizer=dataclasses.replace(recipe.tokenizer, vocab_size=new_tok.vocab_size))
+    new_recipe = resized_recipe(recipe, new_tok.vocab_size)
     new_rows = model_config(new_recipe, new_tok).vocab_size
     rows = token_row_map(old_tok, new_tok, new_rows)
     kept = sum(r >= 0 for r in rows)
-    checkpoints = _checkpoints(run)
+    checkpoints = list_checkpoints(run.checkpoints)
     old_rows = read_state(checkpoints[0])["model_config"]["vocab_size"] if checkpoints else old_tok.vocab_size
     log.info("resize-vocab: %d -> %d rows, %d tokens keep their learned rows", old_rows, new_rows, kept)
     prepare_shards(new_recipe.data, new_tok, data_dir_from_env(data_dir), run.data)

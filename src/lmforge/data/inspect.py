@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.shards import load_manifest, read_index
+from lmforge.data.shards import load_manifest, open_shard, read_index
 from lmforge.rundir import RunDir
 from lmforge.tokenizer import Tokenizer
 
@@ -33,7 +33,7 @@ def _source_report(data: Path, entry: dict, tok: Tokenizer, dtype: np.dtype, sam
     report["top_tokens"], report["samples"] = [], []
     if not shards:
         return report
-    tokens = np.memmap(data / shards[0]["file"], dtype=dtype, mode="r")
+    tokens = open_shard(data / shards[0]["file"], dtype, shards[0]["tokens"])
     index = read_index(data / shards[0]["index"])
     counts = np.bincount(tokens[:TOKEN_SAMPLE], minlength=tok.vocab_size)
     for i in np.argsort(counts)[::-1][:10]:

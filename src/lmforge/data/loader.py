@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lmforge.config import DataConfig
-from lmforge.data.shards import load_manifest
+from lmforge.data.shards import load_manifest, open_shard
 from lmforge.errors import LmforgeError
 
 log = logging.getLogger("lmforge")
@@ -62,9 +62,11 @@ def log_phase_plan(phases: list[Phase], tokens_per_step: int, total_steps: int) 
 class SourceStream:
     """One source's split as a single sequence of windows over its shards (memmaps opened on first use)."""
 
-    def __init__(self, name: str, data_dir: Path, shards: list[dict], dtype: np.dtype, block_size: int):
-        self.name, self.dtype, self.block_size = name, dtype, block_size
+    def __init__(self, name: str, data_dir: Path, shards: list[dict], dtype: np.dtype, block_size: int,
+                 delete_consumed: bool = False):
+        self.name, self.dtype, self.block_size, self.delete_consumed = name, dtype, block_size, delete_consumed
         self.paths = [data_dir / s["file"] for s in shards]
+        self.tokens = [s["tokens"] for s in shards]
         self.index_paths = [data_dir / s["index"] for s in shards]
         # windows start every block_size tokens and overlap by one (the last target)
         self.ends = np.cumsum([max(0, (s["tokens"] - 1) // block_size) for s in shards], dtype=np.int64)
@@ -80,11 +82,11 @@ class SourceStream:
     def window(self, g: int) -> np.ndarray:
         shard, k = self.locate(g)
         if shard not in self._maps:
-            if not self.paths[shard].is_file():
+            if self.delete_consumed and not self.paths[shard].is_file():
                 raise LmforgeError(f"{self.paths[shard]}: shard missing; source '{self.name}' was deleted as it was "
                                    "consumed (data.delete_consumed) and cannot be read again: prepare more data or "
                                    "lower its share")
-            self._maps[shard] = np.memmap(self.paths[shard], dtype=self.dtype, mode="r")
+            self._maps[shard] = open_shard(self.paths[shard], self.dtype, self.tokens[shard])
         start = k * self.block_size
         return self._maps[shard][start : start + self.block_size + 1]
 
@@ -203,7 +205,7 @@ class TokenBatcher:
         self.block_size, self.batch_size, self.split = block_size, batch_size, split
         self.streams: list[SourceStream] = []
         for entry in manifest["sources"]:
-            stream = SourceStream(entry["name"], data_dir, entry["shards"][split], dtype, block_size)
+            stream = SourceStream(entry["name"], data_dir, entry["shards"][split], dtype, block_size, delete_consumed)
             if stream.total == 0:
                 if entry[f"{split}_tokens"]:
                     log.warning("source '%s' has only %d %s tokens (< block %d); not sampled", entry["name"],

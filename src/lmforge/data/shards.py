@@ -60,8 +60,27 @@ def tokenizer_hash(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.hf.to_str().encode()).hexdigest()[:16]
 
 
+def _prepare_again(path: Path) -> str:
+    return f"delete {path.parent} and run `lmforge prepare` again"
+
+
 def read_index(path: Path) -> np.ndarray:
-    return np.load(path, allow_pickle=False)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise LmforgeError(f"{path}: unreadable shard index ({exc}); {_prepare_again(path)}") from None
+
+
+def open_shard(path: Path, dtype: np.dtype, tokens: int) -> np.memmap:
+    """A shard's tokens (read-only memmap); a missing file or one of another size than the manifest says is
+    one line naming it."""
+    if not path.is_file():
+        raise LmforgeError(f"{path}: shard missing; {_prepare_again(path)}")
+    size, expected = path.stat().st_size, tokens * dtype.itemsize
+    if size != expected:
+        raise LmforgeError(f"{path}: damaged shard ({size:,} bytes, the manifest says {tokens:,} tokens = "
+                           f"{expected:,} bytes); {_prepare_again(path)}")
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 class ShardWriter:
@@ -311,7 +330,10 @@ def load_manifest(data_dir: Path) -> dict:
     path = data_dir / "manifest.json"
     if not has_shards(data_dir):
         raise LmforgeError(f"no token shards in {data_dir} (run `lmforge prepare` first)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LmforgeError(f"{path}: unreadable manifest ({exc}); run `lmforge prepare` again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise LmforgeError(f"{data_dir}: token shards from an older lmforge (run `lmforge prepare` again)")
     return manifest

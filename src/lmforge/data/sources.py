@@ -42,8 +42,15 @@ class QAExample:
 
 
 def data_dir_from_env(data_dir: str | Path | None) -> Path | None:
+    """--data-dir, else $LMFORGE_DATA_DIR, else None (no local copies); one that does not exist is an error."""
     value = data_dir or os.environ.get("LMFORGE_DATA_DIR")
-    return Path(value).expanduser() if value else None
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        origin = "--data-dir" if data_dir else "LMFORGE_DATA_DIR"
+        raise LmforgeError(f"{origin} {value}: no such directory")
+    return path
 
 
 def _strip_compression(name: str) -> tuple[str, str]:

@@ -133,6 +133,15 @@ def checkpoint_dir(path: Path) -> Path:
     return found
 
 
+def list_checkpoints(checkpoints: Path) -> list[Path]:
+    """The checkpoint directories in `checkpoints` (best, last, pretrained, snapshots), sorted by name."""
+    if not checkpoints.is_dir():
+        return []
+    return sorted(p for p in checkpoints.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and not p.name.endswith(".old")
+                  and (p / "model.safetensors").is_file())
+
+
 def read_state(path: Path) -> dict[str, Any]:
     path = checkpoint_dir(path)
     try:

@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -74,6 +75,9 @@ class StageResult:
     stop_reason: str  # completed | early_stopping | interrupted | stop_file
 
 
+STOP_REQUESTS = ("interrupted", "stop_file")  # the stop reasons a user asked for (signal, STOP file)
+
+
 # --------------------------------------------------------------------------- devices and precision
 
 
@@ -86,6 +90,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LmforgeError(f"device '{name}' requested but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LmforgeError("device 'mps' requested but MPS is not available")
     return torch.device(name)
 
 
@@ -183,8 +189,12 @@ def train_stage(
     total_steps: int,
     resume: bool = False,
     seed: int = 0,
+    on_start: Callable[[], None] | None = None,
 ) -> StageResult:
     """Train `model` for `total_steps` optimizer steps (or until early stopping / a stop request).
+
+    `on_start` is called once the device, the optimizer and the resume point have been accepted, before the
+    first step (the pipeline saves the run's config.toml there).
 
     Under torchrun (cfg.distributed = ddp | fsdp) every rank runs this; each trains on its rows of the
     global batch and only rank 0 writes metrics, plots and checkpoints.
@@ -229,6 +239,8 @@ def train_stage(
             log.info("%s: control values in effect: %s", stage, describe(restored))
     if cfg.dropout >= 0:
         model.set_dropout(cfg.dropout)
+    if on_start is not None:
+        on_start()
 
     val_batches = val_data.fixed_batches(cfg.eval_batches)
     metrics = MetricsLogger(run.metrics, run.tensorboard) if parallel.is_main else NullMetrics()
@@ -258,16 +270,19 @@ def train_stage(
         if name == "last":
             keep_recent(run.checkpoints, stage, step, cfg.keep_checkpoints)
 
-    def evaluate_now() -> bool:
+    evaluated_step = -1
+
+    def evaluate_now(counts_for_patience: bool = True) -> bool:
         """Evaluate, keep the best checkpoint, return True when patience is exhausted."""
-        nonlocal best, bad_evals, last_val
+        nonlocal best, bad_evals, last_val, evaluated_step
         last_val = validation_loss(model, val_batches, device, dtype, parallel)
+        evaluated_step = step
         improved = last_val < best
         if improved:
-            best, bad_evals = last_val, 0
+            best = last_val
             checkpoint("best", with_trainer=False)
-        else:
-            bad_evals += 1
+        if counts_for_patience:
+            bad_evals = 0 if improved else bad_evals + 1
         metrics.log({"stage": stage, "step": step, "split": "val", "loss": last_val, "tokens": tokens,
                      "perplexity": math.exp(min(last_val, 50)), "best": best})
         return cfg.patience > 0 and bad_evals >= cfg.patience
@@ -354,6 +369,11 @@ def train_stage(
                     stop_reason = requested or stop_reason
                 if stop_reason != "completed":
                     break
+            if stop_reason in STOP_REQUESTS and evaluated_step != step:
+                # the stopped model competes for `best` (what fine-tuning starts from); patience counts only
+                # the scheduled evaluations, as in an uninterrupted run
+                evaluate_now(counts_for_patience=False)
+                log.info("%s: stopped at step %d: val loss %.4f (best %.4f)", stage, step, last_val, best)
             checkpoint("last", with_trainer=True)
         if parallel.is_main:
             control.archive(stage)
