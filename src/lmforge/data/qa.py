@@ -169,6 +169,7 @@ def whole_word_window(text: str, offsets: Sequence[tuple[int, int]], start: int,
     A window read at inference must hold whole words: an answer taken from it could otherwise be a piece
     of one ("Super Bow" for "Super Bowl"). Unchanged when not even one whole word fits.
     """
+    end = min(end, len(offsets))
     first = start
     while first < end and _cuts_word(text, offsets[first][0]):
         first += 1
