@@ -258,6 +258,8 @@ def test_overload_gets_429(tiny_run):
     ('{"prompt": "\\ud800 lone"}', "prompt", "lone surrogate"),
     ('{"prompt": "x", "stop": ["ok", "\\udfff"]}', "stop", "lone surrogate"),
     ('{"prompt": "x", "suffix": " the end."}', "suffix", "not supported"),
+    ('{"prompt": "x", "echo": true}', "echo", "not supported"),
+    ('{"prompt": "x", "logprobs": 2}', "logprobs", "not supported"),
     ('{"prompt": "x", "max_tokens": 8, "model": "pretrained", "suffix": null, "n": null, "stream": null, '
      '"presence_penalty": null, "frequency_penalty": null, "echo": null, "temperature": 1e-40}', None, None),
     ('{"temperature": 1}', "prompt", "Field required"),

@@ -6,9 +6,9 @@ accepted only at their neutral values, so a client that sets them learns so inst
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 
 class RequestError(ValueError):
@@ -18,6 +18,17 @@ class RequestError(ValueError):
         super().__init__(message)
         self.param = param
         self.status = status
+
+
+def unsupported(message: str) -> AfterValidator:
+    """A field lmforge cannot honour: accepted only unset (null, false, empty), else refused with `message`."""
+
+    def neutral(value):
+        if value:
+            raise ValueError(message)
+        return value
+
+    return AfterValidator(neutral)
 
 
 class Strict(BaseModel):
@@ -53,7 +64,7 @@ class SamplingFields(Strict):
     user: str | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
-    logprobs: bool | int | None = None
+    logprobs: Annotated[bool | int | None, unsupported("logprobs are not supported")] = None
 
     @field_validator("stop")
     @classmethod
@@ -79,13 +90,6 @@ class SamplingFields(Strict):
             raise ValueError("not supported; use repetition_penalty")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
-
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
@@ -95,8 +99,9 @@ class SamplingFields(Strict):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
-    echo: bool | None = False
-    suffix: str | None = None
+    echo: Annotated[bool | None, unsupported("echo is not supported")] = False
+    suffix: Annotated[str | None, unsupported("suffix (text to insert before) is not supported: the model only "
+                                              "continues text")] = None
 
     @field_validator("prompt")
     @classmethod
@@ -109,19 +114,6 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt is empty")
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v):
-        if v:
-            raise ValueError("suffix (text to insert before) is not supported: the model only continues text")
-        return v
 
 
 class TextPart(Strict):
