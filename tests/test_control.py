@@ -54,6 +54,17 @@ def val_steps(run: RunDir) -> list[int]:
     return [r["step"] for r in read_metrics(run.metrics) if r.get("split") == "val"]
 
 
+def test_control_steers_the_muon_learning_rate(tmp_path):
+    run = make_run(tmp_path)
+    hooks = {5: lambda: write_controls(run, {"muon_lr": 5e-3})}  # during step 5
+    train(run, cfg(optimizer="muon", muon_lr=0.02), hooks)
+    recs = train_records(run)
+    for step in range(1, 13):  # the Muon groups follow the schedule from their own peak, changed from step 6
+        assert recs[step]["muon_lr"] == pytest.approx(lr_at(step - 1, 0.02 if step <= 5 else 5e-3, 2, 12, 0.1))
+        assert recs[step]["lr"] == pytest.approx(lr_at(step - 1, 1e-2, 2, 12, 0.1))  # AdamW groups unchanged
+    assert read_state(run.checkpoint("last"))["control"] == {"muon_lr": 5e-3}
+
+
 def test_control_changes_take_effect_at_the_next_step(tmp_path):
     run = make_run(tmp_path)
     write = lambda **v: lambda: write_controls(run, v)  # noqa: E731

@@ -476,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write RUN/control.toml: the training stage running in RUN applies it at its next "
                                    "step (a resumed or later-started stage at its start). Without options, print it.")
     p.add_argument("run", help="run directory")
-    for key, kind, text in (("lr", float, "peak learning rate of the schedule"),
+    for key, kind, text in (("lr", float, "peak learning rate of the schedule (AdamW groups)"),
+                            ("muon_lr", float, "peak learning rate of the Muon groups (optimizer = muon)"),
                             ("grad_accum", int, "gradient-accumulation steps (effective batch size)"),
                             ("dropout", float, "dropout probability"), ("eval_interval", int, "steps between evaluations"),
                             ("eval_batches", int, "validation batches per evaluation"),

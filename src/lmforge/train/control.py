@@ -34,6 +34,7 @@ class ControlConfig:
     """The training values that may change while a stage runs (None = not set)."""
 
     lr: float | None = None  # peak of the warmup + cosine schedule
+    muon_lr: float | None = None  # peak lr of the Muon groups (optimizer = "muon"), on the same schedule
     grad_accum: int | None = None
     dropout: float | None = None
     eval_interval: int | None = None

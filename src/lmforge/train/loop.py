@@ -345,6 +345,8 @@ def train_stage(
                     tok_s = window_tokens / elapsed
                     record = {"stage": stage, "step": step, "split": "train", "loss": loss_sum, "tokens": tokens,
                               "lr": lr, "tokens_per_s": round(tok_s, 1), "memory_mb": memory_mb(device)}
+                    if optimizer.kind == "muon":
+                        record["muon_lr"] = lr / cfg.lr * cfg.muon_lr
                     mfu = mfu_meter.mfu(tok_s / parallel.world_size, window_outputs / max(window_tokens, 1))
                     if mfu is not None:
                         record["mfu"] = round(mfu, 4)
