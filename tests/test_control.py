@@ -219,7 +219,13 @@ def test_control_cli_writes_merges_and_validates(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "lmforge: error: control.lr: must be a finite number, got inf"
     assert run.control_file.read_text() == before  # nothing written
     assert main(["control", str(run.root)]) == 0
-    assert "patience = 3" in capsys.readouterr().out
+    assert "patience=3" in capsys.readouterr().out
+    # showing a file the running stage rejects says so, in one line
+    for bad in (b'lr = "abc"\n', b"lr = 1e-3\n\xff\n"):
+        run.control_file.write_bytes(bad)
+        assert main(["control", str(run.root)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].endswith("(a running stage ignores this file)"), err
 
 
 @pytest.mark.parametrize("argv", [
@@ -235,7 +241,7 @@ def test_a_directory_that_is_not_a_run_is_one_clear_line(tmp_path, capsys, argv)
     assert not (tmp_path / "control.toml").exists() and not (tmp_path / "STOP").exists()
 
 
-def test_metrics_tensorboard_and_plots_with_markers(tmp_path):
+def test_metrics_tensorboard_and_plots_with_markers(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = make_run(tmp_path)
@@ -273,6 +279,15 @@ def test_metrics_tensorboard_and_plots_with_markers(tmp_path):
     assert plot_losses(tmp_path / "missing.jsonl", tmp_path / "x.png") is None
     assert main(["plot", str(run.root), str(other.root), "--out", str(tmp_path / "cli.png")]) == 0
     assert (tmp_path / "cli.png").stat().st_size > 10_000
+    # --out: a folder gets compare.png inside it; the name's suffix is the format; an unknown one is one line
+    assert main(["plot", str(run.root), str(other.root), "--out", str(other.root)]) == 0
+    assert (other.root / "compare.png").read_bytes().startswith(b"\x89PNG")
+    assert main(["plot", str(run.root), "--out", str(tmp_path / "one.svg")]) == 0
+    assert b"<svg" in (tmp_path / "one.svg").read_bytes()[:400]
+    capsys.readouterr()
+    assert main(["plot", str(run.root), "--out", str(tmp_path / "one.xyz")]) == 2
+    assert "one.xyz: Format 'xyz' is not supported" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*tmp*")) and not (tmp_path / "one.xyz").exists()
 
 
 def test_tokens_per_second_leave_out_evaluation_time(tmp_path, monkeypatch):
@@ -307,6 +322,21 @@ def test_plot_keeps_the_resumed_values_of_steps_logged_twice(tmp_path):
     latest = _latest_per_step(read_metrics(path))
     assert [(r["step"], r["loss"]) for r in latest] == [(1, 1.0), (2, 2.0), (3, 30.0)]
     assert math.isfinite(latest[0]["loss"])
+
+
+def test_plot_draws_only_the_newest_attempt_of_a_stage_started_over():
+    from lmforge.train.metrics import newest_attempts
+
+    def attempt(stage, steps, loss):
+        return [{"event": f"{stage}_start", "stage": stage, "step": 0}] + [
+            {"stage": stage, "split": "train", "step": s, "loss": loss} for s in steps]
+
+    recs = attempt("pretrain", range(1, 41), 5.0) + attempt("finetune", range(1, 9), 3.0)
+    recs += attempt("finetune", range(1, 4), 2.0)  # fine-tuning run again, fresh, in the same run
+    kept = newest_attempts(recs)
+    assert [(r["step"], r["loss"]) for r in kept if r["stage"] == "finetune" and "loss" in r] == [
+        (1, 2.0), (2, 2.0), (3, 2.0)]
+    assert sum(r["stage"] == "pretrain" and "loss" in r for r in kept) == 40
 
 
 @pytest.mark.slow

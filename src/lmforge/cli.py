@@ -291,15 +291,18 @@ def _run_dir(path: str):
 
 
 def cmd_control(args, overrides) -> int:
-    from lmforge.train.control import CONTROL_KEYS, write_controls
+    from lmforge.train.control import CONTROL_KEYS, describe, read_control_file, write_controls
 
     if overrides:
         raise LmforgeError(f"control takes --KEY VALUE options, not recipe overrides (got --{next(iter(overrides))})")
     run = _run_dir(args.run)
     values = {k: getattr(args, k) for k in CONTROL_KEYS if getattr(args, k) is not None}
     if not values:
-        text = run.control_file.read_text(encoding="utf-8") if run.control_file.is_file() else ""
-        print(text.strip() or f"no control values set ({run.control_file} does not exist)")
+        try:
+            current = read_control_file(run.control_file)
+        except LmforgeError as exc:
+            raise LmforgeError(f"{exc} (a running stage ignores this file)") from None
+        print(f"{run.control_file}: {describe(current)}" if current else f"no control values set in {run.control_file}")
         return 0
     merged = write_controls(run, values)
     print(f"{run.control_file}: " + ", ".join(f"{k} = {v}" for k, v in merged.items()))
@@ -323,8 +326,9 @@ def cmd_plot(args, overrides) -> int:
         out = plot_losses(runs[0].metrics, runs[0].plots / "loss.png", title=runs[0].root.name)
     else:
         labels = [r.root.name if [q.root.name for q in runs].count(r.root.name) == 1 else str(r.root) for r in runs]
-        out = plot_runs(dict(zip(labels, (r.metrics for r in runs), strict=True)),
-                        Path(args.out or runs[0].plots / "compare.png"))
+        out = Path(args.out or runs[0].plots / "compare.png")
+        out = out / "compare.png" if out.is_dir() else out
+        out = plot_runs(dict(zip(labels, (r.metrics for r in runs), strict=True)), out)
     if out is None:
         raise LmforgeError("no losses logged yet in " + ", ".join(str(r.metrics) for r in runs))
     print(out)

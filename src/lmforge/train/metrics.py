@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lmforge.errors import LmforgeError
+
 log = logging.getLogger("lmforge")
 
 
@@ -94,6 +96,13 @@ def _stage_offsets(records: list[dict[str, Any]]) -> dict[str, int]:
     return offsets
 
 
+def newest_attempts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of each stage's newest attempt: a stage started over in the same run (without --resume)
+    logs a new `<stage>_start`, and what the earlier attempt logged is no longer the run's history."""
+    starts = {rec["stage"]: i for i, rec in enumerate(records) if rec.get("event") == f"{rec.get('stage')}_start"}
+    return [rec for i, rec in enumerate(records) if i >= starts.get(rec.get("stage"), 0)]
+
+
 def _latest_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Loss records with, per (stage, split, step), only the last one written.
 
@@ -109,6 +118,7 @@ def _latest_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _draw_run(ax, records: list[dict[str, Any]], prefix: str = "", color: str | None = None) -> None:
     """One run's train/val curves (stages side by side) and its event markers on `ax`."""
+    records = newest_attempts(records)
     offsets = _stage_offsets(records)
     losses = _latest_per_step(records)
     for stage, offset in offsets.items():
@@ -133,13 +143,20 @@ def _draw_run(ax, records: list[dict[str, Any]], prefix: str = "", color: str | 
 
 
 def _save_figure(fig, out_path: Path) -> Path:
+    """Write the figure in the format its name says (.png, .svg, .pdf, .jpg; no suffix: PNG), atomically."""
     import matplotlib.pyplot as plt
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(out_path)
+    kind = out_path.suffix.lstrip(".").lower() or "png"
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=kind)
+        tmp.replace(out_path)
+    except ValueError as exc:  # matplotlib: "Format 'xyz' is not supported ..."
+        raise LmforgeError(f"{out_path}: {exc}") from None
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out_path
 
 
