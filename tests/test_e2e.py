@@ -115,6 +115,8 @@ def test_tokenizer_train_refuses_to_replace_the_tokenizer_of_a_trained_run(copy_
         (["run", "--run-dir", "/nonexistent/run"], "give a RECIPE to start a new run"),
         (["generate", "--run-dir", "/nonexistent/run", "hi"], "run directory not found"),
         (["pretrain", "--run-dir", "/nonexistent/run"], "give a RECIPE, or a --run-dir"),
+        (["pretrain", "tiny"], "--run-dir is required: pretrain works on a run the earlier stages made"),
+        (["prepare", "tiny"], "--run-dir is required: prepare works on a run"),
         (["run", "tiny", "--bogus", "1"], "unrecognised argument '--bogus'"),
     ],
 )
@@ -123,6 +125,18 @@ def test_cli_user_errors_are_one_line(args, message):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("lmforge: error:")
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_folder_that_is_not_a_run_is_never_built_into(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("not a run")
+    for args in (["run", TINY, "--resume", "--run-dir", folder], ["pretrain", TINY, "--resume", "--run-dir", folder],
+                 ["tokenizer", "train", TINY, "--run-dir", folder]):
+        proc = cli(*args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{folder} is not an lmforge run directory (no config.toml)" in proc.stderr
+    assert [p.name for p in folder.iterdir()] == ["mine.txt"]
 
 
 def test_offline_without_local_copy_names_the_dataset(tmp_path, monkeypatch):

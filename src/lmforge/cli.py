@@ -75,12 +75,15 @@ def load_recipe_for(args, overrides: dict[str, str]):
     raise LmforgeError("give a RECIPE, or a --run-dir that already holds a config.toml")
 
 
-def _stage_run(args, recipe, fresh: bool = False):
+def _stage_run(args, recipe, stage: str):
+    """The run a single stage works in. Only the tokenizer may start a new one (runs/<recipe>-<timestamp>
+    without --run-dir): the later stages read what earlier ones left in their run."""
     from lmforge.pipeline import open_run
 
-    if not args.run_dir and not getattr(args, "recipe", None):
-        raise LmforgeError("--run-dir is required")
-    return open_run(recipe, args.run_dir, fresh=fresh)
+    if not args.run_dir and stage != "tokenizer":
+        raise LmforgeError(f"--run-dir is required: {stage} works on a run the earlier stages made "
+                           "(`lmforge run RECIPE` makes one with every stage)")
+    return open_run(recipe, args.run_dir)
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -90,7 +93,7 @@ def cmd_tokenizer_train(args, overrides) -> int:
     from lmforge.pipeline import train_tokenizer_stage
 
     recipe = load_recipe_for(args, overrides)
-    run = _stage_run(args, recipe)
+    run = _stage_run(args, recipe, "tokenizer")
     tok = train_tokenizer_stage(recipe, run, args.data_dir)
     print(f"tokenizer: {tok.vocab_size} tokens -> {run.tokenizer}")
     return 0
@@ -100,7 +103,7 @@ def cmd_prepare(args, overrides) -> int:
     from lmforge.pipeline import prepare_stage
 
     recipe = load_recipe_for(args, overrides)
-    run = _stage_run(args, recipe)
+    run = _stage_run(args, recipe, "prepare")
     manifest = prepare_stage(recipe, run, args.data_dir)
     for src in manifest["sources"]:
         dropped = sum(src.get("dropped", {}).values())
@@ -126,7 +129,7 @@ def cmd_pretrain(args, overrides) -> int:
     from lmforge.pipeline import pretrain_stage
 
     recipe = load_recipe_for(args, overrides)
-    result = pretrain_stage(recipe, _stage_run(args, recipe), resume=args.resume)
+    result = pretrain_stage(recipe, _stage_run(args, recipe, "pretrain"), resume=args.resume)
     print(f"pretrain: {result.steps} steps, best val loss {result.best_val_loss:.4f} ({result.stop_reason})")
     return 0 if result.stop_reason != "interrupted" else 130
 
@@ -135,7 +138,7 @@ def cmd_finetune(args, overrides) -> int:
     from lmforge.pipeline import finetune_stage
 
     recipe = load_recipe_for(args, overrides)
-    result = finetune_stage(recipe, _stage_run(args, recipe), args.data_dir, resume=args.resume)
+    result = finetune_stage(recipe, _stage_run(args, recipe, "finetune"), args.data_dir, resume=args.resume)
     print(f"finetune: {result.steps} steps, best val loss {result.best_val_loss:.4f} ({result.stop_reason})")
     return 0 if result.stop_reason != "interrupted" else 130
 

@@ -57,12 +57,16 @@ def open_run(recipe: Recipe, run_dir: str | Path | None, fresh: bool = False) ->
 
     An existing run keeps its config.toml until a stage has accepted the recipe (`record_recipe`), so an
     override the stage refuses (another model shape on --resume) is never saved. With fresh=True an existing
-    non-empty directory is refused, so a new run never overwrites what an earlier one wrote.
+    non-empty directory is refused, so a new run never overwrites what an earlier one wrote; without it, a
+    non-empty directory that is not a run (no config.toml) is refused, so a run is never built among a
+    user's files. A missing or empty one becomes a new run either way (a relaunched `run --resume` starts).
     """
     run = RunDir(Path(run_dir) if run_dir else default_run_dir(recipe))
-    if fresh and run.root.is_dir() and any(run.root.iterdir()):
-        raise LmforgeError(f"run directory {run.root} already exists and is not empty (use --resume to continue it, "
-                           "or choose another --run-dir)")
+    if run.root.is_dir() and any(run.root.iterdir()):
+        if fresh:
+            raise LmforgeError(f"run directory {run.root} already exists and is not empty (use --resume to continue "
+                               "it, or choose another --run-dir)")
+        run.require()
     run.root.mkdir(parents=True, exist_ok=True)
     if not run.config.is_file():
         save_recipe(recipe, run.config)
