@@ -115,8 +115,10 @@ def test_finetune_and_eval_survive_bad_qa_files(copy_run, tmp_path):
     squad = report["squad"]
     assert squad["n"] == 4  # the usable dev examples, the too-long question included (scored 0)
     assert squad["skipped"] == 1
-    assert squad["invalid_skipped"] == {"empty answer": 1, "answer text not in the context": 1}
-    assert "answer text not in the context" in (run.eval / "report.md").read_text()
+    # the malformed entries (no question, no answers, answers not a list, not a dict, no context) are counted too
+    assert squad["invalid_skipped"] == {"malformed entry (no context, question or answers)": 5, "empty answer": 1,
+                                        "answer text not in the context": 1}
+    assert "5 malformed entry (no context, question or answers)" in (run.eval / "report.md").read_text()
 
 
 def test_eval_without_a_usable_dev_question_stops_and_keeps_the_report(copy_run, data_dir, tmp_path):

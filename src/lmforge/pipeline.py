@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -267,9 +268,12 @@ def load_qa_splits(recipe: Recipe, data_dir: Path | None) -> QASplits:
     are held out of the start of the train set instead.
     """
     qa = recipe.qa
-    raw_train = list(islice(iter_qa_examples(qa.train, data_dir), qa.max_train_examples or None))
+    malformed_train, malformed_dev = Counter(), Counter()
+    raw_train = list(islice(iter_qa_examples(qa.train, data_dir, malformed_train), qa.max_train_examples or None))
     train, dropped_train = clean_examples(raw_train, f"QA source '{qa.train.name}'")
-    dev, dropped_dev = clean_examples(list(iter_qa_examples(qa.dev, data_dir)), f"QA source '{qa.dev.name}'")
+    dev, dropped_dev = clean_examples(list(iter_qa_examples(qa.dev, data_dir, malformed_dev)),
+                                      f"QA source '{qa.dev.name}'")
+    dropped_train, dropped_dev = malformed_train + dropped_train, malformed_dev + dropped_dev
     n_val = dev_validation_size(recipe, len(dev))
     if n_val:
         val = dev[len(dev) - n_val :]

@@ -147,9 +147,13 @@ def _answer_start(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
 
-def _squad_records(obj: Any, path: Path) -> Iterator[QAExample]:
+MALFORMED = "malformed entry (no context, question or answers)"  # how skipped entries are counted
+
+
+def _squad_records(obj: Any, path: Path, skipped_count: Counter | None = None) -> Iterator[QAExample]:
     """QA examples of a nested SQuAD file. Malformed entries (not a dict, no context, no question, no
-    answers) are skipped with a warning naming the example id; they never stop the run."""
+    answers) are skipped with a warning naming the example id, and counted in `skipped_count`; they never
+    stop the run."""
     if not _is_squad(obj):
         raise LmforgeError(f"{path}: not a SQuAD file (expected a top-level 'data' list)")
     skipped: list[str] = []
@@ -169,6 +173,8 @@ def _squad_records(obj: Any, path: Path) -> Iterator[QAExample]:
                 answers = [a for a in raw if isinstance(a, dict) and isinstance(a.get("text"), str)]
                 if not isinstance(context, str) or not isinstance(question, str) or not answers:
                     skipped.append(qid)
+                    if skipped_count is not None:  # counted at once: a reader may stop before the end
+                        skipped_count[MALFORMED] += 1
                     continue
                 yield QAExample(
                     id=qid,
@@ -418,13 +424,14 @@ def _missing_error(src: SourceConfig, data_dir: Path | None) -> LmforgeError:
     return LmforgeError(f"source '{src.name}': no local files match '{src.local}'{where}")
 
 
-def iter_qa_examples(src: SourceConfig, data_dir: Path | None) -> Iterator[QAExample]:
-    """SQuAD-format QA examples from a local SQuAD json (nested) or the Hub's flat `rajpurkar/squad`."""
+def iter_qa_examples(src: SourceConfig, data_dir: Path | None, skipped: Counter | None = None) -> Iterator[QAExample]:
+    """SQuAD-format QA examples from a local SQuAD json (nested) or the Hub's flat `rajpurkar/squad`; the
+    malformed entries of a local file are left out and counted in `skipped` (see MALFORMED)."""
     files = local_files(src, data_dir)
     n = 0
     if files:
         counter: dict[str, int] = {}
-        examples = (ex for f in files for ex in _squad_records(_load_json(f, counter), f))
+        examples = (ex for f in files for ex in _squad_records(_load_json(f, counter), f, skipped))
     elif src.hub:
         ds = _hub_dataset(src, f" and no local copy matches '{src.local}'" if src.local else "")
         examples = (
