@@ -75,6 +75,13 @@ def test_overrides_are_typed_and_validated():
         load_recipe(TINY, {"pretrain.lr": "inf"})
     with pytest.raises(ConfigError, match=r"^override --finetune.grad_clip=nan: finetune.grad_clip: must be a finite"):
         load_recipe(TINY, {"finetune.grad_clip": "nan"})
+    # list entries named on the command line, and a wrong type, are blamed on the override too
+    with pytest.raises(ConfigError, match=r"^override --data.sources.tinystories.weight=0: data.sources\[1\].weight"):
+        load_recipe(TINY, {"data.sources.tinystories.weight": "0"})
+    with pytest.raises(ConfigError, match=r"^override --data.sources=3: data.sources: expected a list, got int 3$"):
+        load_recipe(TINY, {"data.sources": "3"})
+    with pytest.raises(ConfigError, match=r"^override --data.sources.2.weight=-2: data.sources\[2\].weight"):
+        load_recipe(TINY, {"data.sources.2.weight": "-2", "data.sources.tinystories.max_docs": "3"})
     with pytest.raises(ConfigError, match=r"^my.toml: pretrain.lr: must be > 0$"):  # other keys overridden
         recipe_from_dict({"pretrain": {"lr": -1}}, {"pretrain.max_steps": "5"}, origin="my.toml")
 

@@ -240,26 +240,26 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return _convert(value, options[0], key)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}", key)
         _, value_tp = typing.get_args(tp)
         return {str(k): _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}", key)
         (item_tp,) = typing.get_args(tp)
         return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}", key)
         return from_dict(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, float) and not math.isfinite(value):  # TOML and the CLI accept inf, nan
         raise ConfigError(f"{key}: must be a finite number, got {value!r}", key)
     if tp in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got a boolean {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got a boolean {value!r}", key)
     if not isinstance(value, tp):
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}", key)
     return value
 
 
@@ -527,9 +527,29 @@ def recipe_from_dict(data: dict[str, Any], overrides: dict[str, str] | None = No
     try:
         return validate(from_dict(Recipe, data))
     except ConfigError as exc:
-        if exc.key in (overrides or {}):  # the value came from the command line, not the file
-            raise ConfigError(f"override --{exc.key}={overrides[exc.key]}: {exc}") from None
+        blamed = next((dotted for dotted in overrides or {} if exc.key and _sets(dotted, exc.key, data)), None)
+        if blamed:  # the value came from the command line, not the file
+            raise ConfigError(f"override --{blamed}={overrides[blamed]}: {exc}") from None
         raise ConfigError(f"{origin}: {exc}") from None
+
+
+def _sets(dotted: str, key: str, data: dict[str, Any]) -> bool:
+    """Whether the override `dotted` (list entries by index or name: data.sources.books.weight) set the
+    setting `key` (entries by index: data.sources[1].weight), or a table or list holding it."""
+    wanted = key.replace("[", ".").replace("]", "").split(".")
+    given = dotted.split(".")
+    node: Any = data
+    for part, want in zip(given, wanted, strict=False):
+        if isinstance(node, list):
+            entry = node[int(want)] if want.isdigit() and int(want) < len(node) else None
+            if part != want and not (isinstance(entry, dict) and entry.get("name") == part):
+                return False
+            node = entry
+        else:
+            if part != want:
+                return False
+            node = node.get(want) if isinstance(node, dict) else None
+    return len(given) <= len(wanted)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
