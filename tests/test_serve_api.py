@@ -153,7 +153,8 @@ def test_span_answers_are_those_of_eval_and_need_a_context(client, tiny_run):
     info = client.get("/api/info").json()["answering"]
     assert info == {"decoding": recipe.eval.decoding, "max_new_tokens": recipe.eval.max_new_tokens,
                     "context_tokens": recipe.answer_context_tokens,
-                    "span": {"calibration": 1.0, "skip_question_words": True, "max_starts": 4}, "dtype": "bfloat16"}
+                    "span": {"calibration": 1.0, "skip_question_words": True, "max_starts": 4}, "dtype": "bfloat16",
+                    "with_context": True}
     body = {"decoding": "span", "context": CONTEXT, "messages": [{"role": "user", "content": QUESTION}]}
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
@@ -556,6 +557,20 @@ def test_a_request_that_fails_in_the_batcher_ends_alone(tiny_run, monkeypatch):
     assert results[0] == alone[0] and results[3] == alone[1]
     assert isinstance(results[1], ValueError) and "Overflow" in str(results[1])
     assert isinstance(results[2], RuntimeError) and str(results[2]) == "sampling failed"
+
+
+def test_a_closed_book_run_is_asked_without_the_context(tiny_run):
+    """As `lmforge eval` asks a closed-book model: the passage is left out of the prompt, span answers refused."""
+    with ServerThread(build_app(tiny_run, overrides={"qa.mode": "closed_book"})) as url, \
+            httpx.Client(base_url=url, timeout=60) as c:
+        ask = {"temperature": 0, "max_tokens": 8, "min_tokens": 4, "messages": [{"role": "user", "content": QUESTION}]}
+        alone = c.post("/v1/chat/completions", json=ask).json()["choices"][0]["message"]["content"]
+        given = c.post("/v1/chat/completions", json={**ask, "context": CONTEXT}).json()
+        assert given["choices"][0]["message"]["content"] == alone and given["usage"]["prompt_tokens"] < 20
+        r = c.post("/v1/chat/completions", json={**ask, "context": CONTEXT, "decoding": "span"})
+        assert r.status_code == 400 and "closed-book" in r.json()["error"]["message"]
+        focus = c.post("/api/attention", json={"question": QUESTION, "context": CONTEXT, "completion": alone}).json()
+        assert "<|context|>" not in focus["words"]
 
 
 def test_a_failing_generation_is_reported_not_hung(tiny_run):

@@ -56,11 +56,13 @@ class AnswerSettings:
     context_tokens: int = 0  # passage window (0: as much as fits the block)
     span: SpanOptions = SpanOptions()  # how a span is chosen (calibration, question words)
     dtype: str = "float32"  # eval.dtype: the precision span answers are computed in
+    with_context: bool = True  # qa.mode = "context"; a closed-book model is asked without the passage, as eval asks it
 
     @classmethod
     def of(cls, recipe) -> AnswerSettings:
         e = recipe.eval
-        return cls(e.decoding, e.max_new_tokens, recipe.answer_context_tokens, SpanOptions.of(e), e.dtype)
+        return cls(e.decoding, e.max_new_tokens, recipe.answer_context_tokens, SpanOptions.of(e), e.dtype,
+                   recipe.qa.mode == "context")
 
 
 class ModelHost:
@@ -174,7 +176,8 @@ class ModelHost:
     def qa_prompt(self, model: GPT, question: str, context: str | None, decoding: str, max_tokens: int,
                   settings: AnswerSettings) -> list[int]:
         """The prompt a chat request is answered from: eval's span prompt (`decoding` "span", with a context),
-        else the generation prompt leaving room for `max_tokens`."""
+        else the generation prompt leaving room for `max_tokens`. A closed-book run's prompt has no context."""
+        context = context if settings.with_context else None
         if decoding == "span" and context:
             return self.span_prompt(model, question, context, settings)
         return self.chat_ids(model, question, context, max_tokens)

@@ -168,14 +168,15 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
         model = host.model(name)
         question, context = req.question(), req.context_text()
         if req.decoding == "span":
-            if context is None:
-                raise RequestError("decoding: span answers are taken from a context; give one (or use "
-                                   "decoding 'sample')", "decoding")
-            ids = host.span_prompt(model, question, context, answering)
+            if context is None or not answering.with_context:
+                why = "give one" if answering.with_context else "this run was fine-tuned closed-book (qa.mode)"
+                raise RequestError(f"decoding: span answers are taken from a context; {why} (or use decoding "
+                                   "'sample')", "decoding")
+            ids = host.qa_prompt(model, question, context, "span", 0, answering)
             source = lambda ticket: _span_piece(ticket, host, name, ids, answering)  # noqa: E731
         else:
             params = sampling_params(req, req.max_completion_tokens or req.max_tokens, defaults, cfg, model)
-            ids = host.chat_ids(model, question, context, params.max_new_tokens)
+            ids = host.qa_prompt(model, question, context, "sample", params.max_new_tokens, answering)
             source = lambda ticket: _answer_pieces(_pieces(ticket, host, name, ids, params, req.stop_list()))  # noqa: E731
 
         def chunk(text, finish, meta, first=False):
