@@ -114,7 +114,7 @@ def _refuse_replacing_a_used_tokenizer(run: RunDir) -> None:
     used_by = []
     if trained := list_checkpoints(run.checkpoints):
         used_by.append(f"checkpoints ({', '.join(p.name for p in trained)})")
-    if (run.data / "manifest.json").is_file():  # a finished preparation (an interrupted one is redone anyway)
+    if has_shards(run.data):  # a finished preparation (an interrupted one is redone anyway)
         used_by.append(f"token shards in {run.data}")
     if used_by:
         raise LmforgeError(f"{run.root} already has {' and '.join(used_by)} made with its tokenizer: to change the "
