@@ -151,3 +151,15 @@ def test_training_window_keeps_the_answer_even_without_a_usable_offset(tiny_run)
         item = encode_for_training(tok, ex, "context", 128, 24)
         assert item.context_truncated and len(item.ids) <= 129
         assert "treasure is in Oslo" in tok.decode(item.ids[: item.prompt_len])
+
+
+def test_gold_answers_outside_the_context_are_kept_for_scoring_after_those_inside():
+    from lmforge.data.sources import QAExample
+    from lmforge.evaluate import squad_scores
+    ex = QAExample("q", "Which river?", "Paris lies on the Seine.", ["river Seine", "Seine", ""], [-1, 18, 0])
+    kept, dropped = clean_examples([ex], "test")
+    assert not dropped
+    # training reads the first answer, which is in the passage; the empty one is dropped
+    assert kept[0].answers == ["Seine", "river Seine"] and kept[0].answer_starts == [18, -1]
+    # scoring takes the best over every gold answer, as the official script does
+    assert squad_scores({"q": "river Seine"}, kept)["em"] == 100.0

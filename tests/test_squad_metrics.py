@@ -67,3 +67,10 @@ def test_micro_average_over_questions_with_missing_predictions():
     assert scores["n"] == 4
     assert scores["em"] == pytest.approx(100 * 1 / 4)
     assert scores["f1"] == pytest.approx(100 * (1 + 0.8 + 0 + 0) / 4)
+
+
+def test_a_missing_prediction_scores_zero_even_against_a_gold_answer_that_normalizes_to_nothing():
+    # the official script: an unanswered question scores 0; an empty answer is compared like any other
+    examples = [_ex("dot", ["."])]
+    assert squad_scores({}, examples)["em"] == 0.0
+    assert squad_scores({"dot": ""}, examples)["em"] == 100.0

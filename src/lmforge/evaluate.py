@@ -67,9 +67,12 @@ def best_over_answers(metric, prediction: str, answers: list[str]) -> float:
 
 
 def question_scores(predictions: dict[str, str], examples: list[QAExample]) -> tuple[np.ndarray, np.ndarray]:
-    """Per question: EM and F1 (0-1) of its prediction (a missing one is the empty answer)."""
-    em = [best_over_answers(exact_match_score, predictions.get(ex.id, ""), ex.answers) for ex in examples]
-    f1 = [best_over_answers(f1_score, predictions.get(ex.id, ""), ex.answers) for ex in examples]
+    """Per question: EM and F1 (0-1) of its prediction; a question without one scores 0, as in the official
+    script (even where a gold answer normalizes to nothing, which an empty prediction would match)."""
+    def score(metric, ex: QAExample) -> float:
+        return best_over_answers(metric, predictions[ex.id], ex.answers) if ex.id in predictions else 0.0
+    em = [score(exact_match_score, ex) for ex in examples]
+    f1 = [score(f1_score, ex) for ex in examples]
     return np.array(em, dtype=np.float64), np.array(f1, dtype=np.float64)
 
 
@@ -225,8 +228,8 @@ def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample],
 
     Prompts are built as in fine-tuning; `decoding` is a key of DECODING. Where a question has several
     prompts (sliding windows), the answer with the highest mean token log-probability wins. A question that
-    does not fit the block is skipped and scores 0 (it still counts in the average, as a missing
-    prediction does in the official script).
+    does not fit the block is skipped: it gets no prediction, and so scores 0 in the average, as a missing
+    prediction does in the official script.
     """
     predictions: dict[str, str] = {}
     best: dict[str, float] = {}
@@ -235,10 +238,10 @@ def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample],
     for ex in examples:
         encs = question_prompts(tokenizer, ex, mode, model.cfg.block_size, max_new_tokens, long_context,
                                 context_tokens)
-        predictions[ex.id] = ""
         if encs is None:
             skipped += 1
             continue
+        predictions[ex.id] = ""
         too_long += encs[0].context_truncated
         prompts.extend((ex.id, enc.ids) for enc in encs)
     if decoding == "span":

@@ -57,8 +57,9 @@ def example_problem(ex: QAExample) -> str | None:
 def clean_examples(examples: list[QAExample], what: str) -> tuple[list[QAExample], Counter]:
     """Drop unusable examples with a warning naming their ids; returns (kept, count per reason).
 
-    Within a kept example, empty answers and answers absent from the context are dropped too (with
-    their offsets), so training and scoring only see gold answers that are really in the passage.
+    Within a kept example, empty answers are dropped (with their offsets), and gold answers absent from the
+    context are moved after those in it: training learns the first answer, which is then really in the
+    passage, while scoring takes the best over every gold answer, as the official SQuAD v1.1 script does.
     """
     kept: list[QAExample] = []
     dropped: Counter = Counter()
@@ -70,8 +71,9 @@ def clean_examples(examples: list[QAExample], what: str) -> tuple[list[QAExample
             named.setdefault(problem, []).append(ex.id or "?")
             continue
         pairs = [(a, s) for a, s in zip(ex.answers, ex.answer_starts or [-1] * len(ex.answers), strict=False)
-                 if a.strip() and a in ex.context]
-        if len(pairs) != len(ex.answers):
+                 if a.strip()]
+        pairs.sort(key=lambda pair: pair[0] not in ex.context)  # stable: file order within each group
+        if [a for a, _ in pairs] != ex.answers:
             ex = QAExample(ex.id, ex.question, ex.context, [a for a, _ in pairs], [s for _, s in pairs], ex.title)
         kept.append(ex)
     for problem, ids in named.items():
