@@ -645,3 +645,18 @@ def test_answer_tokens_bench_splits_the_logged_dev_loss(tiny_run, data_dir):
                if m.get("stage") == "finetune" and m.get("split") == "val")
     assert r["all"] == pytest.approx(best, rel=0.01)  # the run validated under bf16 autocast, the bench in fp32
     assert r["answers"] > 0 and 0 <= r["top1"] <= 100 and r["first"] > 0 and r["later"] > 0
+
+
+def test_eval_reads_only_the_dev_file(copy_run, data_dir, tmp_path):
+    """Scoring needs the dev questions, not the training set: a run evaluated where its train file is
+    missing scores the same questions."""
+    from lmforge.config import load_recipe
+    from lmforge.pipeline import eval_stage, load_qa_splits
+    from lmforge.rundir import RunDir
+
+    run = RunDir(copy_run())
+    recipe = load_recipe(run.config, {"eval.squad_questions": "8", "qa.train.local": str(tmp_path / "missing.json"),
+                                      "qa.train.name": "missing"})
+    report = eval_stage(recipe, run, data_dir)
+    expected = load_qa_splits(load_recipe(run.config, {"eval.squad_questions": "8"}), data_dir).eval
+    assert list(report["squad"]["question_scores"]) == [ex.id for ex in expected]

@@ -258,41 +258,57 @@ def dev_validation_size(recipe: Recipe, n_dev: int) -> int:
     return min(qa.max_dev_examples, max(n_dev - n_eval, 0)) if qa.max_dev_examples else 0
 
 
+@dataclass
+class DevQuestions:
+    dev: list[QAExample]  # every usable dev example, in file order
+    eval: list[QAExample]  # those scored with EM/F1 (eval.squad_subset of those before the validation tail)
+    n_val: int  # how many at the end of `dev` are fine-tuning's validation examples (0: it uses train ones)
+    dropped: dict[str, int]  # unusable examples left out, per reason
+
+
+def load_dev_questions(recipe: Recipe, data_dir: Path | None) -> DevQuestions:
+    """The recipe's dev examples and the questions eval scores: evenly spaced through the dev file (or its
+    first ones: eval.squad_subset), before the tail that fine-tuning's validation loss takes, so that early
+    stopping does not select on the questions it is scored on. Reads only the dev file."""
+    qa = recipe.qa
+    malformed: Counter = Counter()
+    dev, dropped = clean_examples(list(iter_qa_examples(qa.dev, data_dir, malformed)), f"QA source '{qa.dev.name}'")
+    n_val = dev_validation_size(recipe, len(dev))
+    scored = scored_questions(dev[: len(dev) - n_val], recipe.eval.squad_questions or len(dev),
+                              recipe.eval.squad_subset)
+    return DevQuestions(dev, scored, n_val, dict(malformed + dropped))
+
+
 def load_qa_splits(recipe: Recipe, data_dir: Path | None) -> QASplits:
     """The QA examples of a recipe, with unusable ones (empty answers, answers not in the context, ...)
     left out and counted.
 
     The validation-loss examples come from the end of the dev file and the EM/F1 questions from the rest
-    (evenly spaced through it, or its first ones: eval.squad_subset), so that early stopping does not select
-    on the questions it is scored on. When every dev question is scored (eval.squad_questions = 0), they
-    are held out of the start of the train set instead.
+    (load_dev_questions). When every dev question is scored (eval.squad_questions = 0), they are held out of
+    the start of the train set instead.
     """
     qa = recipe.qa
-    malformed_train, malformed_dev = Counter(), Counter()
+    questions = load_dev_questions(recipe, data_dir)
+    malformed_train: Counter = Counter()
     raw_train = list(islice(iter_qa_examples(qa.train, data_dir, malformed_train), qa.max_train_examples or None))
     train, dropped_train = clean_examples(raw_train, f"QA source '{qa.train.name}'")
-    dev, dropped_dev = clean_examples(list(iter_qa_examples(qa.dev, data_dir, malformed_dev)),
-                                      f"QA source '{qa.dev.name}'")
-    dropped_train, dropped_dev = malformed_train + dropped_train, malformed_dev + dropped_dev
-    n_val = dev_validation_size(recipe, len(dev))
+    dev, n_val = questions.dev, questions.n_val
     if n_val:
         val = dev[len(dev) - n_val :]
     else:
         n_hold = max(1, min(qa.max_dev_examples, len(train) // 10))
         val, train = train[:n_hold], (train[n_hold:] if len(train) > n_hold else train)
         log.info("every dev question is scored: %d train examples held out for the validation loss", len(val))
-    scored = scored_questions(dev[: len(dev) - n_val], recipe.eval.squad_questions or len(dev),
-                              recipe.eval.squad_subset)
-    return QASplits(train, val, scored, dict(dropped_train), dict(dropped_dev), dev)
+    return QASplits(train, val, questions.eval, dict(malformed_train + dropped_train), questions.dropped, dev)
 
 
-def scored_validation_questions(splits: QASplits, trained: Recipe) -> int:
+def scored_validation_questions(questions: DevQuestions, trained: Recipe) -> int:
     """How many of the scored questions were validation examples of a fine-tuning run with the `trained`
     recipe, the examples it selected its checkpoint on (an eval scoring more questions than the run's
     eval.squad_questions reaches into them)."""
-    n_val = dev_validation_size(trained, len(splits.dev))
-    held = {ex.id for ex in splits.dev[len(splits.dev) - n_val :]} if n_val else set()
-    return sum(ex.id in held for ex in splits.eval)
+    n_val = dev_validation_size(trained, len(questions.dev))
+    held = {ex.id for ex in questions.dev[len(questions.dev) - n_val :]} if n_val else set()
+    return sum(ex.id in held for ex in questions.eval)
 
 
 def scored_questions(pool: list[QAExample], n: int, subset: str) -> list[QAExample]:
@@ -385,21 +401,21 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
     report: dict = {"run": str(run.root), "checkpoint": str(checkpoint_path),
                     "stage": read_state(checkpoint_path).get("stage"),
                     "dtype": str(dtype).removeprefix("torch.")}
-    splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
-    if not splits.eval:
+    questions = load_dev_questions(recipe, data_dir_from_env(data_dir))
+    if not questions.eval:
         raise LmforgeError(f"QA source '{recipe.qa.dev.name}' has no usable dev question to score (left out: "
-                           f"{dropped_text(splits.dropped_dev)}); the previous report is kept")
-    overlap = scored_validation_questions(splits, load_recipe(run.config)) if run.config.is_file() else 0
+                           f"{dropped_text(questions.dropped)}); the previous report is kept")
+    overlap = scored_validation_questions(questions, load_recipe(run.config)) if run.config.is_file() else 0
     if overlap:
         log.warning("%d of the %d scored questions are validation examples fine-tuning selected its checkpoint on "
                     "(eval.squad_questions %d scores more than the run's recipe): their scores are optimistic",
-                    overlap, len(splits.eval), e.squad_questions)
+                    overlap, len(questions.eval), e.squad_questions)
     with autocast(device, dtype):
         report.update(held_out_text_metrics(recipe, run, model, tok))
-        report["squad"] = squad_eval(model, tok, splits.eval, recipe.qa.mode, e.max_new_tokens, e.batch_size,
+        report["squad"] = squad_eval(model, tok, questions.eval, recipe.qa.mode, e.max_new_tokens, e.batch_size,
                                      e.n_examples, e.long_context, recipe.answer_context_tokens, e.decoding,
                                      SpanOptions.of(e))
-    report["squad"]["invalid_skipped"] = splits.dropped_dev
+    report["squad"]["invalid_skipped"] = questions.dropped
     report["squad"]["subset"] = e.squad_subset
     report["squad"]["validation_questions_scored"] = overlap
     # every scored question's answer, in the format the official evaluate-v1.1.py reads (it averages over the
