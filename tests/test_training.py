@@ -200,3 +200,29 @@ def test_padded_batches_count_only_their_real_tokens(tmp_path):
     assert result.tokens == real
     logged = [r for r in read_metrics(run.metrics) if r.get("split") == "train"]
     assert logged[-1]["tokens"] == real
+
+
+def test_every_answer_token_of_a_step_weighs_the_same_across_micro_batches(tmp_path):
+    """Gradient accumulation over padded QA batches equals one batch of all their rows: each micro-batch's
+    mean loss is weighed by its answer tokens (before, each micro-batch counted 1/grad_accum, so a token of a
+    batch with few answer tokens weighed more)."""
+    from lmforge.data.qa import EncodedQA, QABatcher
+
+    # 8 examples, 2 to 9 answer tokens each: the two halves of the one batch score 14 and 30 tokens
+    items = [EncodedQA(list(range(1, n + 1)), prompt_len=n - a)
+             for n, a in ((12, 2), (9, 3), (14, 2), (11, 7), (13, 8), (10, 5), (16, 9), (12, 1))]
+    base = TrainConfig(max_steps=3, batch_size=8, lr=1e-2, warmup_steps=1, eval_interval=100, eval_batches=1,
+                       checkpoint_interval=100, log_interval=1, dropout=0.0, dtype="float32")
+    models = {}
+    for grad_accum in (1, 2):
+        run = RunDir(tmp_path / f"accum{grad_accum}")
+        run.root.mkdir()
+        rows = 8 // grad_accum
+        cfg = TrainConfig(**{**base.__dict__, "batch_size": rows, "grad_accum": grad_accum})
+        models[grad_accum] = small_model(32)
+        models[grad_accum].set_dropout(0.0)
+        train_stage(models[grad_accum], QABatcher(items, rows, 0, seed=1), QABatcher(items, rows, 0, seed=2), cfg,
+                    run, "finetune", 3, seed=5)
+    one, accumulated = models[1].state_dict(), models[2].state_dict()
+    for key, value in one.items():
+        torch.testing.assert_close(accumulated[key], value, rtol=0, atol=2e-6, msg=key)

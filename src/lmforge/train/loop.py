@@ -114,6 +114,18 @@ def scored_positions(y: torch.Tensor) -> tuple[int, bool]:
     return scored, scored * 2 < y.numel()
 
 
+def micro_batch_weights(scored: list[int], parallel: Parallel, uneven: bool) -> list[float]:
+    """What each micro-batch's mean loss is multiplied by so that every scored token of a step counts the
+    same, across micro-batches and ranks, as in one batch of all their rows: its scored tokens over those
+    of the whole step (every rank's; one small all-reduce), times the world size, as data-parallel gradients
+    are averaged over ranks. Without `uneven` (every micro-batch scores as many tokens: pretraining) that is
+    1/grad_accum, with no collective."""
+    if not uneven:
+        return [1.0 / len(scored)] * len(scored)
+    total = parallel.sum(float(sum(scored)))[0]
+    return [n * parallel.world_size / max(total, 1.0) for n in scored]
+
+
 @torch.no_grad()
 def validation_loss(model: GPT, batches: list[Batch], device: torch.device, dtype: torch.dtype,
                     parallel: Parallel | None = None) -> float:
@@ -316,14 +328,17 @@ def train_stage(
                 lr = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
                 optimizer.set_lr(cfg, lr / cfg.lr)
                 loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per micro-step
-                for micro in range(cfg.grad_accum):
-                    x, y = parallel.local_rows(train_data.next_batch())
-                    scored, sparse = scored_positions(y)
+                micro_batches = [parallel.local_rows(train_data.next_batch()) for _ in range(cfg.grad_accum)]
+                counts = [scored_positions(y) for _, y in micro_batches]
+                # padded QA batches score different numbers of answer tokens: weigh them by token
+                weights = micro_batch_weights([n for n, _ in counts], parallel, uneven=pad_id is not None)
+                for micro, ((x, y), (scored, sparse), weight) in enumerate(zip(micro_batches, counts, weights,
+                                                                               strict=True)):
                     outputs = scored if sparse else y.numel()  # positions whose output layer runs
                     read = x.numel() if pad_id is None else int((x != pad_id).sum())  # tokens, not padding
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with parallel.grad_sync(model, micro == cfg.grad_accum - 1), autocast(device, dtype):
-                        loss = batch_loss(engine, x, y, sparse) / cfg.grad_accum
+                        loss = batch_loss(engine, x, y, sparse) * weight
                     loss.backward()
                     loss_sum += loss.detach()
                     tokens += read * parallel.world_size
