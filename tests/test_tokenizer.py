@@ -71,3 +71,32 @@ def test_sample_chars_caps_training_text():
     tok = train_tokenizer(["abc " * 10_000], vocab_size=1000, sample_chars=50, min_frequency=1)
     # 50 characters of "abc abc ..." cannot produce many merges
     assert tok.vocab_size < 300
+
+
+def test_a_checkpoint_refuses_a_tokenizer_it_was_not_trained_with(copy_run, capsys):
+    """A run's checkpoints record their tokenizer's hash: loading, serving, evaluating or fine-tuning them with
+    another tokenizer.json stops with one line instead of answering garbage."""
+    from lmforge.cli import main
+    from lmforge.data.shards import tokenizer_hash
+    from lmforge.pipeline import load
+    from lmforge.serve.host import ModelHost
+    from lmforge.train.checkpoint import read_state
+
+    run = copy_run()
+    own = Tokenizer.load(run / "tokenizer.json")
+    for name in ("pretrained", "best", "last"):
+        assert read_state(run / "checkpoints" / name)["tokenizer_hash"] == tokenizer_hash(own)
+    load(run)  # its own tokenizer: fine
+    other = train_tokenizer(["a different corpus of words, numbers 123 and more words"] * 50, own.vocab_size, 10_000,
+                            min_frequency=1)
+    other.save(run / "tokenizer.json")
+    with pytest.raises(LmforgeError, match="is not the tokenizer .* was trained with"):
+        load(run)
+    with pytest.raises(LmforgeError, match="was trained with"):
+        ModelHost(run)
+    assert main(["generate", "--run-dir", str(run), "Once upon a time"]) != 0
+    err = capsys.readouterr().err
+    assert "was trained with" in err and "Traceback" not in err
+    vocab = str(read_state(run / "checkpoints" / "pretrained")["model_config"]["vocab_size"])  # same shape
+    assert main(["finetune", "--run-dir", str(run), "--finetune.max_steps", "1", "--model.vocab_size", vocab]) != 0
+    assert "was trained with" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lmforge.config import Recipe, load_recipe, recipe_from_dict, save_recipe, validate
+from lmforge.data.shards import tokenizer_hash
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import decoding_text, precision_text, subset_text
 from lmforge.io import atomic_write_text, move_files_into
@@ -396,7 +397,8 @@ def import_hf(src: str | Path, run_dir: str | Path) -> RunDir:
     run.root.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run.config)
     tok.save(run.tokenizer)
-    state = {"stage": "import", "step": 0, "tokens": 0, "source": str(src)}
+    state = {"stage": "import", "step": 0, "tokens": 0, "source": str(src),
+             "tokenizer_hash": tokenizer_hash(Tokenizer.load(run.tokenizer))}
     for name in ("pretrained", "best"):
         save_checkpoint(run.checkpoint(name), model, state)
     log.info("imported %s -> %s", src, run.root)

@@ -155,6 +155,17 @@ def model_config(recipe: Recipe, tokenizer: Tokenizer) -> GPTConfig:
                      dropout=m.dropout, mlp_hidden=m.mlp_hidden, rope_theta=m.rope_theta, norm_eps=m.norm_eps)
 
 
+def check_tokenizer(checkpoint: Path, tok: Tokenizer, tokenizer_file: Path) -> None:
+    """Refuse a checkpoint trained with another tokenizer than `tok` (its hash is recorded when the checkpoint is
+    saved; checkpoints written before that record none and pass): the model would read other tokens than it
+    learned, and answer garbage without an error."""
+    recorded = read_state(checkpoint).get("tokenizer_hash")
+    if recorded and recorded != tokenizer_hash(tok):
+        raise LmforgeError(f"{tokenizer_file} is not the tokenizer {checkpoint} was trained with (hash "
+                           f"{tokenizer_hash(tok)}, the checkpoint's {recorded}): put the run's own tokenizer.json "
+                           "back, or change it with `lmforge resize-vocab`")
+
+
 def _check_shape(checkpoint: Path, cfg: GPTConfig, action: str = "resume") -> None:
     """Refuse to `action` (resume, fine-tune from) `checkpoint` when the recipe's model has another shape."""
     saved = read_state(checkpoint)["model_config"]
@@ -228,8 +239,11 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
     train = TokenBatcher(run.data, "train", cfg.block_size, p.batch_size, seed=recipe.seed, phases=phases,
                          shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch, delete_consumed=d.delete_consumed)
     val = TokenBatcher(run.data, "val", cfg.block_size, p.batch_size, seed=recipe.seed + 1)
+    if resume:
+        check_tokenizer(run.checkpoint("last"), tok, run.tokenizer)
     result = train_stage(model, train, val, p, run, "pretrain", p.max_steps, resume=resume, seed=recipe.seed,
-                         on_start=lambda: record_recipe(recipe, run))
+                         on_start=lambda: record_recipe(recipe, run),
+                         checkpoint_info={"tokenizer_hash": tokenizer_hash(tok)})
     if is_main():  # under torchrun, rank 0 alone writes the run directory
         copy_checkpoint(run.checkpoint("best"), run.checkpoint(PRETRAINED))
         mark_done(run, "pretrain", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
@@ -339,9 +353,11 @@ def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = No
         if not (start / "model.safetensors").is_file():
             raise LmforgeError(f"no pretrained model in {run.root} (run `lmforge pretrain` first)")
         _check_shape(start, cfg, "fine-tune from")
+        check_tokenizer(start, tok, run.tokenizer)
         model = model_from_checkpoint(start)
     else:
         _check_shape(run.checkpoint("last"), cfg)
+        check_tokenizer(run.checkpoint("last"), tok, run.tokenizer)
         model = GPT(GPTConfig(**read_state(run.checkpoint("last"))["model_config"]))
     f = recipe.finetune
     splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
@@ -352,7 +368,8 @@ def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = No
         total = min(f.max_steps, math.ceil(f.epochs * train.steps_per_epoch / f.grad_accum))
     log.info("fine-tuning (%s): %d examples, %d steps", recipe.qa.mode, len(train.items), total)
     result = train_stage(model, train, val, f, run, "finetune", total, resume=resume, seed=recipe.seed,
-                         on_start=lambda: record_recipe(recipe, run))
+                         on_start=lambda: record_recipe(recipe, run),
+                         checkpoint_info={"tokenizer_hash": tokenizer_hash(tok)})
     if is_main():
         mark_done(run, "finetune", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
     barrier()
@@ -376,7 +393,9 @@ def load(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> 
     if not run.root.is_dir():
         raise LmforgeError(f"run directory not found: {run.root}")
     tok = Tokenizer.load(run.tokenizer)
-    model = model_from_checkpoint(resolve_checkpoint(run, checkpoint))
+    path = resolve_checkpoint(run, checkpoint)
+    check_tokenizer(path, tok, run.tokenizer)
+    model = model_from_checkpoint(path)
     return model.to(device).eval(), tok
 
 

@@ -29,7 +29,7 @@ from lmforge.errors import LmforgeError
 from lmforge.evaluate import SpanOptions, span_answer
 from lmforge.generate import SamplingParams, generate_stream, stream_text
 from lmforge.model import GPT
-from lmforge.pipeline import resolve_checkpoint
+from lmforge.pipeline import check_tokenizer, resolve_checkpoint
 from lmforge.rundir import RunDir
 from lmforge.serve.batcher import Batcher
 from lmforge.serve.schemas import RequestError
@@ -116,6 +116,7 @@ class ModelHost:
             raise RequestError(f"unknown model '{name}' (available: {', '.join(self._paths)})", "model", 404)
         with self._lock:  # one load per checkpoint even when requests arrive together
             if name not in self._models:
+                check_tokenizer(self._paths[name], self.tokenizer, self.run.tokenizer)
                 self._models[name] = model_from_checkpoint(self._paths[name]).to(self.device).eval()
             return self._models[name]
 

@@ -202,11 +202,13 @@ def train_stage(
     resume: bool = False,
     seed: int = 0,
     on_start: Callable[[], None] | None = None,
+    checkpoint_info: dict[str, Any] | None = None,
 ) -> StageResult:
     """Train `model` for `total_steps` optimizer steps (or until early stopping / a stop request).
 
     `on_start` is called once the device, the optimizer and the resume point have been accepted, before the
-    first step (the pipeline saves the run's config.toml there).
+    first step (the pipeline saves the run's config.toml there). `checkpoint_info` is added to every
+    checkpoint's state (the pipeline records the tokenizer's hash there).
 
     Under torchrun (cfg.distributed = ddp | fsdp) every rank runs this; each trains on its rows of the
     global batch and only rank 0 writes metrics, plots and checkpoints.
@@ -275,7 +277,8 @@ def train_stage(
             return
         state = {"stage": stage, "step": step, "tokens": tokens, "best_val_loss": best, "bad_evals": bad_evals,
                  "total_steps": total_steps, "val_loss": last_val, "control": control.overrides,
-                 "optimizer": cfg.optimizer, "optimizer_format": "sharded" if shards else "full"}
+                 "optimizer": cfg.optimizer, "optimizer_format": "sharded" if shards else "full",
+                 **(checkpoint_info or {})}
         save_checkpoint(run.checkpoint(name), model, state, trainer, weights=weights, sharded_optimizer=shards)
         if with_trainer:  # ranks read the same stream in step: one deleter is enough
             _data_hook(train_data, "checkpoint_saved")  # e.g. shards consumed before this point may go
