@@ -198,3 +198,62 @@ def test_control_changes_and_stop_requests_reach_every_rank(how, who, tmp_path, 
     assert [(s, k) for s, k, _ in ours] == [(s, k) for s, k, _ in ref]
     for (step, split, a), (_, _, b) in zip(ours, ref, strict=True):
         assert a == pytest.approx(b, rel=1e-5), (step, split)
+
+
+def launch_failing(args: list[str], nproc: int) -> str:
+    """What `python ARGS` under torchrun printed to stderr, when it failed as it should."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    return proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, message", [
+    ([], "launched by torchrun with 2 processes but distributed = none"),  # each would train the run alone
+    (["--distributed", "ddp", "--pretrain.batch_size=3"], "pretrain.batch_size 3 is not a multiple of the 2 processes"),
+])
+def test_torchrun_refuses_what_would_not_train_one_global_batch(extra, message, tiny_run, tmp_path):
+    run = fresh_run(tiny_run, tmp_path / "run")
+    err = launch_failing(["-m", "lmforge.cli", "pretrain", "--run-dir", str(run), *STEPS, *extra], nproc=2)
+    assert f"lmforge: error: {message}" in err, err[-2000:]
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+
+
+WAIT_FOR_RANK_0 = textwrap.dedent("""
+    import time
+    import torch.distributed as dist
+    from lmforge.train.distributed import init_distributed, on_main, rank, shutdown_distributed
+    init_distributed("ddp")
+    on_main(time.sleep, 6)  # rank 0 prepares something for longer than the process group's timeout
+    dist.barrier()
+    print("done", rank())
+    shutdown_distributed()
+""")
+
+
+@pytest.mark.slow
+def test_ranks_wait_for_rank_0_longer_than_the_process_group_timeout(tmp_path, monkeypatch):
+    """Rank 0 alone tokenizes and shards a corpus under `torchrun ... run` (hours on a real one): the others
+    wait on a group with a day's timeout, not torch's default 30 min (gloo) / 10 min (NCCL), here cut to 2 s."""
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT_FOR_RANK_0)
+    monkeypatch.setenv("LMFORGE_DIST_TIMEOUT_S", "2")
+    printed = launch([str(script)], nproc=2)
+    assert sorted(printed.split()) == ["0", "1", "done", "done"]
+
+
+@pytest.mark.slow
+def test_run_joins_the_process_group_from_the_recipe_keys(tmp_path, data_dir):
+    """`--pretrain.distributed ddp` (or the recipe's [pretrain] distributed) is what `--distributed ddp` sets:
+    under torchrun, `run` joins the group before the ranks share the run's name and preparation."""
+    run = tmp_path / "run"
+    lmforge(["run", str(REPO / "recipes" / "tiny.toml"), "--run-dir", str(run), "--data-dir", str(data_dir),
+             "--pretrain.distributed", "ddp", "--finetune.distributed", "ddp", "--tokenizer.sample_chars", "300000",
+             "--pretrain.max_steps", "4", "--pretrain.log_interval", "1", "--finetune.max_steps", "2",
+             "--eval.squad_questions", "4",
+             "--eval.val_batches", "1"], nproc=2)
+    assert json.loads((run / "eval" / "report.json").read_text())["squad"]["n"] == 4
+    train_rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get("split") == "train"]
+    assert [r["step"] for r in train_rows if r["stage"] == "pretrain"] == [1, 2, 3, 4]  # logged once: rank 0

@@ -226,3 +226,30 @@ def test_every_answer_token_of_a_step_weighs_the_same_across_micro_batches(tmp_p
     one, accumulated = models[1].state_dict(), models[2].state_dict()
     for key, value in one.items():
         torch.testing.assert_close(accumulated[key], value, rtol=0, atol=2e-6, msg=key)
+
+
+def test_a_distributed_step_weighs_and_counts_every_rank_s_tokens():
+    """Under data parallelism each rank sees its own rows: the weights use the whole step's scored tokens (one
+    all-reduce), and the step's tokens are every rank's, not rank 0's times the world size."""
+    from lmforge.train.distributed import Parallel
+    from lmforge.train.loop import MicroBatch, step_shares
+
+    class TwoRanks(Parallel):  # this rank, with the other rank's totals added as an all-reduce would
+        def sum(self, *values: float) -> list[float]:
+            return [v + other for v, other in zip(values, (30.0, 70.0, 30.0), strict=True)]
+
+    def micro(answer_tokens: int, real: int, pad_id: int | None = 0) -> MicroBatch:
+        x = torch.zeros(2, 50, dtype=torch.long)
+        x[0, :real] = 1  # pad id 0
+        y = torch.full((2, 50), -100)
+        y[0, :answer_tokens] = 5
+        return MicroBatch.of((x, y), pad_id=pad_id)
+
+    shares = step_shares([micro(4, 20), micro(6, 10)], TwoRanks("ddp", 0, 2), uneven=True)
+    # the step scores 4 + 6 here and 30 on the other rank: DDP averages over 2 ranks, so each weight is
+    # its tokens x 2 / 40, and the gradients of all 40 tokens end up weighed 1/40 each
+    assert shares.weights == pytest.approx([4 * 2 / 40, 6 * 2 / 40])
+    assert shares.tokens == 30 + 70 and shares.outputs == 10 + 30
+    # pretraining: no padding, every rank reads as much: no all-reduce needed
+    even = step_shares([micro(4, 20, None), micro(6, 10, None)], TwoRanks("ddp", 0, 2), uneven=False)
+    assert even.weights == [0.5, 0.5] and even.tokens == 2 * (100 + 100)

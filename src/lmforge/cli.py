@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -378,13 +379,15 @@ def training_overrides(args, overrides: dict[str, str]) -> dict[str, str]:
 
 @contextlib.contextmanager
 def distributed_session(mode: str | None):
-    """Join torchrun's process group for the command (torch is imported only when asked for)."""
-    if not mode or mode == "none":
+    """Join torchrun's process group for the command, and leave it at the end, also when the recipe's
+    `distributed` keys joined it (torch is imported only under torchrun or when asked for)."""
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if (not mode or mode == "none") and not under_torchrun:
         yield
         return
     from lmforge.train.distributed import init_distributed, shutdown_distributed
 
-    init_distributed(mode)
+    init_distributed(mode or "none")
     try:
         yield
     finally:

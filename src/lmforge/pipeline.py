@@ -37,7 +37,14 @@ from lmforge.train.checkpoint import (
     model_from_checkpoint,
     read_state,
 )
-from lmforge.train.distributed import barrier, from_main, is_main, on_main
+from lmforge.train.distributed import (
+    barrier,
+    from_main,
+    is_main,
+    join_torchrun,
+    launched_by_torchrun,
+    on_main,
+)
 from lmforge.train.loop import StageResult, resolve_device, train_stage
 from lmforge.train.precision import autocast, model_autocast, resolve_dtype
 
@@ -509,6 +516,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, data_dir: str 
     Under torchrun every rank calls this: rank 0 alone prepares the run and evaluates (the others wait),
     all ranks train. Ranks other than 0 return an empty report.
     """
+    if launched_by_torchrun():  # every rank joins before they share anything (the run's name, its preparation)
+        join_torchrun(recipe.pretrain.distributed, recipe.finetune.distributed)
     run_dir = from_main(run_dir or default_run_dir(recipe))  # one (timestamped) name for every rank
     on_main(open_run, recipe, run_dir, fresh=not resume)
     run = RunDir(Path(run_dir))

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from lmforge.train.control import CONTROL_KEYS, LiveControl
 log = logging.getLogger("lmforge")
 
 MODES = ("none", "ddp", "fsdp")
+LONG_WAIT = timedelta(days=1)  # how long ranks wait for rank 0's on_main work (tokenizer, shards)
+_WAIT_GROUP: dist.ProcessGroup | None = None  # the gloo group with that timeout, made with the default group
 STOP_REASONS = (None, "interrupted", "stop_file")  # a stop request's code in the per-step all_reduce (MAX wins)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -45,8 +48,28 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def torchrun_processes() -> int:
+    """How many processes torchrun started for this job (1 when not launched by torchrun)."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+
+
+def join_torchrun(*modes: str) -> None:
+    """Join torchrun's process group for training stages of these `modes` (ddp/fsdp), before anything is shared
+    between ranks. Several processes where a stage says `none` are refused: each would train the same run on
+    its own, writing the same files."""
+    processes = torchrun_processes()
+    if processes > 1 and "none" in modes:
+        raise LmforgeError(f"launched by torchrun with {processes} processes but distributed = none: add "
+                           "--distributed ddp or --distributed fsdp (otherwise every process trains the run on its own)")
+    init_distributed(next((m for m in modes if m != "none"), "none"))
+
+
 def init_distributed(mode: str) -> None:
-    """Join torchrun's process group (env:// rendezvous) for `ddp`/`fsdp`; nothing for `none`."""
+    """Join torchrun's process group (env:// rendezvous) for `ddp`/`fsdp`; nothing for `none`.
+
+    The default group times out as torch's does (env LMFORGE_DIST_TIMEOUT_S changes it); `on_main` waits on a
+    second, gloo group with a day's timeout, as rank 0 alone may tokenize and shard a corpus for hours."""
+    global _WAIT_GROUP
     if mode not in MODES:
         raise LmforgeError(f"--distributed must be one of {', '.join(MODES)}, not '{mode}'")
     if mode == "none" or dist.is_initialized():
@@ -58,13 +81,18 @@ def init_distributed(mode: str) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # on GPUs, NCCL carries the CUDA tensors (gradients, shards) and gloo the small CPU ones (loss sums,
     # the per-step control/stop flags), which NCCL would reject
-    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    timeout = os.environ.get("LMFORGE_DIST_TIMEOUT_S")
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                            timeout=timedelta(seconds=float(timeout)) if timeout else None)
+    _WAIT_GROUP = dist.new_group(backend="gloo", timeout=LONG_WAIT)
     log.info("distributed (%s): rank %d of %d", mode, dist.get_rank(), dist.get_world_size())
 
 
 def shutdown_distributed() -> None:
+    global _WAIT_GROUP
     if dist.is_initialized():
         dist.destroy_process_group()
+    _WAIT_GROUP = None
 
 
 def rank() -> int:
@@ -85,9 +113,11 @@ def barrier() -> None:
 
 
 def on_main(fn, *args, **kwargs):
-    """Run `fn` on rank 0 only (file-writing stages); every rank waits for it. Returns its result on rank 0."""
+    """Run `fn` on rank 0 only (file-writing stages); every rank waits for it, however long it takes (should
+    rank 0 fail, torchrun ends the others). Returns its result on rank 0."""
     result = fn(*args, **kwargs) if is_main() else None
-    barrier()
+    if dist.is_initialized():
+        dist.barrier(group=_WAIT_GROUP)
     return result
 
 
@@ -116,7 +146,7 @@ class Parallel:
             log.warning("distributed = %s but not launched by torchrun: training in this one process",
                         cfg.distributed)
             return cls()
-        init_distributed(cfg.distributed)
+        join_torchrun(cfg.distributed)
         if cfg.distributed == "none" or not dist.is_initialized():
             return cls()
         return cls(cfg.distributed, dist.get_rank(), dist.get_world_size())

@@ -114,16 +114,46 @@ def scored_positions(y: torch.Tensor) -> tuple[int, bool]:
     return scored, scored * 2 < y.numel()
 
 
-def micro_batch_weights(scored: list[int], parallel: Parallel, uneven: bool) -> list[float]:
-    """What each micro-batch's mean loss is multiplied by so that every scored token of a step counts the
-    same, across micro-batches and ranks, as in one batch of all their rows: its scored tokens over those
-    of the whole step (every rank's; one small all-reduce), times the world size, as data-parallel gradients
-    are averaged over ranks. Without `uneven` (every micro-batch scores as many tokens: pretraining) that is
-    1/grad_accum, with no collective."""
+@dataclass
+class MicroBatch:
+    x: torch.Tensor
+    y: torch.Tensor
+    scored: int  # targets that count in the loss
+    sparse: bool  # scored at under half of the positions (a QA batch): logits at those only
+    read: int  # tokens the model reads (padding left out)
+
+    @classmethod
+    def of(cls, batch: Batch, pad_id: int | None) -> MicroBatch:
+        x, y = batch
+        scored, sparse = scored_positions(y)
+        return cls(x, y, scored, sparse, x.numel() if pad_id is None else int((x != pad_id).sum()))
+
+    @property
+    def outputs(self) -> int:
+        """Positions whose output layer runs."""
+        return self.scored if self.sparse else self.y.numel()
+
+
+@dataclass
+class StepShares:
+    weights: list[float]  # what each micro-batch's mean loss is multiplied by
+    tokens: int  # tokens the step read, every rank's
+    outputs: int  # output-layer positions the step ran, every rank's
+
+
+def step_shares(micro: list[MicroBatch], parallel: Parallel, uneven: bool) -> StepShares:
+    """How a step's micro-batches add up so that every scored token counts the same, across micro-batches and
+    ranks, as in one batch of all their rows: a micro-batch's mean loss is weighed by its scored tokens over
+    those of the whole step, times the world size, as data-parallel gradients are averaged over ranks. The
+    step's totals come from one small all-reduce. Without `uneven` (every micro-batch on every rank scores and
+    reads as many tokens: pretraining) that is 1/grad_accum, with no collective."""
     if not uneven:
-        return [1.0 / len(scored)] * len(scored)
-    total = parallel.sum(float(sum(scored)))[0]
-    return [n * parallel.world_size / max(total, 1.0) for n in scored]
+        n = len(micro)
+        return StepShares([1.0 / n] * n, sum(m.read for m in micro) * parallel.world_size,
+                          sum(m.outputs for m in micro) * parallel.world_size)
+    scored, read, outputs = parallel.sum(float(sum(m.scored for m in micro)), float(sum(m.read for m in micro)),
+                                         float(sum(m.outputs for m in micro)))
+    return StepShares([m.scored * parallel.world_size / max(scored, 1.0) for m in micro], int(read), int(outputs))
 
 
 @torch.no_grad()
@@ -216,6 +246,9 @@ def train_stage(
     control = LiveControl(run, cfg)
     cfg = control.cfg  # a copy that control.toml changes in place
     parallel = Parallel.for_config(cfg)
+    if cfg.batch_size % parallel.world_size:
+        raise LmforgeError(f"{stage}.batch_size {cfg.batch_size} is not a multiple of the {parallel.world_size} "
+                           "processes: each trains an equal share of the global batch")
     device = parallel.device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     enable_tf32(device)
@@ -331,22 +364,19 @@ def train_stage(
                 lr = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
                 optimizer.set_lr(cfg, lr / cfg.lr)
                 loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per micro-step
-                micro_batches = [parallel.local_rows(train_data.next_batch()) for _ in range(cfg.grad_accum)]
-                counts = [scored_positions(y) for _, y in micro_batches]
-                # padded QA batches score different numbers of answer tokens: weigh them by token
-                weights = micro_batch_weights([n for n, _ in counts], parallel, uneven=pad_id is not None)
-                for micro, ((x, y), (scored, sparse), weight) in enumerate(zip(micro_batches, counts, weights,
-                                                                               strict=True)):
-                    outputs = scored if sparse else y.numel()  # positions whose output layer runs
-                    read = x.numel() if pad_id is None else int((x != pad_id).sum())  # tokens, not padding
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with parallel.grad_sync(model, micro == cfg.grad_accum - 1), autocast(device, dtype):
-                        loss = batch_loss(engine, x, y, sparse) * weight
+                micro = [MicroBatch.of(parallel.local_rows(train_data.next_batch()), pad_id)
+                         for _ in range(cfg.grad_accum)]
+                # padded QA batches score and read different numbers of tokens: weigh and count them by token
+                shares = step_shares(micro, parallel, uneven=pad_id is not None)
+                for i, (mb, weight) in enumerate(zip(micro, shares.weights, strict=True)):
+                    x, y = mb.x.to(device, non_blocking=True), mb.y.to(device, non_blocking=True)
+                    with parallel.grad_sync(model, i == cfg.grad_accum - 1), autocast(device, dtype):
+                        loss = batch_loss(engine, x, y, mb.sparse) * weight
                     loss.backward()
                     loss_sum += loss.detach()
-                    tokens += read * parallel.world_size
-                    window_tokens += read * parallel.world_size
-                    window_outputs += outputs * parallel.world_size
+                tokens += shares.tokens
+                window_tokens += shares.tokens
+                window_outputs += shares.outputs
                 grad_norm = None
                 if cfg.grad_clip > 0:
                     grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
