@@ -660,3 +660,16 @@ def test_eval_reads_only_the_dev_file(copy_run, data_dir, tmp_path):
     report = eval_stage(recipe, run, data_dir)
     expected = load_qa_splits(load_recipe(run.config, {"eval.squad_questions": "8"}), data_dir).eval
     assert list(report["squad"]["question_scores"]) == [ex.id for ex in expected]
+
+
+def test_a_run_remembers_its_data_directory(copy_run, data_dir, monkeypatch, capsys):
+    """The README's `run --resume --run-dir R` and `eval --run-dir R` work without repeating --data-dir: the
+    run remembers the folder it was made from (and a new --data-dir replaces it)."""
+    from lmforge.cli import main
+
+    monkeypatch.delenv("LMFORGE_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # were the local copies not found, the Hub would be tried and fail
+    run = copy_run()
+    assert json.loads((run / "progress.json").read_text())["data_dir"] == str(data_dir.resolve())
+    assert main(["eval", "--run-dir", str(run), "--eval.squad_questions=4"]) == 0, capsys.readouterr().err
+    assert json.loads((run / "eval" / "report.json").read_text())["squad"]["n"] == 4

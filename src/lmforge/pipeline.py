@@ -102,6 +102,24 @@ def is_done(run: RunDir, stage: str) -> bool:
     return bool(_progress(run).get(stage, {}).get("done"))
 
 
+def run_data_dir(run: RunDir, data_dir: str | Path | None) -> Path | None:
+    """Where a stage reads its local data: --data-dir (else $LMFORGE_DATA_DIR), which the run then remembers,
+    or the folder the run remembers, so that `run --resume`, `finetune` and `eval` find the data the run was
+    made from without repeating --data-dir (None: every source from the Hugging Face Hub)."""
+    given = data_dir_from_env(data_dir)
+    progress = _progress(run)
+    if given is not None:
+        absolute = str(given.resolve())
+        if is_main() and run.root.is_dir() and progress.get("data_dir") != absolute:
+            atomic_write_json(run.root / "progress.json", {**progress, "data_dir": absolute})
+        return given
+    remembered = progress.get("data_dir")
+    if remembered and Path(remembered).is_dir():
+        log.info("data directory: %s, as this run was made with (--data-dir to use another)", remembered)
+        return Path(remembered)
+    return None
+
+
 # --------------------------------------------------------------------------- tokenizer and shards
 
 
@@ -133,7 +151,7 @@ def train_tokenizer_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | No
     _refuse_replacing_a_used_tokenizer(run)
     if not recipe.data.sources:
         raise LmforgeError("recipe has no [[data.sources]] to train the tokenizer on")
-    tok = train_tokenizer(_all_texts(recipe, data_dir_from_env(data_dir)), recipe.tokenizer.vocab_size,
+    tok = train_tokenizer(_all_texts(recipe, run_data_dir(run, data_dir)), recipe.tokenizer.vocab_size,
                           recipe.tokenizer.sample_chars, recipe.tokenizer.min_frequency)
     tok.save(run.tokenizer)
     record_recipe(recipe, run)
@@ -144,7 +162,7 @@ def train_tokenizer_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | No
 
 def prepare_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None) -> dict:
     tok = Tokenizer.load(run.tokenizer)
-    manifest = prepare_shards(recipe.data, tok, data_dir_from_env(data_dir), run.data)
+    manifest = prepare_shards(recipe.data, tok, run_data_dir(run, data_dir), run.data)
     record_recipe(recipe, run)
     mark_done(run, "prepare", train_tokens=sum(s["train_tokens"] for s in manifest["sources"]))
     return manifest
@@ -367,7 +385,7 @@ def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = No
         check_tokenizer(run.checkpoint("last"), tok, run.tokenizer)
         model = GPT(GPTConfig(**read_state(run.checkpoint("last"))["model_config"]))
     f = recipe.finetune
-    splits = load_qa_splits(recipe, data_dir_from_env(data_dir))
+    splits = load_qa_splits(recipe, run_data_dir(run, data_dir))
     train = qa_batches(recipe, tok, model.cfg.block_size, splits.train, "training", recipe.qa.group_by_length)
     val = qa_batches(recipe, tok, model.cfg.block_size, splits.val, "validation")
     total = f.max_steps
@@ -427,7 +445,7 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
     report: dict = {"run": str(run.root), "checkpoint": str(checkpoint_path),
                     "stage": read_state(checkpoint_path).get("stage"),
                     "dtype": str(dtype).removeprefix("torch.")}
-    questions = load_dev_questions(recipe, data_dir_from_env(data_dir))
+    questions = load_dev_questions(recipe, run_data_dir(run, data_dir))
     if not questions.eval:
         raise LmforgeError(f"QA source '{recipe.qa.dev.name}' has no usable dev question to score (left out: "
                            f"{dropped_text(questions.dropped)}); the previous report is kept")
