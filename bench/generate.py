@@ -1,7 +1,10 @@
 """Generation speed on CPU: the KV cache vs recomputing the whole prefix, and lmforge vs Hugging Face
 `transformers` generate on the same weights. Greedy, batch 1. Everything is measured in this run.
 
-    python bench/generate.py [--quick]
+    python bench/generate.py [--quick] [--threads N]
+
+On a busy shared CPU pass `--threads 1`: with more threads than free cores OpenMP barriers stall, and they
+stall a model of many small operations (HF's generate) more than lmforge's, which skews the ratio.
 
 Model: the cpu-small shape (6 layers, 6 heads, n_embd 384, vocab 8192) with a 2,048-token block,
 randomly initialised (speed does not depend on the weights). The HF baseline is a LlamaForCausalLM of
@@ -17,12 +20,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from lmforge.generate import SamplingParams, generate_stream
-from lmforge.model import GPT, GPTConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train import add_threads_option, apply_threads_option  # noqa: E402
+
+from lmforge.generate import SamplingParams, generate_stream  # noqa: E402
+from lmforge.model import GPT, GPTConfig  # noqa: E402
 
 CFG = GPTConfig(vocab_size=8192, n_layer=6, n_head=6, n_embd=384, block_size=2048)
 
@@ -74,10 +82,13 @@ def lmforge_tokens_per_second(model: GPT, prompt: list[int], new: int, reps: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repetitions (a smoke run)")
+    add_threads_option(ap)
     args = ap.parse_args()
+    apply_threads_option(args)
     torch.manual_seed(0)
     model = GPT(CFG).eval()
     reps = 1 if args.quick else 3
+    per_token_seconds(model, list(range(64)), 3, True, 1)  # warm-up: the first timed cell pays no one-time costs
     print(f"model: {model.num_parameters() / 1e6:.1f}M parameters, block {CFG.block_size}, "
           f"torch threads {torch.get_num_threads()}")
 

@@ -10,7 +10,7 @@
 # gpt2-124m reuses those shards with its model's 50,304-row vocabulary (the tokenizer's 12,856 used): the
 # throughput does not depend on which tokens flow. Each stage has a time cap; a stage that reaches it stops
 # gracefully (SIGTERM: finish the step, save, go on), so the chain still ends with an evaluation.
-# Knobs (environment): G124_STEPS, S67_PRETRAIN_STEPS, S67_FINETUNE_STEPS, S67_PHASE1_TOKENS, QUESTIONS,
+# Knobs (environment): G124_STEPS, S67_PRETRAIN_STEPS, S67_FINETUNE_STEPS, S67_PHASE1_TOKENS, QUESTIONS, SUBSET,
 # *_SECONDS caps, FINETUNE_COMPILE (true: torch.compile fine-tuning too; unmeasured on a GPU, off by default),
 # and EXTRA (overrides added to every training stage, e.g. a small batch for a CPU dry run).
 set -uo pipefail
@@ -24,6 +24,7 @@ S67_PRETRAIN_STEPS=${S67_PRETRAIN_STEPS:-2000}
 S67_FINETUNE_STEPS=${S67_FINETUNE_STEPS:-2000}
 S67_PHASE1_TOKENS=${S67_PHASE1_TOKENS:-16_000_000}
 QUESTIONS=${QUESTIONS:-1000}
+SUBSET=${SUBSET:-first}  # the README's GPU table scored the first 1,000 dev questions; "spread" for the CPU rows' set
 G124_SECONDS=${G124_SECONDS:-110}
 PRETRAIN_SECONDS=${PRETRAIN_SECONDS:-170}
 FINETUNE_SECONDS=${FINETUNE_SECONDS:-190}
@@ -63,7 +64,7 @@ for decoding in greedy span span-2-starts; do  # the last: span answers from the
   stamp "seed-67m: eval, $decoding decoding, $QUESTIONS questions"
   starts=0; [ "$decoding" = span-2-starts ] && starts=2
   capped "$EVAL_SECONDS" "${LMFORGE[@]}" eval --run-dir "$WORK/s67" --data-dir "$DATA" --eval.squad_questions "$QUESTIONS" \
-    --eval.decoding "${decoding%%-*}" --eval.span_max_starts "$starts" --eval.long_context best_match
+    --eval.squad_subset "$SUBSET" --eval.decoding "${decoding%%-*}" --eval.span_max_starts "$starts" --eval.long_context best_match
   cp "$WORK/s67/eval/report.json" "$OUT/s67-eval-$decoding.json"
 done
 

@@ -282,6 +282,8 @@ def test_metrics_tensorboard_and_plots_with_markers(tmp_path, capsys):
     # --out: a folder gets compare.png inside it; the name's suffix is the format; an unknown one is one line
     assert main(["plot", str(run.root), str(other.root), "--out", str(other.root)]) == 0
     assert (other.root / "compare.png").read_bytes().startswith(b"\x89PNG")
+    assert main(["plot", str(run.root), str(other.root), "--out", str(tmp_path / "new-folder") + "/"]) == 0
+    assert (tmp_path / "new-folder" / "compare.png").read_bytes().startswith(b"\x89PNG")  # made, not a file
     assert main(["plot", str(run.root), "--out", str(tmp_path / "one.svg")]) == 0
     assert b"<svg" in (tmp_path / "one.svg").read_bytes()[:400]
     capsys.readouterr()

@@ -331,7 +331,8 @@ def cmd_plot(args, overrides) -> int:
     else:
         labels = [r.root.name if [q.root.name for q in runs].count(r.root.name) == 1 else str(r.root) for r in runs]
         out = Path(args.out or runs[0].plots / "compare.png")
-        out = out / "compare.png" if out.is_dir() else out
+        # a folder: an existing one, or a path written with a trailing slash (made if need be)
+        out = out / "compare.png" if out.is_dir() or str(args.out or "").endswith(("/", os.sep)) else out
         out = plot_runs(dict(zip(labels, (r.metrics for r in runs), strict=True)), out)
     if out is None:
         raise LmforgeError("no losses logged yet in " + ", ".join(str(r.metrics) for r in runs))
@@ -408,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if recipe:
             p.add_argument("recipe", nargs="?", help=f"recipe TOML path or name (default: {recipe_default})")
-        p.add_argument("--run-dir", help="run directory (default for `run`: runs/<recipe>-<timestamp>)")
+        p.add_argument("--run-dir", help="run directory (default: runs/<recipe>-<timestamp>)" if name == "run"
+                       else "run directory")
         if data:
             p.add_argument("--data-dir", help="local copies of datasets, used before the Hub (env LMFORGE_DATA_DIR)")
         if resume:
@@ -507,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Redraw RUN/plots/loss.png; with several runs, draw them on one figure "
                                    "(default RUN/plots/compare.png of the first run).")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
-    p.add_argument("--out", help="PNG path for the figure")
+    p.add_argument("--out", help="the figure's path (.png, .svg, .pdf or .jpg) or a folder for compare.png "
+                                 "(default: RUN/plots/loss.png for one run, the first run's plots/compare.png for several)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("resize-vocab", help="move a run to a new tokenizer, keeping the learned embedding rows",

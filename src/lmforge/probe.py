@@ -11,6 +11,7 @@ discounted, plus the single layer/head that attends most to the referent. Writte
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -130,7 +131,17 @@ def run_probes(model: GPT, tokenizer: Tokenizer, out_dir: Path, probes: tuple[Pr
               "n_heads": model.cfg.n_head, "probes": results}
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", probe_markdown(report))
+    _remove_stale_heatmaps(out_dir, {r[v].get("heatmap") for r in results for v in VARIANTS})
     return report
+
+
+def _remove_stale_heatmaps(out_dir: Path, written: set[str | None]) -> None:
+    """Heatmaps an earlier probe set left in out_dir (named as this module names them) would read as part of
+    this report: they go."""
+    ours = re.compile(rf"probe\d+-({'|'.join(map(re.escape, VARIANTS))})\.png")
+    for path in out_dir.glob("probe*.png"):
+        if ours.fullmatch(path.name) and path.name not in written:
+            path.unlink()
 
 
 def probe_markdown(report: dict) -> str:
