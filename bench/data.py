@@ -204,8 +204,9 @@ def main() -> None:
         if not args.rss_only:
             parallel_single, vs_batch = throughput_and_loader(me, tmp, tok_path, paragraphs, args.mb)
         rss = {}
-        for label, size in zip(("100MB", "1GB"), args.rss_mb, strict=True):
-            if label == "1GB" and not args.gb:
+        for i, size in enumerate(args.rss_mb):  # labelled by the sizes measured ("100MB", "1GB" by default)
+            label = f"{size / 1000:g}GB" if size >= 1000 else f"{size:g}MB"
+            if i == 1 and not args.gb:
                 rss[label] = float("nan")
                 continue
             big = tmp / f"{label}.jsonl"
@@ -217,7 +218,7 @@ def main() -> None:
             big.unlink()
             shutil.rmtree(tmp / label)
         print(f"data: parallel/single {parallel_single:.2f}, vs encode_batch {vs_batch:.2f}, "
-              f"peak RSS 100MB {rss['100MB']:.0f} MB, 1GB {rss['1GB']:.0f} MB")
+              "peak RSS " + ", ".join(f"{label} {peak:.0f} MB" for label, peak in rss.items()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,4 +1,5 @@
-"""Fine-tuning step time: logits at the answer tokens only (lmforge's output_mask) vs at every position.
+"""Fine-tuning step time (forward, backward and the AdamW update): logits at the answer tokens only (lmforge's
+output_mask) vs at every position.
 
 A SQuAD batch scores a handful of answer tokens per sequence; the loss is the same either way (printed),
 the sparse step skips the output layer (n_embd x vocab) and its softmax at every other position.
@@ -39,9 +40,14 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=6)
     args = parser.parse_args()
     cfg = gpt_config(args.recipe)
+    if args.length > cfg.block_size:
+        print(f"--length {args.length} exceeds {args.recipe}'s block: {cfg.block_size} tokens per sequence")
+        args.length = cfg.block_size
     dtype = resolve_dtype("auto", CPU)
     torch.manual_seed(0)
     model = GPT(cfg).train()
+    # the trainer's AdamW, at lr 0 so that every round computes the same loss (its cost does not depend on lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.length))
     y = torch.full_like(x, -100)
     end = args.length - 4
@@ -52,13 +58,17 @@ def main() -> None:
         with autocast(CPU, dtype):
             loss = batch_loss(model, x, y, sparse)
         loss.backward()
-        model.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start, float(loss)
 
     step(True), step(False)  # warm-up
     ratios, losses = [], (0.0, 0.0)
-    for _ in range(args.rounds):
-        (dense_s, dense_loss), (sparse_s, sparse_loss) = step(False), step(True)
+    for i in range(args.rounds):  # the order alternates, so neither variant always runs second
+        if i % 2:
+            (sparse_s, sparse_loss), (dense_s, dense_loss) = step(True), step(False)
+        else:
+            (dense_s, dense_loss), (sparse_s, sparse_loss) = step(False), step(True)
         ratios.append(dense_s / sparse_s)
         losses = (dense_loss, sparse_loss)
     print(f"{args.recipe}: batch {args.batch} x {args.length}, {args.answer_tokens} answer tokens per row, {dtype}; "

@@ -38,18 +38,22 @@ GRID = (("adamw", "1e-3"), ("adamw", "3e-3"), ("adamw", "1e-2"),
 
 
 def prepared_run(recipe_name: str, out: Path, overrides: dict[str, str], data_dir: str | None) -> Path:
-    """Tokenizer and shards made once, shared by every optimizer run."""
+    """Tokenizer and shards made once, shared by every optimizer run (of this recipe: another one is refused)."""
     base = out / "base"
+    made_for = base / "bench_recipe"
+    if made_for.is_file() and made_for.read_text() != recipe_name:
+        sys.exit(f"{out} holds runs of recipe {made_for.read_text()!r}: use another --out for {recipe_name!r}")
     if not (base / "data" / "manifest.json").is_file():
         recipe = load_recipe(RECIPES / f"{recipe_name}.toml", overrides)
         run = open_run(recipe, base)
         train_tokenizer_stage(recipe, run, data_dir)
         prepare_stage(recipe, run, data_dir)
+        made_for.write_text(recipe_name)
     return base
 
 
 def train_one(recipe_name: str, base: Path, out: Path, overrides: dict[str, str], opt: str, lr: str,
-              adamw_lr: str) -> dict:
+              adamw_lr: str, budget: dict) -> dict:
     name = f"{opt}-lr{lr}"
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -69,7 +73,7 @@ def train_one(recipe_name: str, base: Path, out: Path, overrides: dict[str, str]
     records = [json.loads(line) for line in run.metrics.read_text().splitlines()]
     val = [(r["tokens"], r["loss"]) for r in records if r.get("split") == "val"]
     print(f"{name:16s} final val loss {result.last_val_loss:.4f}  ({time.time() - start:.0f} s)", flush=True)
-    out = {"name": name, "optimizer": opt, "lr": lr, "final": result.last_val_loss, "val": val}
+    out = {"name": name, "optimizer": opt, "lr": lr, "final": result.last_val_loss, "val": val, **budget}
     (run_dir / "bench_result.json").write_text(json.dumps(out))  # one file per run: grid entries may run in parallel
     return out
 
@@ -118,10 +122,19 @@ def main() -> None:
                 "pretrain.eval_interval": str(max(1, args.steps // 6)), "pretrain.eval_batches": "4",
                 "pretrain.checkpoint_interval": str(args.steps), "pretrain.log_interval": "10"}
     base = prepared_run(args.recipe, out, data_ov, data_dir)
+    # what makes two runs comparable: a finished run in --out with another budget is left out of the results
+    budget = {"recipe": args.recipe, "steps": args.steps, "batch": args.batch, "block": args.block,
+              "adamw_lr_for_muon": args.adamw_lr_for_muon}
     for opt, lr in GRID:
         if args.only is None or f"{opt}:{lr}" in args.only:
-            train_one(args.recipe, base, out, {**data_ov, **train_ov}, opt, lr, args.adamw_lr_for_muon)
-    results = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/bench_result.json"))}
+            train_one(args.recipe, base, out, {**data_ov, **train_ov}, opt, lr, args.adamw_lr_for_muon, budget)
+    results = {}
+    for path in sorted(out.glob("*/bench_result.json")):
+        result = json.loads(path.read_text())
+        if all(result.get(k) == v for k, v in budget.items()):
+            results[path.parent.name] = result
+        else:
+            print(f"{path.parent.name}: left out (made with another budget or recipe)")
     tokens = args.steps * args.batch * args.block
     best = {}
     for opt in ("adamw", "muon"):
