@@ -60,7 +60,7 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start, float(loss)
+        return time.perf_counter() - start, loss.item()
 
     step(True), step(False)  # warm-up
     ratios, losses = [], (0.0, 0.0)
