@@ -258,3 +258,31 @@ def test_a_refused_override_leaves_config_toml_as_it_was(copy_run, data_dir, arg
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("lmforge: error:") and ("model shape differs" in error or "trained with optimizer" in error)
     assert run.config.read_bytes() == before
+
+
+def test_on_signal_exit_leaves_the_stage_to_resume(tiny_run, tmp_path):
+    """pretrain.on_signal = "exit" (a preemptible cluster: SIGTERM, then SIGKILL): a signal saves a checkpoint
+    and ends the command, the stage is not marked done, and --resume continues it."""
+    import json
+    import time
+
+    run = fresh_run(tiny_run, tmp_path / "run")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "lmforge.cli", "pretrain", "--run-dir", str(run), "--pretrain.on_signal", "exit",
+            "--pretrain.log_interval", "1", "--pretrain.eval_interval", "1000", "--pretrain.checkpoint_interval", "1000"]
+    child = subprocess.Popen([*args, "--pretrain.max_steps", "5000"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").is_file() or '"split": "train"' not in (run / "metrics.jsonl").read_text():
+        assert time.time() < deadline and child.poll() is None
+        time.sleep(0.2)
+    child.send_signal(signal.SIGTERM)
+    err = child.communicate(timeout=240)[1]
+    assert child.returncode == 2 and "continue with --resume" in err, err[-2000:]
+    stopped = read_state(RunDir(run).checkpoint("last"))["step"]
+    progress = json.loads((run / "progress.json").read_text()) if (run / "progress.json").is_file() else {}
+    assert "pretrain" not in progress and not (run / "checkpoints" / "pretrained").exists()
+    resumed = subprocess.run([*args, "--resume", "--pretrain.max_steps", str(stopped + 2)], env=env,
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at step {stopped}" in resumed.stderr
+    assert json.loads((run / "progress.json").read_text())["pretrain"]["steps"] == stopped + 2

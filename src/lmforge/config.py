@@ -145,6 +145,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (slow first step; faster after, mostly on GPU)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     distributed: str = "none"  # none | ddp | fsdp (launch with torchrun; `--distributed` sets it)
+    # what SIGTERM/SIGINT do, after the step is finished and a checkpoint saved: "next_stage" ends the stage as
+    # `lmforge stop` does (the chain moves on); "exit" leaves it unfinished for --resume (preemptible clusters)
+    on_signal: str = "next_stage"
 
 
 @dataclass
@@ -307,6 +310,7 @@ def validate_train(cfg: TrainConfig, key: str) -> None:
     _check(cfg.muon_lr > 0, f"{key}.muon_lr", "must be > 0")
     _check(0 <= cfg.muon_momentum < 1, f"{key}.muon_momentum", "must be in [0, 1)")
     _check(cfg.distributed in ("none", "ddp", "fsdp"), f"{key}.distributed", "must be none, ddp or fsdp")
+    _check(cfg.on_signal in ("next_stage", "exit"), f"{key}.on_signal", "must be next_stage or exit")
     _check(not (cfg.optimizer == "muon" and cfg.distributed == "fsdp"), f"{key}.optimizer",
            "muon needs whole matrices and does not run on FSDP shards (use distributed = 'ddp' or optimizer = 'adamw')")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import Recipe, load_recipe, save_recipe
+from lmforge.config import Recipe, TrainConfig, load_recipe, save_recipe
 from lmforge.data.loader import TokenBatcher, log_phase_plan, resolve_phases
 from lmforge.data.qa import QABatcher, clean_examples, encode_examples, encode_for_inference
 from lmforge.data.shards import has_shards, load_manifest, prepare_shards, tokenizer_hash
@@ -243,6 +243,15 @@ def _resumes(run: RunDir, stage: str) -> bool:
     return False
 
 
+def _exit_if_preempted(result: StageResult, cfg: TrainConfig, stage: str) -> None:
+    """With on_signal = "exit", a stage a signal stopped stays unfinished (not marked done, `pretrained` not
+    replaced) and the command ends, so that `--resume` continues the stage: how a preempted cluster job
+    (SIGTERM, then SIGKILL) picks up where it was."""
+    if result.stop_reason == "interrupted" and cfg.on_signal == "exit":
+        raise LmforgeError(f"{stage} stopped by a signal at step {result.steps}, checkpoint saved "
+                           f"({stage}.on_signal = exit): continue with --resume")
+
+
 # --------------------------------------------------------------------------- pretraining
 
 
@@ -269,6 +278,7 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
     result = train_stage(model, train, val, p, run, "pretrain", p.max_steps, resume=resume, seed=recipe.seed,
                          on_start=lambda: record_recipe(recipe, run),
                          checkpoint_info={"tokenizer_hash": tokenizer_hash(tok)})
+    _exit_if_preempted(result, p, "pretrain")
     if is_main():  # under torchrun, rank 0 alone writes the run directory
         copy_checkpoint(run.checkpoint("best"), run.checkpoint(PRETRAINED))
         mark_done(run, "pretrain", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
@@ -395,6 +405,7 @@ def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = No
     result = train_stage(model, train, val, f, run, "finetune", total, resume=resume, seed=recipe.seed,
                          on_start=lambda: record_recipe(recipe, run),
                          checkpoint_info={"tokenizer_hash": tokenizer_hash(tok)})
+    _exit_if_preempted(result, f, "finetune")
     if is_main():
         mark_done(run, "finetune", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
     barrier()
