@@ -80,6 +80,25 @@ def test_malformed_rows_are_skipped_counted_and_located(tmp_path, caplog):
     assert f"{path}:5: expected a JSON object" in text
 
 
+def test_lone_surrogates_are_replaced_counted_and_located(tmp_path, caplog):
+    """A JSON escape such as \\ud800 gives a str that no UTF-8 can hold: replaced, never a crash."""
+    from lmforge.config import DataConfig
+    from lmforge.data.shards import prepare_shards
+    from lmforge.tokenizer import train_tokenizer
+
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(jsonl_bytes([{"text": t} for t in DOCS * 4]) + b'{"text": "broken \\ud800 surrogate \\udfff"}\n')
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        docs, stats = docs_of(path)
+    assert docs[-1] == "broken \ufffd surrogate \ufffd"
+    assert stats["surrogates"] == 1
+    assert f"{path}:13: lone surrogate" in caplog.text and "1 records had lone surrogate" in caplog.text
+    src = SourceConfig(name="s", local=str(path))
+    tok = train_tokenizer(iter_documents(src, None), vocab_size=300, sample_chars=10_000)  # tokenizer train
+    manifest = prepare_shards(DataConfig(sources=[src], val_fraction=0.2, workers=1), tok, None, tmp_path / "out")
+    assert manifest["sources"][0]["docs"] == 4  # DOCS deduplicated, and the repaired document
+
+
 def test_truncated_gzip_is_one_clear_error(tmp_path):
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(gzip.compress(jsonl_bytes([{"text": t * 200} for t in DOCS]))[:-30])

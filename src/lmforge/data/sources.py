@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -311,6 +312,20 @@ def _record_text(record: Record, src: SourceConfig, where: str, stats: Counter) 
     return value
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(text: str, where: str, stats: Counter) -> str:
+    """`text` with lone surrogates (JSON escapes such as "\\ud800", which no UTF-8 text can hold and the
+    tokenizer refuses) replaced with U+FFFD, counted like invalid UTF-8 bytes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        _skip(stats, "surrogates", where, "lone surrogate escapes (\\ud800-\\udfff) replaced with U+FFFD")
+        return _SURROGATE.sub("\ufffd", text)
+
+
 def _keep(record: Record, text: str, src: SourceConfig, stats: Counter) -> bool:
     """The source's filters; every drop is counted by reason."""
     if not text.strip():
@@ -365,6 +380,9 @@ def _log_summary(src: SourceConfig, stats: Counter) -> None:
                     ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in dropped.items()), stats["docs"])
     if stats.get("replaced"):
         log.warning("source '%s': %d records had invalid UTF-8 (replaced with U+FFFD)", src.name, stats["replaced"])
+    if stats.get("surrogates"):
+        log.warning("source '%s': %d records had lone surrogate escapes (replaced with U+FFFD)", src.name,
+                    stats["surrogates"])
     for kind, column in (("unscored", src.score_field), ("unlabelled", src.language_field)):
         if stats.get(kind):
             log.warning("source '%s': %d records have no '%s' column; kept unfiltered", src.name, stats[kind], column)
@@ -382,7 +400,10 @@ def iter_documents(src: SourceConfig, data_dir: Path | None, stats: Counter | No
     for where, record in records:
         stats["records"] += 1
         text = _record_text(record, src, where, stats)
-        if text is None or not _keep(record, text, src, stats):
+        if text is None:
+            continue
+        text = _valid_unicode(text, where, stats)
+        if not _keep(record, text, src, stats):
             continue
         if src.format == "squad":  # one row per question: keep each paragraph once
             h = text_hash(text)
