@@ -127,6 +127,24 @@ def test_interrupted_preparation_resumes_without_redoing_finished_shards(tmp_pat
     assert again["n"] == 0
 
 
+def test_special_token_strings_in_documents_are_text_not_boundaries(tmp_path, tok):
+    """A document quoting "<|endoftext|>" keeps it as text: exactly one end-of-text per document, at its end."""
+    texts = [d + (" <|endoftext|> and <|question|> <|answer|> <|pad|>" if i % 7 == 3 else "")
+             for i, d in enumerate(make_docs(60, 5))]
+    cfg = DataConfig(sources=[SourceConfig(name="a", local=str(write_jsonl(tmp_path / "a.jsonl", texts)))],
+                     shard_tokens=4096, val_fraction=0.1, workers=1)
+    manifest = prepare_shards(cfg, tok, None, tmp_path / "out")
+    decoded = []
+    for split in ("train", "val"):
+        for shard in manifest["sources"][0]["shards"][split]:
+            tokens = np.fromfile(tmp_path / "out" / shard["file"], dtype=np.uint16)
+            index = read_index(tmp_path / "out" / shard["index"])
+            assert int((tokens == tok.eot_id).sum()) == len(index)  # no injected document boundary
+            assert not np.isin(tokens, list(tok.special_ids - {tok.eot_id})).any()
+            decoded += [tok.decode(tokens[o : o + n - 1]) for o, n in zip(index["offset"], index["length"], strict=True)]
+    assert sorted(decoded) == sorted(texts)  # exact round trip
+
+
 def test_max_tokens_caps_a_source(tmp_path, tok):
     cfg = data_cfg(tmp_path)
     cfg.sources[0].max_tokens = 5000

@@ -1,4 +1,5 @@
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
@@ -31,9 +32,26 @@ def test_round_trip_is_exact(tok, text):
 
 def test_special_tokens_are_single_ids(tok):
     for special in SPECIAL_TOKENS:
-        ids = tok.hf.encode(special, add_special_tokens=False).ids
-        assert len(ids) == 1
+        assert tok.encode_markup(special).ids == [tok.hf.token_to_id(special)]
     assert len({tok.eot_id, tok.pad_id, tok.context_id, tok.question_id, tok.answer_id}) == 5
+
+
+@pytest.mark.parametrize("special", SPECIAL_TOKENS)
+def test_special_token_strings_in_text_are_plain_text(tok, special, tmp_path):
+    """Data or a question holding "<|endoftext|>" must not inject a control id: it is encoded as its characters,
+    and decodes back exactly (also when special tokens are skipped)."""
+    text = f"A {special} B{special}{special}\n{special[:-1]}"
+    for ids in (tok.encode(text), tok.encode_batch([text, "x"])[0], list(tok.hf.encode(text).ids)):
+        assert not set(ids) & tok.special_ids
+        assert tok.decode(ids) == tok.decode(ids, skip_special=False) == text
+        assert sum(int(n) for n in tok.token_byte_lengths()[ids]) == len(text.encode())
+    # markup (the attention explorer's input) still reads the strings as ids
+    assert tok.hf.token_to_id(special) in tok.encode_markup(text).ids
+    # tokenizer.json is unchanged (same hash, and the library's default for whoever loads the file)
+    tok.save(tmp_path / "tokenizer.json")
+    raw = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert raw.to_str() == tok.hf.to_str()
+    assert raw.encode(special, add_special_tokens=False).ids == [tok.hf.token_to_id(special)]
 
 
 def test_learned_merges_compress(tok):
@@ -44,8 +62,6 @@ def test_learned_merges_compress(tok):
 def test_byte_lengths_sum_to_utf8_length(tok):
     lengths = tok.token_byte_lengths()
     for text in TRICKY:
-        if "<|" in text:  # special-token strings encode to the special id, which stands for no text bytes
-            continue
         assert sum(int(lengths[i]) for i in tok.encode(text)) == len(text.encode("utf-8"))
     assert lengths[tok.eot_id] == 0
 
