@@ -106,6 +106,24 @@ def test_truncated_gzip_is_one_clear_error(tmp_path):
         docs_of(path)
 
 
+def test_truncated_or_corrupt_zstd_is_one_clear_error_and_every_frame_is_read(tmp_path):
+    raw = jsonl_bytes([{"text": f"{t} {i}"} for i in range(300) for t in DOCS])
+    packed = zstandard.ZstdCompressor().compress(raw)
+    cut = tmp_path / "cut.jsonl.zst"
+    for bad in (packed[: len(packed) // 2], packed[:-3], packed[:20] + b"\x00" * 50 + packed[70:]):
+        cut.write_bytes(bad)
+        with pytest.raises(LmforgeError, match="cut.jsonl.zst: corrupt or truncated"):
+            docs_of(cut)
+    middle = raw.index(b"\n", len(raw) // 2) + 1  # two frames, as concatenated or multi-threaded zstd writes
+    two = tmp_path / "two.jsonl.zst"
+    two.write_bytes(zstandard.ZstdCompressor().compress(raw[:middle]) + zstandard.ZstdCompressor().compress(raw[middle:]))
+    assert len(docs_of(two)[0]) == 900
+    txt = tmp_path / "cut.txt.zst"
+    txt.write_bytes(zstandard.ZstdCompressor().compress(raw)[:-3])
+    with pytest.raises(LmforgeError, match="cut.txt.zst: corrupt or truncated"):
+        docs_of(txt)
+
+
 def test_empty_source_is_a_clear_error(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n")

@@ -100,15 +100,61 @@ def local_files(src: SourceConfig, data_dir: Path | None) -> list[Path]:
     return []
 
 
+class _ZstdReader(io.RawIOBase):
+    """Every frame of a .zst file; EOFError when the file ends inside a frame, as gzip raises for a cut .gz.
+
+    zstandard's `stream_reader` returns what it has when the input stops mid-frame (a truncated file reads as
+    a shorter one, silently) and stops after the first frame; its `decompressobj` says when a frame is
+    complete (`eof`), so each frame is read by its own."""
+
+    def __init__(self, fh: BinaryIO):
+        import zstandard
+
+        self.fh, self.dctx, self.error = fh, zstandard.ZstdDecompressor(), zstandard.ZstdError
+        self.frame = None  # the decompressor of the frame being read; None between frames
+        self.out, self.pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.pos == len(self.out):
+            raw = self.fh.read(1 << 16)  # small: the output of one read is held in memory
+            if not raw:
+                if self.frame is not None:
+                    raise EOFError("compressed file ended before the end of a zstd frame")
+                return 0
+            self.out, self.pos = self._decompress(raw), 0
+        n = min(len(buffer), len(self.out) - self.pos)
+        buffer[:n] = self.out[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+    def _decompress(self, raw: bytes) -> bytes:
+        parts = []
+        try:
+            while raw:
+                if self.frame is None:
+                    self.frame = self.dctx.decompressobj()
+                parts.append(self.frame.decompress(raw))
+                raw = b""
+                if self.frame.eof:  # the next frame, if any, starts in what this one left
+                    raw, self.frame = self.frame.unused_data, None
+        except self.error as exc:
+            raise OSError(f"zstd: {exc}") from None
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self.fh.close()
+        super().close()
+
+
 def open_binary(path: Path) -> BinaryIO:
     try:
         if path.name.endswith(".gz"):
             return gzip.open(path, "rb")
         if path.name.endswith(".zst"):
-            import zstandard
-
-            # buffered, so that the file can be read line by line
-            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+            return io.BufferedReader(_ZstdReader(open(path, "rb")))  # buffered: read line by line
         return open(path, "rb")
     except OSError as exc:
         raise LmforgeError(f"{path}: cannot open ({exc.strerror or exc})") from None
