@@ -124,6 +124,19 @@ def test_truncated_or_corrupt_zstd_is_one_clear_error_and_every_frame_is_read(tm
         docs_of(txt)
 
 
+def test_csv_long_fields_multiline_rows_and_errors(tmp_path, caplog):
+    book = "word " * 60_000  # 300 kB: over the csv module's default 128 KiB field limit
+    path = tmp_path / "d.csv"
+    path.write_bytes(f'id,text\n1,"{book}"\n2,"two\nlines"\n3,caf'.encode() + b"\xe9\n")
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        docs, stats = docs_of(path)
+    assert docs == [book, "two\nlines", "caf\ufffd"]
+    assert f"{path}:5: invalid UTF-8" in caplog.text and stats["replaced"] == 1
+    path.write_bytes(b"id,text\n1,ok\n2,a bare\rcarriage return\n")  # any csv.Error: one line, file:line
+    with pytest.raises(LmforgeError, match=f"^{path}:3: malformed CSV"):
+        docs_of(path)
+
+
 def test_empty_source_is_a_clear_error(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n")

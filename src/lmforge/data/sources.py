@@ -293,10 +293,21 @@ def _json_records(path: Path, stats: Counter) -> Iterator[tuple[str, Record]]:
             _skip(stats, "not_object", f"{path}[{i}]", f"expected a JSON object, got {type(record).__name__}; skipped")
 
 
+CSV_FIELD_LIMIT = 2**31 - 1  # a field is a whole document (a book); the csv module's default is 128 KiB
+
+
 def _csv_records(path: Path, stats: Counter) -> Iterator[tuple[str, Record]]:
-    reader = csv.DictReader(io.StringIO(_read_text(path, stats)))
-    for row in reader:
-        yield f"{path}:{reader.line_num}", row
+    """Rows of a CSV file, streamed; each line is decoded on its own so invalid UTF-8 is located."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    with open_binary(path) as fh:
+        reader = csv.DictReader(_decode(raw, path, f":{n}", stats) for n, raw in enumerate(fh, 1))
+        try:
+            for row in reader:
+                yield f"{path}:{reader.line_num}", row
+        except csv.Error as exc:
+            raise LmforgeError(f"{path}:{reader.reader.line_num}: malformed CSV ({exc})") from None
+        except (OSError, EOFError, zlib.error) as exc:
+            raise LmforgeError(f"{path}: corrupt or truncated file ({exc})") from None
 
 
 def _txt_records(path: Path, src: SourceConfig, stats: Counter) -> Iterator[tuple[str, Record]]:
