@@ -145,6 +145,22 @@ def test_special_token_strings_in_documents_are_text_not_boundaries(tmp_path, to
     assert sorted(decoded) == sorted(texts)  # exact round trip
 
 
+def test_no_validation_documents_error_gives_advice_that_works(tmp_path, tok):
+    folder = tmp_path / "plays"
+    folder.mkdir()
+    for i in range(2):  # two files of 30 paragraphs: two documents read whole
+        (folder / f"{i}.txt").write_text("\n\n".join(make_docs(30, 10 + i)))
+    cfg = DataConfig(sources=[SourceConfig(name="plays", local=str(folder))], val_fraction=0.05, workers=1)
+    with pytest.raises(LmforgeError) as exc:
+        prepare_shards(cfg, tok, None, tmp_path / "out")
+    message = str(exc.value)
+    assert "at least 11 documents" in message and "'plays', has 2" in message
+    assert "sample_by = \"paragraph\"" in message and "source 'plays'" in message and "\n" not in message
+    cfg.sources[0].sample_by = "paragraph"  # the advice works
+    manifest = prepare_shards(cfg, tok, None, tmp_path / "out")
+    assert manifest["sources"][0]["docs"] == 60 and manifest["sources"][0]["val_docs"] == 3
+
+
 def test_max_tokens_caps_a_source(tmp_path, tok):
     cfg = data_cfg(tmp_path)
     cfg.sources[0].max_tokens = 5000

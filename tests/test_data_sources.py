@@ -65,6 +65,37 @@ def test_txt_files_and_directories(tmp_path):
     assert docs == DOCS
 
 
+BOOK = "Act one.\r\nScene one.\r\n\r\n\r\nEnter the king.\n   \nExit,\npursued by a bear.\n"
+
+
+def test_txt_sample_by_document_paragraph_and_line(tmp_path, monkeypatch):
+    path = tmp_path / "book.txt"
+    path.write_text(BOOK, newline="")
+    paragraphs = ["Act one.\nScene one.", "Enter the king.", "Exit,\npursued by a bear."]
+    assert docs_of(path)[0] == paragraphs  # auto: a single-file source is cut into paragraphs
+    assert docs_of(path, sample_by="paragraph")[0] == paragraphs
+    assert docs_of(path, sample_by="line")[0] == ["Act one.", "Scene one.", "Enter the king.", "Exit,",
+                                                  "pursued by a bear."]
+    assert docs_of(path, sample_by="document")[0] == [BOOK]
+    (tmp_path / "more.txt").write_text(BOOK, newline="")
+    assert docs_of(tmp_path / "*.txt")[0] == [BOOK, BOOK]  # auto: several files are a document each
+    gz = tmp_path / "z" / "book.txt.gz"
+    gz.parent.mkdir()
+    gz.write_bytes(gzip.compress(BOOK.encode()))
+    # paragraphs and lines are streamed: the file is never read whole
+    monkeypatch.setattr("lmforge.data.sources._read_text", lambda *a: pytest.fail("read whole"))
+    assert docs_of(gz, sample_by="paragraph")[0] == paragraphs
+
+
+def test_txt_paragraphs_are_located_by_line(tmp_path, caplog):
+    path = tmp_path / "book.txt"
+    path.write_bytes(b"one\n\ntwo caf\xe9\n\nthree\n")
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        docs, stats = docs_of(path, min_chars=4)
+    assert docs == ["two caf\ufffd", "three"] and stats["too_short"] == 1
+    assert f"{path}:3: invalid UTF-8" in caplog.text
+
+
 def test_malformed_rows_are_skipped_counted_and_located(tmp_path, caplog):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(jsonl_bytes([{"text": DOCS[0]}]) + b"{not json\n" + jsonl_bytes([{"title": "no text"}])
@@ -206,6 +237,11 @@ def test_real_squad_contexts_are_unique_paragraphs(data_dir):
     src = SourceConfig(name="squad", local="squad/dev-v1.1.json", format="squad")
     docs = list(iter_documents(src, data_dir))
     assert len(docs) == len(set(docs)) and 2000 <= len(docs) <= 2067
+
+
+def test_tinyshakespeare_is_cut_into_paragraphs(data_dir):
+    docs, _ = docs_of(data_dir / "pretrain" / "tinyshakespeare.txt")
+    assert len(docs) > 7000 and docs[0] == "First Citizen:\nBefore we proceed any further, hear me speak."
 
 
 def test_real_pretraining_samples(data_dir):

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from lmforge.config import DataConfig, SourceConfig
 from lmforge.data.encode import EncodedBatch, EncoderPool, default_workers
-from lmforge.data.sources import DROP_REASONS, iter_documents, local_files
+from lmforge.data.sources import DROP_REASONS, iter_documents, local_files, whole_txt_documents
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write, atomic_write_json
 from lmforge.tokenizer import Tokenizer
@@ -54,6 +54,30 @@ def is_validation_doc(index: int, val_fraction: float) -> bool:
     """Deterministic split by document position: every k-th document, starting from the middle of the first k."""
     k = max(2, round(1 / val_fraction))
     return index % k == k // 2
+
+
+def first_validation_index(val_fraction: float) -> int:
+    """Position of a source's first validation document: a source needs more documents than this to have one."""
+    return next(i for i in range(10**9) if is_validation_doc(i, val_fraction))
+
+
+def _no_validation_error(data: DataConfig, entries: list[dict], data_dir: Path | None) -> LmforgeError:
+    """Advice that can work: the split is per source and by document, so a source needs enough documents."""
+    need = first_validation_index(data.val_fraction) + 1
+    if not entries:
+        return LmforgeError("no validation documents: no source was available (all optional sources skipped)")
+    most = max(entries, key=lambda e: e["docs"])
+    advice = ["add documents"]
+    if most["docs"] >= 2:
+        low = next(f / 1000 for f in range(1, 1000) if first_validation_index(f / 1000) < most["docs"])
+        advice.append(f"raise data.val_fraction to {low:g} or more")
+    whole = [s.name for s in data.sources if whole_txt_documents(s, data_dir)]
+    if whole:
+        names = ", ".join(f"'{n}'" for n in whole)
+        advice.append(f"cut its txt files into documents: sample_by = \"paragraph\" (or \"line\") on source {names}")
+    return LmforgeError(f"no validation documents: at data.val_fraction = {data.val_fraction:g} a source needs at "
+                        f"least {need} documents, and the largest, '{most['name']}', has {most['docs']}; "
+                        f"{', or '.join(advice)}")
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
@@ -309,7 +333,7 @@ def prepare_shards(data: DataConfig, tokenizer: Tokenizer, data_dir: Path | None
                      entry["train_tokens"], entry["val_tokens"], entry["duplicates"])
             entries.append(entry)
     if not any(e["val_tokens"] for e in entries):
-        raise LmforgeError("no validation documents: add documents or raise data.val_fraction")
+        raise _no_validation_error(data, entries, data_dir)
     manifest = {
         "format": FORMAT,
         "dtype": token_dtype(tokenizer.vocab_size).name,

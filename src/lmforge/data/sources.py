@@ -310,8 +310,42 @@ def _csv_records(path: Path, stats: Counter) -> Iterator[tuple[str, Record]]:
             raise LmforgeError(f"{path}: corrupt or truncated file ({exc})") from None
 
 
-def _txt_records(path: Path, src: SourceConfig, stats: Counter) -> Iterator[tuple[str, Record]]:
-    yield str(path), {src.text_field: _read_text(path, stats), "path": str(path)}
+def txt_unit(src: SourceConfig, n_files: int) -> str:
+    """How the source's txt files are cut into documents: `sample_by`, with "auto" resolved (one document per
+    file, but paragraphs for a single-file corpus such as tinyshakespeare, which could not otherwise be split)."""
+    if src.sample_by != "auto":
+        return src.sample_by
+    return "paragraph" if n_files == 1 else "document"
+
+
+def whole_txt_documents(src: SourceConfig, data_dir: Path | None) -> bool:
+    """Whether the source has local txt files read as one document each."""
+    files = local_files(src, data_dir)
+    return txt_unit(src, len(files)) == "document" and any(file_format(f, src.format) == "txt" for f in files)
+
+
+def _txt_records(path: Path, src: SourceConfig, stats: Counter, unit: str) -> Iterator[tuple[str, Record]]:
+    """A txt file as documents (`unit`, as the `sample_by` of Hugging Face datasets' text loader): the whole
+    file, or its paragraphs (runs of non-blank lines) or non-blank lines, streamed line by line."""
+    if unit == "document":
+        yield str(path), {src.text_field: _read_text(path, stats), "path": str(path)}
+        return
+    with open_binary(path) as fh:
+        try:
+            lines: list[str] = []
+            first = 0
+            for lineno, raw in enumerate(fh, 1):
+                line = _decode(raw, path, f":{lineno}", stats).rstrip("\r\n")
+                if line.strip():
+                    first = first or lineno
+                    lines.append(line)
+                if lines and (unit == "line" or not line.strip()):
+                    yield f"{path}:{first}", {src.text_field: "\n".join(lines), "path": str(path)}
+                    lines, first = [], 0
+            if lines:
+                yield f"{path}:{first}", {src.text_field: "\n".join(lines), "path": str(path)}
+        except (OSError, EOFError, zlib.error) as exc:
+            raise LmforgeError(f"{path}: corrupt or truncated file ({exc})") from None
 
 
 def _datasets_records(ds: Any, where: str, on_error: str) -> Iterator[tuple[str, Record]]:
@@ -337,11 +371,12 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, Record]]:
     yield from _datasets_records(ds, str(path), "")
 
 
-def file_records(path: Path, src: SourceConfig, stats: Counter) -> Iterator[tuple[str, Record]]:
-    """(where, record) for every record of one local file; `where` is the file and line or row."""
+def file_records(path: Path, src: SourceConfig, stats: Counter, n_files: int = 1) -> Iterator[tuple[str, Record]]:
+    """(where, record) for every record of one local file (one of the source's `n_files`); `where` is the file
+    and line or row."""
     fmt = file_format(path, src.format)
     if fmt == "txt":
-        return _txt_records(path, src, stats)
+        return _txt_records(path, src, stats, txt_unit(src, n_files))
     if fmt == "jsonl":
         return _jsonl_records(path, stats)
     if fmt in ("json", "squad"):
@@ -415,7 +450,7 @@ def source_records(src: SourceConfig, data_dir: Path | None, stats: Counter) -> 
     """The records of a source: its local files if any match, else the Hub; None for a missing optional source."""
     files = local_files(src, data_dir)
     if files:
-        return (item for f in files for item in file_records(f, src, stats))
+        return (item for f in files for item in file_records(f, src, stats, len(files)))
     if src.hub:
         local_hint = f" and no local copy matches '{src.local}'" if src.local else ""
         on_error = "; point the source's 'local' at a copy under --data-dir to work offline"
