@@ -156,9 +156,20 @@ def test_no_validation_documents_error_gives_advice_that_works(tmp_path, tok):
     message = str(exc.value)
     assert "at least 11 documents" in message and "'plays', has 2" in message
     assert "sample_by = \"paragraph\"" in message and "source 'plays'" in message and "\n" not in message
-    cfg.sources[0].sample_by = "paragraph"  # the advice works
+    assert "raise data.val_fraction above 0.25" in message
+    cfg.val_fraction = 0.26  # either advice works
+    assert prepare_shards(cfg, tok, None, tmp_path / "out")["sources"][0]["val_docs"] == 1
+    cfg.val_fraction, cfg.sources[0].sample_by = 0.05, "paragraph"
     manifest = prepare_shards(cfg, tok, None, tmp_path / "out")
     assert manifest["sources"][0]["docs"] == 60 and manifest["sources"][0]["val_docs"] == 3
+
+
+def test_val_fraction_is_exact_and_1_over_k_keeps_its_documents():
+    n = 100_000
+    for f in (0.15, 0.3, 0.4, 0.6, 0.9, 0.123):
+        assert sum(shards_mod.is_validation_doc(i, f) for i in range(n)) == round(f * n)
+    for k in (2, 3, 7, 10, 20, 50, 1000):  # 0.05 (the recipes) and 0.02 (the default) split as they always did
+        assert [i for i in range(5000) if shards_mod.is_validation_doc(i, 1 / k)] == list(range(k // 2, 5000, k))
 
 
 def test_max_tokens_caps_a_source(tmp_path, tok):

@@ -16,6 +16,7 @@ written as they fill.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from fractions import Fraction
 from itertools import islice
 from pathlib import Path
 
@@ -50,15 +52,25 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
+@functools.lru_cache(maxsize=16)
+def _split(val_fraction: float) -> tuple[int, int, int]:
+    """val_fraction as the ratio p/q it was written as (0.15 -> 3/20, not its binary float), and the position
+    of the first validation document, floor(1/(2f)): the middle of the first 1/f documents."""
+    ratio = Fraction(val_fraction).limit_denominator(1_000_000)
+    return ratio.numerator, ratio.denominator, ratio.denominator // (2 * ratio.numerator)
+
+
 def is_validation_doc(index: int, val_fraction: float) -> bool:
-    """Deterministic split by document position: every k-th document, starting from the middle of the first k."""
-    k = max(2, round(1 / val_fraction))
-    return index % k == k // 2
+    """Deterministic split by document position holding out exactly `val_fraction` of the documents (evenly
+    spaced, Bresenham-style: document i is held out when floor((i - first) * f) steps up). For f = 1/k this is
+    every k-th document from the k//2-th, as lmforge always split (0.05, 0.02: the same documents)."""
+    p, q, first = _split(val_fraction)
+    return (index - first) * p // q > (index - first - 1) * p // q
 
 
 def first_validation_index(val_fraction: float) -> int:
     """Position of a source's first validation document: a source needs more documents than this to have one."""
-    return next(i for i in range(10**9) if is_validation_doc(i, val_fraction))
+    return _split(val_fraction)[2]
 
 
 def _no_validation_error(data: DataConfig, entries: list[dict], data_dir: Path | None) -> LmforgeError:
@@ -68,9 +80,8 @@ def _no_validation_error(data: DataConfig, entries: list[dict], data_dir: Path |
         return LmforgeError("no validation documents: no source was available (all optional sources skipped)")
     most = max(entries, key=lambda e: e["docs"])
     advice = ["add documents"]
-    if most["docs"] >= 2:
-        low = next(f / 1000 for f in range(1, 1000) if first_validation_index(f / 1000) < most["docs"])
-        advice.append(f"raise data.val_fraction to {low:g} or more")
+    if most["docs"] >= 2:  # the first validation document is the floor(1/(2f))-th
+        advice.append(f"raise data.val_fraction above {1 / (2 * most['docs']):.3g}")
     whole = [s.name for s in data.sources if whole_txt_documents(s, data_dir)]
     if whole:
         names = ", ".join(f"'{n}'" for n in whole)
