@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -81,6 +83,18 @@ def test_load_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(LmforgeError, match="not a valid tokenizer.json"):
         Tokenizer.load(bad)
+
+
+def test_a_vocabulary_smaller_than_asked_is_a_one_line_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        small = train_tokenizer(TRAIN_TEXT, vocab_size=2048, sample_chars=10_000)
+    assert small.vocab_size < 2048
+    warning = f"supports only {small.vocab_size} tokens (asked 2048): add text"
+    assert warning in caplog.text and "min_frequency (2)" in caplog.text and len(caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        train_tokenizer(TRAIN_TEXT, vocab_size=300, sample_chars=10_000)
+    assert not caplog.records
 
 
 def test_sample_chars_caps_training_text():

@@ -11,6 +11,7 @@ document boundary or a QA marker. Control ids are only ever added by id (shards,
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -27,6 +28,8 @@ CONTEXT = "<|context|>"
 QUESTION = "<|question|>"
 ANSWER = "<|answer|>"
 SPECIAL_TOKENS = [EOT, PAD, CONTEXT, QUESTION, ANSWER]
+
+log = logging.getLogger("lmforge")
 
 
 class Tokenizer:
@@ -125,4 +128,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_chars: int, mi
     hf.train_from_iterator(_take_chars(texts, sample_chars), trainer=trainer)
     if hf.get_vocab_size() < 256 + len(SPECIAL_TOKENS):
         raise LmforgeError("tokenizer training saw no text")
+    if hf.get_vocab_size() < vocab_size:  # BPE ran out of pairs seen min_frequency times
+        log.warning("tokenizer: the training text supports only %d tokens (asked %d): add text (more sources or "
+                    "tokenizer.sample_chars), or lower tokenizer.min_frequency (%d) or tokenizer.vocab_size",
+                    hf.get_vocab_size(), vocab_size, min_frequency)
     return Tokenizer(hf)
