@@ -130,3 +130,40 @@ def test_a_checkpoint_refuses_a_tokenizer_it_was_not_trained_with(copy_run, caps
     vocab = str(read_state(run / "checkpoints" / "pretrained")["model_config"]["vocab_size"])  # same shape
     assert main(["finetune", "--run-dir", str(run), "--finetune.max_steps", "1", "--model.vocab_size", vocab]) != 0
     assert "was trained with" in capsys.readouterr().err
+
+
+
+SHORT = ["s" * 96 + f"{i:04d}" for i in range(1000)]  # 100K characters of short documents
+
+
+def _sample_by_source(tmp_path, weights: dict, phases=None, sample_chars=60_000) -> dict[str, int]:
+    """Characters of each source in the tokenizer sample (every source's text is made of its own letter)."""
+    import json
+
+    from lmforge.config import recipe_from_dict
+    from lmforge.pipeline import tokenizer_sample
+
+    docs = {"books": ["b" * 200_000, "c" * 200_000], "short": SHORT}
+    for name, texts in docs.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    data = {"sources": [{"name": n, "local": str(tmp_path / f"{n}.jsonl"), "weight": w} for n, w in weights.items()]}
+    if phases:
+        data["phases"] = phases
+    recipe = recipe_from_dict({"data": data, "tokenizer": {"sample_chars": sample_chars}}, {})
+    sample = "".join(tokenizer_sample(recipe, None))
+    assert len(sample) == sample_chars
+    short = len(sample) - sample.count("b") - sample.count("c")
+    return {"books": len(sample) - short, "short": short / sample_chars, "c": sample.count("c")}
+
+
+def test_tokenizer_sample_follows_the_mixture_weights_by_characters(tmp_path):
+    """Two 200K-character books do not crowd out a source of short documents: each source gets its weight's share
+    of the characters, and a book is taken in pieces alongside the other."""
+    even = _sample_by_source(tmp_path, {"books": 1, "short": 1})
+    assert abs(even["short"] - 0.5) < 0.1
+    assert even["c"] >= 8_000  # the second book is sampled too, not only the first
+    assert abs(_sample_by_source(tmp_path, {"books": 1, "short": 3})["short"] - 0.75) < 0.1
+    phases = [{"name": "books only", "tokens": 1000, "weights": {"books": 1}}, {"name": "mix", "weights": {"short": 1}}]
+    assert abs(_sample_by_source(tmp_path, {"books": 1, "short": 1}, phases)["short"] - 0.5) < 0.1  # averaged
+    # a source that runs out leaves the rest of its share to the others
+    assert _sample_by_source(tmp_path, {"books": 1, "short": 1}, sample_chars=300_000)["short"] == 1 / 3
