@@ -33,6 +33,7 @@ def test_phases_load_and_override():
     ([], {"data.sources.web.min_score": "high"}, "expected float"),
     ([], {"data.sources.web.template": "{0}"}, "template"),
     ([], {"data.workers": "-1"}, "data.workers"),
+    ([], {"data.sources.web.sample_by": "sentence"}, "data.sources\\[0\\].sample_by: must be one of auto, document"),
     ([], {"data.phases.0.weights.web": "1"}, "no entry"),
 ])
 def test_bad_data_keys_are_one_line_errors(phases, overrides, message):

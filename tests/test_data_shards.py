@@ -127,6 +127,51 @@ def test_interrupted_preparation_resumes_without_redoing_finished_shards(tmp_pat
     assert again["n"] == 0
 
 
+def test_special_token_strings_in_documents_are_text_not_boundaries(tmp_path, tok):
+    """A document quoting "<|endoftext|>" keeps it as text: exactly one end-of-text per document, at its end."""
+    texts = [d + (" <|endoftext|> and <|question|> <|answer|> <|pad|>" if i % 7 == 3 else "")
+             for i, d in enumerate(make_docs(60, 5))]
+    cfg = DataConfig(sources=[SourceConfig(name="a", local=str(write_jsonl(tmp_path / "a.jsonl", texts)))],
+                     shard_tokens=4096, val_fraction=0.1, workers=1)
+    manifest = prepare_shards(cfg, tok, None, tmp_path / "out")
+    decoded = []
+    for split in ("train", "val"):
+        for shard in manifest["sources"][0]["shards"][split]:
+            tokens = np.fromfile(tmp_path / "out" / shard["file"], dtype=np.uint16)
+            index = read_index(tmp_path / "out" / shard["index"])
+            assert int((tokens == tok.eot_id).sum()) == len(index)  # no injected document boundary
+            assert not np.isin(tokens, list(tok.special_ids - {tok.eot_id})).any()
+            decoded += [tok.decode(tokens[o : o + n - 1]) for o, n in zip(index["offset"], index["length"], strict=True)]
+    assert sorted(decoded) == sorted(texts)  # exact round trip
+
+
+def test_no_validation_documents_error_gives_advice_that_works(tmp_path, tok):
+    folder = tmp_path / "plays"
+    folder.mkdir()
+    for i in range(2):  # two files of 30 paragraphs: two documents read whole
+        (folder / f"{i}.txt").write_text("\n\n".join(make_docs(30, 10 + i)))
+    cfg = DataConfig(sources=[SourceConfig(name="plays", local=str(folder))], val_fraction=0.05, workers=1)
+    with pytest.raises(LmforgeError) as exc:
+        prepare_shards(cfg, tok, None, tmp_path / "out")
+    message = str(exc.value)
+    assert "at least 11 documents" in message and "'plays', has 2" in message
+    assert "sample_by = \"paragraph\"" in message and "source 'plays'" in message and "\n" not in message
+    assert "raise data.val_fraction above 0.25" in message
+    cfg.val_fraction = 0.26  # either advice works
+    assert prepare_shards(cfg, tok, None, tmp_path / "out")["sources"][0]["val_docs"] == 1
+    cfg.val_fraction, cfg.sources[0].sample_by = 0.05, "paragraph"
+    manifest = prepare_shards(cfg, tok, None, tmp_path / "out")
+    assert manifest["sources"][0]["docs"] == 60 and manifest["sources"][0]["val_docs"] == 3
+
+
+def test_val_fraction_is_exact_and_1_over_k_keeps_its_documents():
+    n = 100_000
+    for f in (0.15, 0.3, 0.4, 0.6, 0.9, 0.123):
+        assert sum(shards_mod.is_validation_doc(i, f) for i in range(n)) == round(f * n)
+    for k in (2, 3, 7, 10, 20, 50, 1000):  # 0.05 (the recipes) and 0.02 (the default) split as they always did
+        assert [i for i in range(5000) if shards_mod.is_validation_doc(i, 1 / k)] == list(range(k // 2, 5000, k))
+
+
 def test_max_tokens_caps_a_source(tmp_path, tok):
     cfg = data_cfg(tmp_path)
     cfg.sources[0].max_tokens = 5000

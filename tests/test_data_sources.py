@@ -65,6 +65,37 @@ def test_txt_files_and_directories(tmp_path):
     assert docs == DOCS
 
 
+BOOK = "Act one.\r\nScene one.\r\n\r\n\r\nEnter the king.\n   \nExit,\npursued by a bear.\n"
+
+
+def test_txt_sample_by_document_paragraph_and_line(tmp_path, monkeypatch):
+    path = tmp_path / "book.txt"
+    path.write_text(BOOK, newline="")
+    paragraphs = ["Act one.\nScene one.", "Enter the king.", "Exit,\npursued by a bear."]
+    assert docs_of(path)[0] == paragraphs  # auto: a single-file source is cut into paragraphs
+    assert docs_of(path, sample_by="paragraph")[0] == paragraphs
+    assert docs_of(path, sample_by="line")[0] == ["Act one.", "Scene one.", "Enter the king.", "Exit,",
+                                                  "pursued by a bear."]
+    assert docs_of(path, sample_by="document")[0] == [BOOK]
+    (tmp_path / "more.txt").write_text(BOOK, newline="")
+    assert docs_of(tmp_path / "*.txt")[0] == [BOOK, BOOK]  # auto: several files are a document each
+    gz = tmp_path / "z" / "book.txt.gz"
+    gz.parent.mkdir()
+    gz.write_bytes(gzip.compress(BOOK.encode()))
+    # paragraphs and lines are streamed: the file is never read whole
+    monkeypatch.setattr("lmforge.data.sources._read_text", lambda *a: pytest.fail("read whole"))
+    assert docs_of(gz, sample_by="paragraph")[0] == paragraphs
+
+
+def test_txt_paragraphs_are_located_by_line(tmp_path, caplog):
+    path = tmp_path / "book.txt"
+    path.write_bytes(b"one\n\ntwo caf\xe9\n\nthree\n")
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        docs, stats = docs_of(path, min_chars=4)
+    assert docs == ["two caf\ufffd", "three"] and stats["too_short"] == 1
+    assert f"{path}:3: invalid UTF-8" in caplog.text
+
+
 def test_malformed_rows_are_skipped_counted_and_located(tmp_path, caplog):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(jsonl_bytes([{"text": DOCS[0]}]) + b"{not json\n" + jsonl_bytes([{"title": "no text"}])
@@ -80,10 +111,60 @@ def test_malformed_rows_are_skipped_counted_and_located(tmp_path, caplog):
     assert f"{path}:5: expected a JSON object" in text
 
 
+def test_lone_surrogates_are_replaced_counted_and_located(tmp_path, caplog):
+    """A JSON escape such as \\ud800 gives a str that no UTF-8 can hold: replaced, never a crash."""
+    from lmforge.config import DataConfig
+    from lmforge.data.shards import prepare_shards
+    from lmforge.tokenizer import train_tokenizer
+
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(jsonl_bytes([{"text": t} for t in DOCS * 4]) + b'{"text": "broken \\ud800 surrogate \\udfff"}\n')
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        docs, stats = docs_of(path)
+    assert docs[-1] == "broken \ufffd surrogate \ufffd"
+    assert stats["surrogates"] == 1
+    assert f"{path}:13: lone surrogate" in caplog.text and "1 records had lone surrogate" in caplog.text
+    src = SourceConfig(name="s", local=str(path))
+    tok = train_tokenizer(iter_documents(src, None), vocab_size=300, sample_chars=10_000)  # tokenizer train
+    manifest = prepare_shards(DataConfig(sources=[src], val_fraction=0.2, workers=1), tok, None, tmp_path / "out")
+    assert manifest["sources"][0]["docs"] == 4  # DOCS deduplicated, and the repaired document
+
+
 def test_truncated_gzip_is_one_clear_error(tmp_path):
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(gzip.compress(jsonl_bytes([{"text": t * 200} for t in DOCS]))[:-30])
     with pytest.raises(LmforgeError, match="corrupt or truncated"):
+        docs_of(path)
+
+
+def test_truncated_or_corrupt_zstd_is_one_clear_error_and_every_frame_is_read(tmp_path):
+    raw = jsonl_bytes([{"text": f"{t} {i}"} for i in range(300) for t in DOCS])
+    packed = zstandard.ZstdCompressor().compress(raw)
+    cut = tmp_path / "cut.jsonl.zst"
+    for bad in (packed[: len(packed) // 2], packed[:-3], packed[:20] + b"\x00" * 50 + packed[70:]):
+        cut.write_bytes(bad)
+        with pytest.raises(LmforgeError, match="cut.jsonl.zst: corrupt or truncated"):
+            docs_of(cut)
+    middle = raw.index(b"\n", len(raw) // 2) + 1  # two frames, as concatenated or multi-threaded zstd writes
+    two = tmp_path / "two.jsonl.zst"
+    two.write_bytes(zstandard.ZstdCompressor().compress(raw[:middle]) + zstandard.ZstdCompressor().compress(raw[middle:]))
+    assert len(docs_of(two)[0]) == 900
+    txt = tmp_path / "cut.txt.zst"
+    txt.write_bytes(zstandard.ZstdCompressor().compress(raw)[:-3])
+    with pytest.raises(LmforgeError, match="cut.txt.zst: corrupt or truncated"):
+        docs_of(txt)
+
+
+def test_csv_long_fields_multiline_rows_and_errors(tmp_path, caplog):
+    book = "word " * 60_000  # 300 kB: over the csv module's default 128 KiB field limit
+    path = tmp_path / "d.csv"
+    path.write_bytes(f'id,text\n1,"{book}"\n2,"two\nlines"\n3,caf'.encode() + b"\xe9\n")
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        docs, stats = docs_of(path)
+    assert docs == [book, "two\nlines", "caf\ufffd"]
+    assert f"{path}:5: invalid UTF-8" in caplog.text and stats["replaced"] == 1
+    path.write_bytes(b"id,text\n1,ok\n2,a bare\rcarriage return\n")  # any csv.Error: one line, file:line
+    with pytest.raises(LmforgeError, match=f"^{path}:3: malformed CSV"):
         docs_of(path)
 
 
@@ -156,6 +237,11 @@ def test_real_squad_contexts_are_unique_paragraphs(data_dir):
     src = SourceConfig(name="squad", local="squad/dev-v1.1.json", format="squad")
     docs = list(iter_documents(src, data_dir))
     assert len(docs) == len(set(docs)) and 2000 <= len(docs) <= 2067
+
+
+def test_tinyshakespeare_is_cut_into_paragraphs(data_dir):
+    docs, _ = docs_of(data_dir / "pretrain" / "tinyshakespeare.txt")
+    assert len(docs) > 7000 and docs[0] == "First Citizen:\nBefore we proceed any further, hear me speak."
 
 
 def test_real_pretraining_samples(data_dir):

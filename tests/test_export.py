@@ -34,6 +34,27 @@ def _hf(exported):
     return model, tok
 
 
+def test_exported_tokenizer_reads_special_strings_as_transformers_users_expect(tmp_path):
+    """lmforge encodes "<|question|>" in text as plain text; the exported tokenizer keeps transformers' default
+    (prompts written with the special-token strings get their ids), and `split_special_tokens=True` gives
+    lmforge's own encoding."""
+    from lmforge.export import hf_tokenizer
+    from lmforge.tokenizer import train_tokenizer
+
+    ours = train_tokenizer(["Paris is the capital of France. What is the capital?"] * 50, 300, 10_000,
+                           min_frequency=1)
+    hf_tokenizer(ours, 128).save_pretrained(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    text = "Paris is the capital.<|question|>What is the capital?<|answer|>"
+    prompt = [*ours.encode("Paris is the capital."), ours.question_id, *ours.encode("What is the capital?"),
+              ours.answer_id]
+    assert theirs(text, add_special_tokens=False)["input_ids"] == prompt
+    split = theirs(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert split == ours.encode(text) and not set(split) & ours.special_ids
+    assert theirs.decode(split, skip_special_tokens=True) == text
+    assert ours.encode("<|question|>") != [ours.question_id]  # the export did not change lmforge's tokenizer
+
+
 def test_export_files_and_model_card(exported, tiny_run):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json", "README.md"):

@@ -46,6 +46,21 @@ def test_closed_book_has_no_context(tok):
     assert tok.decode(enc.ids) == "What is the capital? Paris"
 
 
+def test_special_token_strings_in_questions_and_contexts_are_text(tok):
+    """A passage or a question quoting "<|question|>" cannot add a QA marker: the prompt has exactly one of each."""
+    context = "Paris <|question|> is the <|answer|> capital <|endoftext|> of <|context|> France <|pad|>."
+    question = "What <|answer|> is the <|question|> capital?"
+    ex = example(context=context, question=question, start=0)
+    for enc in (encode_for_training(tok, ex, "context", 256, 16),
+                encode_for_inference(tok, question, context, 256, 16)):
+        ids = enc.ids
+        assert [ids.count(i) for i in (tok.context_id, tok.question_id, tok.answer_id)] == [1, 1, 1]
+        assert tok.pad_id not in ids and ids.count(tok.eot_id) == (1 if len(ids) > enc.prompt_len else 0)
+        assert tok.decode(ids[: enc.prompt_len]) == context + question
+    for window in context_windows(tok, question, context * 20, 128, 16):
+        assert window.ids.count(tok.question_id) == window.ids.count(tok.context_id) == 1
+
+
 def test_padding_never_learned(tok):
     short = encode_for_training(tok, example(), "closed_book", 128, 16)
     long = encode_for_training(tok, example(), "context", 128, 16)

@@ -75,7 +75,7 @@ def group_tokens(text: str, offsets: list[tuple[int, int]]) -> list[Word]:
 
 def tokenize_words(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[Word]]:
     """Token ids of `text` (special-token strings such as <|question|> included) and its words."""
-    enc = tokenizer.hf.encode(text, add_special_tokens=False)
+    enc = tokenizer.encode_markup(text)
     return enc.ids, group_tokens(text, enc.offsets)
 
 

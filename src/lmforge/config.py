@@ -42,6 +42,9 @@ class SourceConfig:
     split: str = "train"
     format: str = "auto"  # auto | txt | jsonl | json | parquet | csv | squad
     text_field: str = "text"
+    # how a txt file is cut into documents: document (the whole file) | paragraph (blank-line separated) |
+    # line | auto (the default: one document per file, paragraphs when the source is a single file)
+    sample_by: str = "auto"
     template: str = ""  # joins record fields instead of text_field, e.g. "{title}\n\n{text}"
     weight: float = 1.0
     max_docs: int = 0  # 0 = no cap (counted after the filters)
@@ -315,10 +318,14 @@ def validate_train(cfg: TrainConfig, key: str) -> None:
            "muon needs whole matrices and does not run on FSDP shards (use distributed = 'ddp' or optimizer = 'adamw')")
 
 
+SAMPLE_BY = ("auto", "document", "paragraph", "line")
+
+
 def validate_source(src: SourceConfig, key: str) -> None:
     _check(bool(src.local or src.hub), key, "names neither a local glob ('local') nor a Hub dataset ('hub')")
     formats = ("auto", "txt", "jsonl", "json", "parquet", "csv", "squad")
     _check(src.format in formats, f"{key}.format", f"must be one of {', '.join(formats)}")
+    _check(src.sample_by in SAMPLE_BY, f"{key}.sample_by", f"must be one of {', '.join(SAMPLE_BY)}")
     _check(src.weight > 0, f"{key}.weight", "must be > 0")
     _check(src.max_docs >= 0, f"{key}.max_docs", "must be >= 0")
     _check(src.max_tokens >= 0, f"{key}.max_tokens", "must be >= 0")

@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import Recipe, TrainConfig, load_recipe, save_recipe
+from lmforge.config import DataConfig, Recipe, TrainConfig, load_recipe, save_recipe
 from lmforge.data.loader import TokenBatcher, log_phase_plan, resolve_phases
 from lmforge.data.qa import QABatcher, clean_examples, encode_examples, encode_for_inference
 from lmforge.data.shards import has_shards, load_manifest, prepare_shards, tokenizer_hash
@@ -123,15 +123,56 @@ def run_data_dir(run: RunDir, data_dir: str | Path | None) -> Path | None:
 # --------------------------------------------------------------------------- tokenizer and shards
 
 
-def _all_texts(recipe: Recipe, data_dir: Path | None) -> Iterator[str]:
-    """Documents of every source, interleaved round-robin so the tokenizer sample sees all of them."""
-    iterators = [iter_documents(src, data_dir) for src in recipe.data.sources]
-    while iterators:
-        for it in list(iterators):
-            try:
-                yield next(it)
-            except StopIteration:
-                iterators.remove(it)
+SAMPLE_PIECE_CHARS = 8_000  # the tokenizer sample takes documents in pieces of at most this many characters
+SAMPLE_POOL_DOCS = 64  # ... in turn from this many documents of a source at a time
+
+
+def sample_shares(data: DataConfig) -> dict[str, float]:
+    """Each source's share of the tokenizer sample: its weight in the mixture, averaged over the phases."""
+    phases = resolve_phases(data)
+    shares = dict.fromkeys((s.name for s in data.sources), 0.0)
+    for phase in phases:
+        total = sum(phase.weights.values())
+        for name, weight in phase.weights.items():
+            shares[name] += weight / total / len(phases)
+    return shares
+
+
+def _pieces(docs: Iterator[str]) -> Iterator[str]:
+    """A source's documents in pieces, taken in turn from up to SAMPLE_POOL_DOCS documents (a document leaves the
+    pool when used up): a 500K-character book is a share of its source like many pages, not one huge turn."""
+    pool: deque[tuple[str, int]] = deque()
+    while True:
+        while len(pool) < SAMPLE_POOL_DOCS and (doc := next(docs, None)) is not None:
+            pool.append((doc, 0))
+        if not pool:
+            return
+        doc, start = pool.popleft()
+        yield doc[start : start + SAMPLE_PIECE_CHARS]
+        if start + SAMPLE_PIECE_CHARS < len(doc):
+            pool.append((doc, start + SAMPLE_PIECE_CHARS))
+
+
+def tokenizer_sample(recipe: Recipe, data_dir: Path | None) -> Iterator[str]:
+    """Up to tokenizer.sample_chars characters of the sources' text, each source's characters in proportion to
+    its mixture weight (the source furthest below its share gives the next piece; a source that runs out leaves
+    its share to the others), so the tokenizer is fitted to the text the model sees."""
+    shares = {name: share for name, share in sample_shares(recipe.data).items() if share > 0}
+    streams = {s.name: _pieces(iter_documents(s, data_dir)) for s in recipe.data.sources if s.name in shares}
+    taken = dict.fromkeys(streams, 0)
+    budget = recipe.tokenizer.sample_chars
+    while streams and budget > 0:
+        name = min(streams, key=lambda n: taken[n] / shares[n])
+        piece = next(streams[name], None)
+        if piece is None:
+            del streams[name]
+            continue
+        piece = piece[:budget]
+        taken[name] += len(piece)
+        budget -= len(piece)
+        yield piece
+    total = max(sum(taken.values()), 1)
+    log.info("tokenizer sample: %s", ", ".join(f"{n} {c:,} chars ({c / total:.0%})" for n, c in taken.items()))
 
 
 def _refuse_replacing_a_used_tokenizer(run: RunDir) -> None:
@@ -151,7 +192,7 @@ def train_tokenizer_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | No
     _refuse_replacing_a_used_tokenizer(run)
     if not recipe.data.sources:
         raise LmforgeError("recipe has no [[data.sources]] to train the tokenizer on")
-    tok = train_tokenizer(_all_texts(recipe, run_data_dir(run, data_dir)), recipe.tokenizer.vocab_size,
+    tok = train_tokenizer(tokenizer_sample(recipe, run_data_dir(run, data_dir)), recipe.tokenizer.vocab_size,
                           recipe.tokenizer.sample_chars, recipe.tokenizer.min_frequency)
     tok.save(run.tokenizer)
     record_recipe(recipe, run)

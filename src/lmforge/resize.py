@@ -100,10 +100,10 @@ def resized_recipe(recipe: Recipe, vocab_size: int) -> Recipe:
 
 def retrain_tokenizer(recipe: Recipe, vocab_size: int, data_dir: str | Path | None = None) -> Tokenizer:
     """A tokenizer trained like the run's (same sources and sample) with another vocabulary size."""
-    from lmforge.pipeline import _all_texts
+    from lmforge.pipeline import tokenizer_sample
 
     t = resized_recipe(recipe, vocab_size).tokenizer
-    return train_tokenizer(_all_texts(recipe, data_dir_from_env(data_dir)), t.vocab_size, t.sample_chars,
+    return train_tokenizer(tokenizer_sample(recipe, data_dir_from_env(data_dir)), t.vocab_size, t.sample_chars,
                            t.min_frequency)
 
 

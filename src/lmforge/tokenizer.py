@@ -2,16 +2,22 @@
 
 Byte-level BPE round-trips any Unicode text exactly: every string is first mapped to its UTF-8 bytes,
 so there is no unknown token and no normalisation that could change the text.
+
+Text is encoded as text: a "<|endoftext|>" or "<|question|>" written in a document, a question or a prompt
+is those characters, never the control id (as tiktoken's `allowed_special=()`), so data cannot inject a
+document boundary or a QA marker. Control ids are only ever added by id (shards, QA prompts).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Encoding, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write
@@ -23,11 +29,16 @@ QUESTION = "<|question|>"
 ANSWER = "<|answer|>"
 SPECIAL_TOKENS = [EOT, PAD, CONTEXT, QUESTION, ANSWER]
 
+log = logging.getLogger("lmforge")
+
 
 class Tokenizer:
     """A thin wrapper over `tokenizers.Tokenizer` with the ids lmforge needs by name."""
 
     def __init__(self, hf: HFTokenizer):
+        # special-token strings in text are plain text (see the module docstring). The setting is not saved in
+        # tokenizer.json, so the file, its hash and the Hugging Face export keep the library's default
+        hf.encode_special_tokens = True
         self.hf = hf
         ids = {tok: hf.token_to_id(tok) for tok in SPECIAL_TOKENS}
         missing = [tok for tok, i in ids.items() if i is None]
@@ -49,6 +60,17 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_markup(self, text: str) -> Encoding:
+        """`text` written in the prompt format, its special-token strings ("<|question|>") read as their ids;
+        with offsets. Only for text that is markup by contract (the attention explorer's input)."""
+        return self._markup.encode(text, add_special_tokens=False)
+
+    @functools.cached_property
+    def _markup(self) -> HFTokenizer:
+        markup = HFTokenizer.from_str(self.hf.to_str())
+        markup.encode_special_tokens = False
+        return markup
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
@@ -106,4 +128,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_chars: int, mi
     hf.train_from_iterator(_take_chars(texts, sample_chars), trainer=trainer)
     if hf.get_vocab_size() < 256 + len(SPECIAL_TOKENS):
         raise LmforgeError("tokenizer training saw no text")
+    if hf.get_vocab_size() < vocab_size:  # BPE ran out of pairs seen min_frequency times
+        log.warning("tokenizer: the training text supports only %d tokens (asked %d): add text (more sources or "
+                    "tokenizer.sample_chars), or lower tokenizer.min_frequency (%d) or tokenizer.vocab_size",
+                    hf.get_vocab_size(), vocab_size, min_frequency)
     return Tokenizer(hf)

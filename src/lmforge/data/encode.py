@@ -30,6 +30,7 @@ class EncodedBatch:
 class _Encoder:
     def __init__(self, tokenizer_json: str, dtype: str, eot_id: int):
         self.hf = HFTokenizer.from_str(tokenizer_json)
+        self.hf.encode_special_tokens = True  # as lmforge.tokenizer.Tokenizer: "<|endoftext|>" in a document is text
         self.dtype = np.dtype(dtype)
         self.eot_id = eot_id
 

@@ -16,6 +16,7 @@ written as they fill.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from fractions import Fraction
 from itertools import islice
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from tqdm import tqdm
 
 from lmforge.config import DataConfig, SourceConfig
 from lmforge.data.encode import EncodedBatch, EncoderPool, default_workers
-from lmforge.data.sources import DROP_REASONS, iter_documents, local_files
+from lmforge.data.sources import DROP_REASONS, iter_documents, local_files, whole_txt_documents
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write, atomic_write_json
 from lmforge.tokenizer import Tokenizer
@@ -50,10 +52,43 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
+@functools.lru_cache(maxsize=16)
+def _split(val_fraction: float) -> tuple[int, int, int]:
+    """val_fraction as the ratio p/q it was written as (0.15 -> 3/20, not its binary float), and the position
+    of the first validation document, floor(1/(2f)): the middle of the first 1/f documents."""
+    ratio = Fraction(val_fraction).limit_denominator(1_000_000)
+    return ratio.numerator, ratio.denominator, ratio.denominator // (2 * ratio.numerator)
+
+
 def is_validation_doc(index: int, val_fraction: float) -> bool:
-    """Deterministic split by document position: every k-th document, starting from the middle of the first k."""
-    k = max(2, round(1 / val_fraction))
-    return index % k == k // 2
+    """Deterministic split by document position holding out exactly `val_fraction` of the documents (evenly
+    spaced, Bresenham-style: document i is held out when floor((i - first) * f) steps up). For f = 1/k this is
+    every k-th document from the k//2-th, as lmforge always split (0.05, 0.02: the same documents)."""
+    p, q, first = _split(val_fraction)
+    return (index - first) * p // q > (index - first - 1) * p // q
+
+
+def first_validation_index(val_fraction: float) -> int:
+    """Position of a source's first validation document: a source needs more documents than this to have one."""
+    return _split(val_fraction)[2]
+
+
+def _no_validation_error(data: DataConfig, entries: list[dict], data_dir: Path | None) -> LmforgeError:
+    """Advice that can work: the split is per source and by document, so a source needs enough documents."""
+    need = first_validation_index(data.val_fraction) + 1
+    if not entries:
+        return LmforgeError("no validation documents: no source was available (all optional sources skipped)")
+    most = max(entries, key=lambda e: e["docs"])
+    advice = ["add documents"]
+    if most["docs"] >= 2:  # the first validation document is the floor(1/(2f))-th
+        advice.append(f"raise data.val_fraction above {1 / (2 * most['docs']):.3g}")
+    whole = [s.name for s in data.sources if whole_txt_documents(s, data_dir)]
+    if whole:
+        names = ", ".join(f"'{n}'" for n in whole)
+        advice.append(f"cut its txt files into documents: sample_by = \"paragraph\" (or \"line\") on source {names}")
+    return LmforgeError(f"no validation documents: at data.val_fraction = {data.val_fraction:g} a source needs at "
+                        f"least {need} documents, and the largest, '{most['name']}', has {most['docs']}; "
+                        f"{', or '.join(advice)}")
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
@@ -309,7 +344,7 @@ def prepare_shards(data: DataConfig, tokenizer: Tokenizer, data_dir: Path | None
                      entry["train_tokens"], entry["val_tokens"], entry["duplicates"])
             entries.append(entry)
     if not any(e["val_tokens"] for e in entries):
-        raise LmforgeError("no validation documents: add documents or raise data.val_fraction")
+        raise _no_validation_error(data, entries, data_dir)
     manifest = {
         "format": FORMAT,
         "dtype": token_dtype(tokenizer.vocab_size).name,

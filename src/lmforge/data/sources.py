@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -99,15 +100,61 @@ def local_files(src: SourceConfig, data_dir: Path | None) -> list[Path]:
     return []
 
 
+class _ZstdReader(io.RawIOBase):
+    """Every frame of a .zst file; EOFError when the file ends inside a frame, as gzip raises for a cut .gz.
+
+    zstandard's `stream_reader` returns what it has when the input stops mid-frame (a truncated file reads as
+    a shorter one, silently) and stops after the first frame; its `decompressobj` says when a frame is
+    complete (`eof`), so each frame is read by its own."""
+
+    def __init__(self, fh: BinaryIO):
+        import zstandard
+
+        self.fh, self.dctx, self.error = fh, zstandard.ZstdDecompressor(), zstandard.ZstdError
+        self.frame = None  # the decompressor of the frame being read; None between frames
+        self.out, self.pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.pos == len(self.out):
+            raw = self.fh.read(1 << 16)  # small: the output of one read is held in memory
+            if not raw:
+                if self.frame is not None:
+                    raise EOFError("compressed file ended before the end of a zstd frame")
+                return 0
+            self.out, self.pos = self._decompress(raw), 0
+        n = min(len(buffer), len(self.out) - self.pos)
+        buffer[:n] = self.out[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+    def _decompress(self, raw: bytes) -> bytes:
+        parts = []
+        try:
+            while raw:
+                if self.frame is None:
+                    self.frame = self.dctx.decompressobj()
+                parts.append(self.frame.decompress(raw))
+                raw = b""
+                if self.frame.eof:  # the next frame, if any, starts in what this one left
+                    raw, self.frame = self.frame.unused_data, None
+        except self.error as exc:
+            raise OSError(f"zstd: {exc}") from None
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self.fh.close()
+        super().close()
+
+
 def open_binary(path: Path) -> BinaryIO:
     try:
         if path.name.endswith(".gz"):
             return gzip.open(path, "rb")
         if path.name.endswith(".zst"):
-            import zstandard
-
-            # buffered, so that the file can be read line by line
-            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+            return io.BufferedReader(_ZstdReader(open(path, "rb")))  # buffered: read line by line
         return open(path, "rb")
     except OSError as exc:
         raise LmforgeError(f"{path}: cannot open ({exc.strerror or exc})") from None
@@ -246,14 +293,59 @@ def _json_records(path: Path, stats: Counter) -> Iterator[tuple[str, Record]]:
             _skip(stats, "not_object", f"{path}[{i}]", f"expected a JSON object, got {type(record).__name__}; skipped")
 
 
+CSV_FIELD_LIMIT = 2**31 - 1  # a field is a whole document (a book); the csv module's default is 128 KiB
+
+
 def _csv_records(path: Path, stats: Counter) -> Iterator[tuple[str, Record]]:
-    reader = csv.DictReader(io.StringIO(_read_text(path, stats)))
-    for row in reader:
-        yield f"{path}:{reader.line_num}", row
+    """Rows of a CSV file, streamed; each line is decoded on its own so invalid UTF-8 is located."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    with open_binary(path) as fh:
+        reader = csv.DictReader(_decode(raw, path, f":{n}", stats) for n, raw in enumerate(fh, 1))
+        try:
+            for row in reader:
+                yield f"{path}:{reader.line_num}", row
+        except csv.Error as exc:
+            raise LmforgeError(f"{path}:{reader.reader.line_num}: malformed CSV ({exc})") from None
+        except (OSError, EOFError, zlib.error) as exc:
+            raise LmforgeError(f"{path}: corrupt or truncated file ({exc})") from None
 
 
-def _txt_records(path: Path, src: SourceConfig, stats: Counter) -> Iterator[tuple[str, Record]]:
-    yield str(path), {src.text_field: _read_text(path, stats), "path": str(path)}
+def txt_unit(src: SourceConfig, n_files: int) -> str:
+    """How the source's txt files are cut into documents: `sample_by`, with "auto" resolved (one document per
+    file, but paragraphs for a single-file corpus such as tinyshakespeare, which could not otherwise be split)."""
+    if src.sample_by != "auto":
+        return src.sample_by
+    return "paragraph" if n_files == 1 else "document"
+
+
+def whole_txt_documents(src: SourceConfig, data_dir: Path | None) -> bool:
+    """Whether the source has local txt files read as one document each."""
+    files = local_files(src, data_dir)
+    return txt_unit(src, len(files)) == "document" and any(file_format(f, src.format) == "txt" for f in files)
+
+
+def _txt_records(path: Path, src: SourceConfig, stats: Counter, unit: str) -> Iterator[tuple[str, Record]]:
+    """A txt file as documents (`unit`, as the `sample_by` of Hugging Face datasets' text loader): the whole
+    file, or its paragraphs (runs of non-blank lines) or non-blank lines, streamed line by line."""
+    if unit == "document":
+        yield str(path), {src.text_field: _read_text(path, stats), "path": str(path)}
+        return
+    with open_binary(path) as fh:
+        try:
+            lines: list[str] = []
+            first = 0
+            for lineno, raw in enumerate(fh, 1):
+                line = _decode(raw, path, f":{lineno}", stats).rstrip("\r\n")
+                if line.strip():
+                    first = first or lineno
+                    lines.append(line)
+                if lines and (unit == "line" or not line.strip()):
+                    yield f"{path}:{first}", {src.text_field: "\n".join(lines), "path": str(path)}
+                    lines, first = [], 0
+            if lines:
+                yield f"{path}:{first}", {src.text_field: "\n".join(lines), "path": str(path)}
+        except (OSError, EOFError, zlib.error) as exc:
+            raise LmforgeError(f"{path}: corrupt or truncated file ({exc})") from None
 
 
 def _datasets_records(ds: Any, where: str, on_error: str) -> Iterator[tuple[str, Record]]:
@@ -279,11 +371,12 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, Record]]:
     yield from _datasets_records(ds, str(path), "")
 
 
-def file_records(path: Path, src: SourceConfig, stats: Counter) -> Iterator[tuple[str, Record]]:
-    """(where, record) for every record of one local file; `where` is the file and line or row."""
+def file_records(path: Path, src: SourceConfig, stats: Counter, n_files: int = 1) -> Iterator[tuple[str, Record]]:
+    """(where, record) for every record of one local file (one of the source's `n_files`); `where` is the file
+    and line or row."""
     fmt = file_format(path, src.format)
     if fmt == "txt":
-        return _txt_records(path, src, stats)
+        return _txt_records(path, src, stats, txt_unit(src, n_files))
     if fmt == "jsonl":
         return _jsonl_records(path, stats)
     if fmt in ("json", "squad"):
@@ -309,6 +402,20 @@ def _record_text(record: Record, src: SourceConfig, where: str, stats: Counter) 
         _skip(stats, "missing_field", where, f"no string field '{field}'; record skipped")
         return None
     return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(text: str, where: str, stats: Counter) -> str:
+    """`text` with lone surrogates (JSON escapes such as "\\ud800", which no UTF-8 text can hold and the
+    tokenizer refuses) replaced with U+FFFD, counted like invalid UTF-8 bytes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        _skip(stats, "surrogates", where, "lone surrogate escapes (\\ud800-\\udfff) replaced with U+FFFD")
+        return _SURROGATE.sub("\ufffd", text)
 
 
 def _keep(record: Record, text: str, src: SourceConfig, stats: Counter) -> bool:
@@ -343,7 +450,7 @@ def source_records(src: SourceConfig, data_dir: Path | None, stats: Counter) -> 
     """The records of a source: its local files if any match, else the Hub; None for a missing optional source."""
     files = local_files(src, data_dir)
     if files:
-        return (item for f in files for item in file_records(f, src, stats))
+        return (item for f in files for item in file_records(f, src, stats, len(files)))
     if src.hub:
         local_hint = f" and no local copy matches '{src.local}'" if src.local else ""
         on_error = "; point the source's 'local' at a copy under --data-dir to work offline"
@@ -365,6 +472,9 @@ def _log_summary(src: SourceConfig, stats: Counter) -> None:
                     ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in dropped.items()), stats["docs"])
     if stats.get("replaced"):
         log.warning("source '%s': %d records had invalid UTF-8 (replaced with U+FFFD)", src.name, stats["replaced"])
+    if stats.get("surrogates"):
+        log.warning("source '%s': %d records had lone surrogate escapes (replaced with U+FFFD)", src.name,
+                    stats["surrogates"])
     for kind, column in (("unscored", src.score_field), ("unlabelled", src.language_field)):
         if stats.get(kind):
             log.warning("source '%s': %d records have no '%s' column; kept unfiltered", src.name, stats[kind], column)
@@ -382,7 +492,10 @@ def iter_documents(src: SourceConfig, data_dir: Path | None, stats: Counter | No
     for where, record in records:
         stats["records"] += 1
         text = _record_text(record, src, where, stats)
-        if text is None or not _keep(record, text, src, stats):
+        if text is None:
+            continue
+        text = _valid_unicode(text, where, stats)
+        if not _keep(record, text, src, stats):
             continue
         if src.format == "squad":  # one row per question: keep each paragraph once
             h = text_hash(text)
