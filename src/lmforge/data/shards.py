@@ -155,12 +155,21 @@ def _source_key(src: SourceConfig, data: DataConfig, data_dir: Path | None, tok_
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _remove_tree(folder: Path, root: Path) -> None:
+    """rmtree `folder`, which must lie strictly inside `root` (RUN/data): a source's folder is built from its
+    name, and a name that escaped the config's validation must never delete anything else."""
+    inside = folder.resolve(), root.resolve()
+    if inside[1] not in inside[0].parents:
+        raise LmforgeError(f"refusing to delete {folder}: not a folder inside {root}")
+    shutil.rmtree(folder)
+
+
 def _fresh_progress(key: str) -> dict:
     return {"key": key, "done": False, "stream_pos": 0, "next_index": 0, "duplicates": 0, "bytes": 0,
             "shards": {s: [] for s in SPLITS}, "entry": None}
 
 
-def _load_progress(folder: Path, key: str) -> dict:
+def _load_progress(folder: Path, key: str, root: Path) -> dict:
     """The saved resume point of this source, or a fresh start (removing a stale or foreign folder)."""
     path = folder / "progress.json"
     progress = None
@@ -175,7 +184,7 @@ def _load_progress(folder: Path, key: str) -> dict:
     if progress is None or progress.get("key") != key or not all((folder / name).is_file() for name in keep):
         # changed config, files or tokenizer, or shards deleted (data.delete_consumed): start the source over
         if folder.exists():
-            shutil.rmtree(folder)
+            _remove_tree(folder, root)
         folder.mkdir(parents=True)
         return _fresh_progress(key)
     keep.add("progress.json")
@@ -208,7 +217,7 @@ def shard_source(src: SourceConfig, source_id: int, data: DataConfig, tokenizer:
     """Tokenize one source into its shard folder, resuming an interrupted run; returns its manifest entry
     (None for an optional source that is not available)."""
     folder = out_dir / src.name
-    progress = _load_progress(folder, key)
+    progress = _load_progress(folder, key, out_dir)
     if data.dedup:
         seen.update(_seen_hashes(out_dir, progress))
     if progress["done"]:
