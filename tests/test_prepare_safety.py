@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lmforge.cli import main
@@ -105,3 +106,64 @@ def test_shard_folders_are_only_ever_deleted_inside_the_data_folder(tmp_path, pr
             shards_mod.prepare_shards(data, Tokenizer.load(run / "tokenizer.json"), None, run / "data")
     assert (victim / "important.txt").read_text() == "precious"
     assert (run / "tokenizer.json").is_file() and (run / "config.toml").is_file()
+
+
+# --------------------------------------------------------------------------- finding 2: a failing prepare
+
+
+def test_a_failing_prepare_leaves_the_previous_shards_and_manifest_as_they_were(tmp_path, lm, prepared):
+    rec, run, ud = prepared
+    before = snapshot(run / "data")
+    rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", ud, "--data.sources.a.local", "a-typo.jsonl")
+    assert rc == 2 and err.count("\n") == 1 and "no local files match 'a-typo.jsonl'" in err
+    # a changed first source is made aside; the second one fails: nothing of the run's shards is touched
+    (ud / "broken.jsonl.gz").write_bytes(b"not gzip at all")
+    rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", ud, "--data.sources.a.max_docs", "50",
+                      "--data.sources.b.local", "broken.jsonl.gz")
+    assert rc == 2 and "broken.jsonl.gz" in err.splitlines()[-1]
+    assert {k: v for k, v in snapshot(run / "data").items() if not k.startswith(".staging")} == before
+    assert lm("data", "inspect", run)[0] == 0
+    # the next successful preparation uses what was made aside, and leaves nothing staged
+    rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", ud, "--data.sources.a.max_docs", "50")
+    assert rc == 0 and "a: 50 docs" in out
+    assert not (run / "data" / ".staging").exists()
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    assert [e["docs"] for e in manifest["sources"]] == [50, 100]
+
+
+# --------------------------------------------------------------------------- findings 4, 13: the reuse key
+
+
+def test_a_file_edited_in_place_at_the_same_size_is_prepared_again(lm, prepared):
+    rec, run, ud = prepared
+    text = (ud / "a.jsonl").read_text()
+    edited = text.replace("river", "rover")
+    assert edited != text and len(edited) == len(text)
+    (ud / "a.jsonl").write_text(edited)
+    rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", ud)
+    assert rc == 0 and "a: already prepared" not in err
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(run / "tokenizer.json")
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    first = manifest["sources"][0]["shards"]["train"][0]
+    ids = np.fromfile(run / "data" / first["file"], dtype=np.uint16)
+    assert "rover" in tok.decode(ids[:2000].tolist()) and "river" not in tok.decode(ids[:2000].tolist())
+
+
+def test_the_reuse_key_names_files_under_the_data_dir_and_chains_sources_only_for_dedup(tmp_path, lm, prepared,
+                                                                                          monkeypatch):
+    rec, run, ud = prepared
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", "ud")  # relative: the same files
+    assert rc == 0 and "a: already prepared" in err and "b: already prepared" in err
+    moved = tmp_path / "moved"
+    ud.rename(moved)  # a data folder moved elsewhere keeps its files' sizes and times
+    rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", moved)
+    assert rc == 0 and "a: already prepared" in err and "b: already prepared" in err
+    # with data.dedup = false, a change to the first source does not make the second one again
+    rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", moved, "--data.dedup", "false")
+    assert rc == 0 and "a: already prepared" not in err and "b: already prepared" not in err  # dedup: other shards
+    rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", moved, "--data.dedup", "false",
+                      "--data.sources.a.max_docs", "50")
+    assert rc == 0 and "a: already prepared" not in err and "b: already prepared" in err

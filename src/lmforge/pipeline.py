@@ -135,6 +135,11 @@ def train_tokenizer_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | No
     return tok
 
 
+def source_weights(recipe: Recipe) -> dict[str, float]:
+    """The recipe's source weights: the validation mixture (a recipe property, not a shard property)."""
+    return {s.name: s.weight for s in recipe.data.sources}
+
+
 def prepare_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None) -> dict:
     tok = Tokenizer.load(run.tokenizer)
     manifest = prepare_shards(recipe.data, tok, data_dir_from_env(data_dir), run.data)
@@ -238,7 +243,8 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
     log_phase_plan(phases, p.batch_size * p.grad_accum * cfg.block_size, p.max_steps)
     train = TokenBatcher(run.data, "train", cfg.block_size, p.batch_size, seed=recipe.seed, phases=phases,
                          shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch, delete_consumed=d.delete_consumed)
-    val = TokenBatcher(run.data, "val", cfg.block_size, p.batch_size, seed=recipe.seed + 1)
+    val = TokenBatcher(run.data, "val", cfg.block_size, p.batch_size, seed=recipe.seed + 1,
+                       weights=source_weights(recipe))
     if resume:
         check_tokenizer(run.checkpoint("last"), tok, run.tokenizer)
     result = train_stage(model, train, val, p, run, "pretrain", p.max_steps, resume=resume, seed=recipe.seed,
@@ -407,7 +413,8 @@ def held_out_text_metrics(recipe: Recipe, run: RunDir, model: GPT, tok: Tokenize
                "from the recipe's [[data.sources]])")
         log.warning("held-out text metrics not measured: %s", why)
         return {"text_metrics_skipped": why}
-    val = TokenBatcher(run.data, "val", model.cfg.block_size, recipe.pretrain.batch_size, seed=recipe.seed + 1)
+    val = TokenBatcher(run.data, "val", model.cfg.block_size, recipe.pretrain.batch_size, seed=recipe.seed + 1,
+                       weights=source_weights(recipe))
     return text_metrics(model, val.fixed_batches(recipe.eval.val_batches), tok.token_byte_lengths())
 
 

@@ -25,7 +25,7 @@ def _source_report(data: Path, entry: dict, tok: Tokenizer, dtype: np.dtype, sam
     shards = entry["shards"]["train"] or entry["shards"]["val"]
     lengths = np.concatenate([read_index(data / s["index"])["length"] for split in ("train", "val")
                               for s in entry["shards"][split]] or [np.zeros(0, dtype=np.int64)])
-    report = {key: entry[key] for key in ("name", "weight", "docs", "train_docs", "val_docs", "train_tokens",
+    report = {key: entry[key] for key in ("name", "docs", "train_docs", "val_docs", "train_tokens",
                                           "val_tokens", "duplicates", "dropped")}
     report["shards"] = {split: len(entry["shards"][split]) for split in ("train", "val")}
     report["doc_tokens"] = _length_histogram(lengths)
