@@ -167,3 +167,51 @@ def test_the_reuse_key_names_files_under_the_data_dir_and_chains_sources_only_fo
     rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", moved, "--data.dedup", "false",
                       "--data.sources.a.max_docs", "50")
     assert rc == 0 and "a: already prepared" not in err and "b: already prepared" in err
+
+
+# --------------------------------------------------------------------------- finding 2: shards under checkpoints
+
+PRETRAIN = ("--pretrain.max_steps", "2", "--pretrain.batch_size", "2", "--pretrain.eval_interval", "1",
+            "--pretrain.eval_batches", "1", "--pretrain.checkpoint_interval", "1", "--pretrain.warmup_steps", "0")
+
+
+def test_prepare_refuses_to_change_the_shards_checkpoints_were_trained_on(lm, prepared):
+    rec, run, ud = prepared
+    rc, out, err = lm("pretrain", "--run-dir", run, *PRETRAIN)
+    assert rc == 0, err
+    assert lm("prepare", rec, "--run-dir", run, "--data-dir", ud)[0] == 0  # nothing changes: fine
+    before = snapshot(run / "data")
+    rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", ud, "--data.sources.a.max_docs", "50")
+    assert rc == 2 and err.count("\n") == 1
+    assert "has checkpoints" in err and "would change the shards of a, b" in err and "--force" in err
+    assert snapshot(run / "data") == before
+    # a mistyped path says so, not that the shards would change
+    rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", ud, "--data.sources.b.local", "typo.jsonl")
+    assert rc == 2 and "no local files match 'typo.jsonl'" in err and "would change" not in err
+    assert snapshot(run / "data") == before
+    # --force replaces them; pretraining then refuses to resume checkpoints trained on other shards
+    rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", ud, "--data.sources.a.max_docs", "50", "--force")
+    assert rc == 0 and "a: 50 docs" in out
+    rc, out, err = lm("pretrain", "--run-dir", run, "--resume", *PRETRAIN[:1], "3", *PRETRAIN[2:])
+    assert rc == 2 and err.count("\n") == 1 and "cannot resume pretraining" in err and "other token shards" in err
+
+
+def test_pretrain_resumes_on_the_same_shards_after_a_prepare_that_changed_nothing(lm, prepared):
+    rec, run, ud = prepared
+    assert lm("pretrain", "--run-dir", run, *PRETRAIN)[0] == 0
+    assert lm("prepare", rec, "--run-dir", run, "--data-dir", ud)[0] == 0
+    rc, out, err = lm("pretrain", "--run-dir", run, "--resume", *PRETRAIN[:1], "3", *PRETRAIN[2:])
+    assert rc == 0, err
+
+
+# --------------------------------------------------------------------------- finding 18
+
+
+def test_prepare_without_a_tokenizer_says_to_train_one_and_makes_nothing(tmp_path, lm):
+    ud = tmp_path / "ud"
+    write_jsonl(ud / "a.jsonl", make_docs(30, 1))
+    write_jsonl(ud / "b.jsonl", make_docs(30, 2))
+    run = tmp_path / "run"
+    rc, out, err = lm("prepare", recipe(tmp_path / "r.toml", TWO), "--run-dir", run, "--data-dir", ud)
+    assert rc == 2 and err.count("\n") == 1 and "run `lmforge tokenizer train" in err
+    assert not run.exists()
