@@ -215,3 +215,22 @@ def test_prepare_without_a_tokenizer_says_to_train_one_and_makes_nothing(tmp_pat
     rc, out, err = lm("prepare", recipe(tmp_path / "r.toml", TWO), "--run-dir", run, "--data-dir", ud)
     assert rc == 2 and err.count("\n") == 1 and "run `lmforge tokenizer train" in err
     assert not run.exists()
+
+
+# --------------------------------------------------------------------------- finding 14
+
+
+def test_a_relative_local_is_looked_up_under_the_data_dir_only(tmp_path, lm, prepared, monkeypatch):
+    rec, run, ud = prepared
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "cwdonly.jsonl", make_docs(50, 5))  # in the current directory, not in the data dir
+    rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", ud, "--data.sources.b.local", "cwdonly.jsonl")
+    assert rc == 2
+    assert err.splitlines()[-1] == f"lmforge: error: source 'b': no local files match 'cwdonly.jsonl' under data dir {ud}"
+    # without a data dir, a relative glob is relative to the current directory; an absolute one is used as given
+    from lmforge.config import SourceConfig
+    from lmforge.data.sources import local_files
+
+    assert local_files(SourceConfig(name="b", local="cwdonly.jsonl"), None) == [Path("cwdonly.jsonl")]
+    absolute = SourceConfig(name="b", local=str(tmp_path / "cwdonly.jsonl"))
+    assert local_files(absolute, ud) == [tmp_path / "cwdonly.jsonl"]
