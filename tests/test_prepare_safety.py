@@ -234,3 +234,40 @@ def test_a_relative_local_is_looked_up_under_the_data_dir_only(tmp_path, lm, pre
     assert local_files(SourceConfig(name="b", local="cwdonly.jsonl"), None) == [Path("cwdonly.jsonl")]
     absolute = SourceConfig(name="b", local=str(tmp_path / "cwdonly.jsonl"))
     assert local_files(absolute, ud) == [tmp_path / "cwdonly.jsonl"]
+
+
+# --------------------------------------------------------------------------- findings 10, 17: data inspect
+
+
+def test_data_inspect_shows_the_sampled_mixture_from_the_recipes_current_weights(tmp_path, lm, prepared):
+    rec, run, ud = prepared
+    rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", ud, "--data.sources.a.weight", "3")
+    assert rc == 0 and "a: already prepared" in err  # a weight is not a shard property: nothing is made again
+    rc, out, err = lm("data", "inspect", run, "--json")
+    report = json.loads(out)
+    assert [(s["name"], s["weight"]) for s in report["sources"]] == [("a", 3.0), ("b", 1.0)]
+    assert report["mixture"] == [{"phase": "mixture", "tokens": 0, "shares": {"a": 0.75, "b": 0.25}}]
+    assert sum(s["train_share"] for s in report["sources"]) == pytest.approx(1, abs=1e-3)
+    text = lm("data", "inspect", run)[1]
+    assert "tok share" in text and "of the train tokens in the shards" in text
+    assert "phase 1 'mixture' (until the end): a 75.0%, b 25.0%" in text
+    phased = recipe(tmp_path / "phased.toml", TWO + '[[data.phases]]\nname = "a first"\ntokens = 4096\n'
+                    'weights = { a = 1 }\n[[data.phases]]\nname = "mix"\nweights = { a = 1, b = 3 }\n')
+    assert lm("prepare", phased, "--run-dir", run, "--data-dir", ud)[0] == 0
+    text = lm("data", "inspect", run)[1]
+    assert "phase 1 'a first' (4,096 tokens): a 100.0%" in text and "phase 2 'mix' (until the end): a 25.0%, b 75.0%" in text
+
+
+def test_data_inspect_reports_shards_deleted_once_consumed(lm, prepared):
+    rec, run, ud = prepared
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    first = manifest["sources"][0]["shards"]["train"][0]
+    (run / "data" / first["file"]).unlink()  # as data.delete_consumed does (SourceStream.delete_before)
+    (run / "data" / first["index"]).unlink()
+    rc, out, err = lm("data", "inspect", run, "--json")
+    assert rc == 0, err
+    a = json.loads(out)["sources"][0]
+    assert a["deleted_shards"] == {"train": 1, "val": 0} and a["docs"] == manifest["sources"][0]["docs"]
+    assert sum(a["doc_tokens"].values()) == a["docs"] - first["docs"]
+    rc, out, err = lm("data", "inspect", run)
+    assert rc == 0 and "1 deleted once consumed (data.delete_consumed)" in out
