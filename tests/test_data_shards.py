@@ -158,3 +158,30 @@ def test_changed_config_or_deleted_shards_redo_a_source(tmp_path, tok):
     changed = prepare_shards(cfg, tok, None, out)
     assert changed["sources"][0]["dropped"]["too_short"] > 0
     assert changed["sources"][0]["docs"] < first["sources"][0]["docs"]
+
+
+def test_a_preparation_interrupted_while_swapping_in_changed_sources_is_finished_by_the_next(tmp_path, tok,
+                                                                                             monkeypatch):
+    cfg = data_cfg(tmp_path)
+    out = tmp_path / "out"
+    prepare_shards(cfg, tok, None, out)
+    cfg.sources[0].min_chars = 300  # both sources change (b through dedup)
+    reference = prepare_shards(cfg, tok, None, tmp_path / "reference")
+    real_replace = Path.replace
+    moved = []
+
+    def replace(self, target):
+        if self.parent.name == shards_mod.STAGING:
+            if moved:
+                raise KeyboardInterrupt  # killed between two sources' swaps
+            moved.append(self.name)
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_shards(cfg, tok, None, out)
+    assert moved == ["a"] and not (out / "manifest.json").exists()  # half swapped: no manifest claims either
+    monkeypatch.setattr(Path, "replace", real_replace)
+    assert prepare_shards(cfg, tok, None, out) == reference
+    assert shard_bytes(out) == shard_bytes(tmp_path / "reference")
+    assert not (out / shards_mod.STAGING).exists()
