@@ -25,6 +25,33 @@ def test_phases_load_and_override():
     assert recipe.data.shard_tokens == 4096
 
 
+@pytest.mark.parametrize("name, message", [
+    ("", "data.sources\\[1\\].name: required"),
+    ("..", "data.sources\\[1\\].name: '..' is not allowed"),
+    (".", "data.sources\\[1\\].name: '.' is not allowed"),
+    ("/tmp/victim", "data.sources\\[1\\].name: '/tmp/victim' is not allowed"),
+    ("a/b", "is not allowed"),
+    (".hidden", "is not allowed"),
+    ("manifest.json", "is not allowed"),
+    ("web", "source names must be unique: 'web' is used more than once"),
+    ("WEB", "source names must be unique: 'web'"),
+])
+def test_source_names_are_plain_folder_names(name, message):
+    data = base()
+    data["data"]["sources"][1]["name"] = name
+    if not name:
+        del data["data"]["sources"][1]["name"]
+    with pytest.raises(ConfigError, match=message) as exc:
+        recipe_from_dict(data)
+    assert "\n" not in str(exc.value)
+
+
+def test_ordinary_source_names_are_accepted():
+    data = base()
+    data["data"]["sources"][1]["name"] = "squad-contexts_v1.1"
+    assert recipe_from_dict(data).data.sources[1].name == "squad-contexts_v1.1"
+
+
 @pytest.mark.parametrize("phases, overrides, message", [
     ([{"weights": {"nope": 1}}], {}, "data.phases\\[0\\].weights.nope: no such source"),
     ([{"tokens": 0, "weights": {"web": 1}}, {"weights": {"web": 1}}], {}, "only the last phase"),

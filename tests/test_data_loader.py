@@ -215,3 +215,15 @@ def test_damaged_shards_or_manifest_are_one_line_naming_the_file(tmp_path, shard
             loader.next_batch()
     assert str(err.value).startswith(expected) and "\n" not in str(err.value)
     assert "delete_consumed" not in str(err.value)
+
+
+def test_the_validation_mixture_takes_the_recipes_weights_not_the_manifests(shards):
+    # weights are a recipe property: the manifest holds none, and an override after prepare must reach validation
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert all("weight" not in e for e in manifest["sources"])
+    val = TokenBatcher(shards, "val", BLOCK, BATCH, seed=1, weights={"web": 5, "books": 1, "stories": 1, "squad": 1})
+    names = [s.name for s in val.streams]
+    want = np.array([{"web": 5, "books": 1, "stories": 1, "squad": 1}[n] for n in names], dtype=float)
+    assert np.allclose(val.eval_probs, want / want.sum())
+    plain = TokenBatcher(shards, "val", BLOCK, BATCH, seed=1)
+    assert np.allclose(plain.eval_probs, 1 / len(plain.streams))

@@ -103,9 +103,10 @@ def test_interrupted_preparation_resumes_without_redoing_finished_shards(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         prepare_shards(cfg, tok, None, out)
     assert not (out / "manifest.json").exists()
-    done = json.loads((out / "a" / "progress.json").read_text())
+    staging = out / shards_mod.STAGING  # a source is made there and moved into place once every source is done
+    done = json.loads((staging / "a" / "progress.json").read_text())
     assert done["shards"]["train"] and not done["done"]
-    finished = {s["file"]: (out / s["file"]).stat().st_mtime_ns for s in done["shards"]["train"]}
+    finished = {s["file"]: (staging / s["file"]).stat().st_mtime_ns for s in done["shards"]["train"]}
     assert not list(out.rglob("*.tmp"))
     monkeypatch.setattr(shards_mod, "_write_batch", real)
     resumed_batches = {"n": 0}
@@ -118,7 +119,9 @@ def test_interrupted_preparation_resumes_without_redoing_finished_shards(tmp_pat
     manifest = prepare_shards(cfg, tok, None, out)
     assert shard_bytes(out) == shard_bytes(reference)
     assert manifest == load_manifest(reference) | {"sources": manifest["sources"]}
-    assert [s["docs"] for s in manifest["sources"]] == [s["docs"] for s in load_manifest(reference)["sources"]]
+    # every count, bytes included, as in the uninterrupted preparation
+    assert manifest["sources"] == load_manifest(reference)["sources"]
+    assert not staging.exists()
     assert all((out / f).stat().st_mtime_ns == t for f, t in finished.items())  # not rewritten
     assert resumed_batches["n"] < 12 + 10  # only the unfinished part was tokenized again
     again = {"n": 0}
@@ -200,3 +203,30 @@ def test_changed_config_or_deleted_shards_redo_a_source(tmp_path, tok):
     changed = prepare_shards(cfg, tok, None, out)
     assert changed["sources"][0]["dropped"]["too_short"] > 0
     assert changed["sources"][0]["docs"] < first["sources"][0]["docs"]
+
+
+def test_a_preparation_interrupted_while_swapping_in_changed_sources_is_finished_by_the_next(tmp_path, tok,
+                                                                                             monkeypatch):
+    cfg = data_cfg(tmp_path)
+    out = tmp_path / "out"
+    prepare_shards(cfg, tok, None, out)
+    cfg.sources[0].min_chars = 300  # both sources change (b through dedup)
+    reference = prepare_shards(cfg, tok, None, tmp_path / "reference")
+    real_replace = Path.replace
+    moved = []
+
+    def replace(self, target):
+        if self.parent.name == shards_mod.STAGING:
+            if moved:
+                raise KeyboardInterrupt  # killed between two sources' swaps
+            moved.append(self.name)
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_shards(cfg, tok, None, out)
+    assert moved == ["a"] and not (out / "manifest.json").exists()  # half swapped: no manifest claims either
+    monkeypatch.setattr(Path, "replace", real_replace)
+    assert prepare_shards(cfg, tok, None, out) == reference
+    assert shard_bytes(out) == shard_bytes(tmp_path / "reference")
+    assert not (out / shards_mod.STAGING).exists()

@@ -101,11 +101,14 @@ def cmd_tokenizer_train(args, overrides) -> int:
 
 
 def cmd_prepare(args, overrides) -> int:
-    from lmforge.pipeline import prepare_stage
+    from lmforge.pipeline import prepare_stage, require_tokenizer
+    from lmforge.rundir import RunDir
 
     recipe = load_recipe_for(args, overrides)
+    if args.run_dir:  # before the run directory (and its config.toml) is made
+        require_tokenizer(RunDir(Path(args.run_dir)))
     run = _stage_run(args, recipe, "prepare")
-    manifest = prepare_stage(recipe, run, args.data_dir)
+    manifest = prepare_stage(recipe, run, args.data_dir, force=args.force)
     for src in manifest["sources"]:
         dropped = sum(src.get("dropped", {}).values())
         print(f"{src['name']}: {src['docs']} docs, {src['train_tokens']:,} train / {src['val_tokens']:,} val tokens, "
@@ -432,7 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="local copies of datasets, used before the Hub (env LMFORGE_DATA_DIR)")
     p.set_defaults(func=cmd_tokenizer_train)
 
-    stage("prepare", "tokenize the recipe's sources into token shards (RUN/data)", cmd_prepare)
+    p = stage("prepare", "tokenize the recipe's sources into token shards (RUN/data)", cmd_prepare)
+    p.add_argument("--force", action="store_true",
+                   help="replace shards that the run's checkpoints were trained on (refused otherwise); pretraining "
+                        "then cannot --resume from them")
     data = sub.add_parser("data", help="look at a run's token shards")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data_sub.add_parser("inspect", help="counts per source, token histograms and decoded samples",

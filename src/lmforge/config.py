@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -25,6 +26,11 @@ DTYPES = ("auto", "float32", "bfloat16")  # train.dtype and eval.dtype: auto = b
 SQUAD_SUBSETS = ("spread", "first")
 LONG_CONTEXTS = ("truncate", "best_match", "sliding_window")
 DECODINGS = ("greedy", "span")
+
+
+# a source's name is its shard folder (RUN/data/<name>): one plain folder name, never a path
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+RESERVED_SOURCE_NAMES = ("manifest.json",)  # the other entry of RUN/data
 
 
 def _one_of(choices: tuple[str, ...]) -> str:
@@ -348,8 +354,16 @@ def validate_data(data: DataConfig) -> None:
     _check(data.prefetch >= 0, "data.prefetch", "must be >= 0")
     for i, src in enumerate(data.sources):
         validate_source(src, f"data.sources[{i}]")
+        _check(bool(SOURCE_NAME.fullmatch(src.name)) and src.name.lower() not in RESERVED_SOURCE_NAMES,
+               f"data.sources[{i}].name", f"{'required' if not src.name else f'{src.name!r} is not allowed'}: "
+               "it names the source's shard folder, so letters, digits, '-', '_' and '.' only, starting with a "
+               "letter or digit")
     names = [s.name for s in data.sources]
-    _check(len(names) == len(set(names)), "data.sources", "source names must be unique")
+    # compared ignoring case: on macOS and Windows "Books" and "books" would be the same folder
+    counts = collections.Counter(n.lower() for n in names)
+    dup = next((n for n in names if counts[n.lower()] > 1), None)
+    _check(dup is None, "data.sources", f"source names must be unique: '{dup}' is used more than once "
+           "(names are compared ignoring case: each is a folder)")
     for i, phase in enumerate(data.phases):
         key = f"data.phases[{i}]"
         _check(phase.tokens >= 0, f"{key}.tokens", "must be >= 0")

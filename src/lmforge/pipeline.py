@@ -21,7 +21,14 @@ import torch
 from lmforge.config import DataConfig, Recipe, TrainConfig, load_recipe, save_recipe
 from lmforge.data.loader import TokenBatcher, log_phase_plan, resolve_phases
 from lmforge.data.qa import QABatcher, clean_examples, encode_examples, encode_for_inference
-from lmforge.data.shards import has_shards, load_manifest, prepare_shards, tokenizer_hash
+from lmforge.data.shards import (
+    changed_sources,
+    has_shards,
+    load_manifest,
+    prepare_shards,
+    shards_fingerprint,
+    tokenizer_hash,
+)
 from lmforge.data.sources import QAExample, data_dir_from_env, iter_documents, iter_qa_examples
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import SpanOptions, dropped_text, report_markdown, span_answer, squad_eval, text_metrics
@@ -201,9 +208,46 @@ def train_tokenizer_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | No
     return tok
 
 
-def prepare_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None) -> dict:
+def source_weights(recipe: Recipe) -> dict[str, float]:
+    """The recipe's source weights: the validation mixture (a recipe property, not a shard property)."""
+    return {s.name: s.weight for s in recipe.data.sources}
+
+
+def require_tokenizer(run: RunDir) -> None:
+    if not run.tokenizer.is_file():
+        raise LmforgeError(f"no tokenizer in {run.root}: run `lmforge tokenizer train RECIPE --run-dir {run.root}` "
+                           "first (prepare tokenizes the sources with it)")
+
+
+def _refuse_changing_used_shards(recipe: Recipe, run: RunDir, tok: Tokenizer, data_dir: Path | None) -> None:
+    """New shards under checkpoints trained on the current ones would change the data a resumed pretraining and
+    eval read, without a word (as a new tokenizer would: see _refuse_replacing_a_used_tokenizer)."""
+    trained = list_checkpoints(run.checkpoints)
+    if not (trained and has_shards(run.data)):
+        return
+    changed = changed_sources(recipe.data, tokenizer_hash(tok), data_dir, run.data)
+    if not changed:
+        return
+    for src in recipe.data.sources:  # a mistyped path or an unreadable file is reported as what it is
+        if src.name in changed:
+            docs = iter_documents(src, data_dir)
+            next(docs, None)
+            docs.close()
+    raise LmforgeError(f"{run.root} has checkpoints ({', '.join(p.name for p in trained)}) trained on its token "
+                       f"shards, and this preparation would change the shards of {', '.join(changed)}: prepare in a "
+                       f"new run directory (with a copy of {run.tokenizer}), or pass --force to replace them "
+                       "(pretraining then cannot --resume from those checkpoints)")
+
+
+def prepare_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, force: bool = False) -> dict:
+    """Tokenize the recipe's sources into the run's shards. Refused, unless `force`, when the run has checkpoints
+    and a source's shards would change; a preparation that changes nothing is always fine."""
+    require_tokenizer(run)
     tok = Tokenizer.load(run.tokenizer)
-    manifest = prepare_shards(recipe.data, tok, run_data_dir(run, data_dir), run.data)
+    data_dir = run_data_dir(run, data_dir)
+    if not force:
+        _refuse_changing_used_shards(recipe, run, tok, data_dir)
+    manifest = prepare_shards(recipe.data, tok, data_dir, run.data)
     record_recipe(recipe, run)
     mark_done(run, "prepare", train_tokens=sum(s["train_tokens"] for s in manifest["sources"]))
     return manifest
@@ -303,8 +347,15 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
         raise LmforgeError(f"{run.data}: shards were made with another tokenizer (run `lmforge prepare` again)")
     cfg = model_config(recipe, tok)
     resume = resume and _resumes(run, "pretrain")
+    shards = shards_fingerprint(manifest)
     if resume:
         _check_shape(run.checkpoint("last"), cfg)
+        recorded = read_state(run.checkpoint("last")).get("shards")
+        if recorded and recorded != shards:  # checkpoints from before shards were recorded pass
+            raise LmforgeError(f"cannot resume pretraining: {run.data} holds other token shards than "
+                               f"{run.checkpoint('last')} was trained on (shards {shards}, the checkpoint's "
+                               f"{recorded}; `lmforge prepare --force` changed them): pretrain without --resume to "
+                               "start over, or in a new run directory")
     torch.manual_seed(recipe.seed)  # the initial weights are part of the recipe: two fresh runs are identical
     model = build_model(cfg)
     p = recipe.pretrain
@@ -313,12 +364,13 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
     log_phase_plan(phases, p.batch_size * p.grad_accum * cfg.block_size, p.max_steps)
     train = TokenBatcher(run.data, "train", cfg.block_size, p.batch_size, seed=recipe.seed, phases=phases,
                          shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch, delete_consumed=d.delete_consumed)
-    val = TokenBatcher(run.data, "val", cfg.block_size, p.batch_size, seed=recipe.seed + 1)
+    val = TokenBatcher(run.data, "val", cfg.block_size, p.batch_size, seed=recipe.seed + 1,
+                       weights=source_weights(recipe))
     if resume:
         check_tokenizer(run.checkpoint("last"), tok, run.tokenizer)
     result = train_stage(model, train, val, p, run, "pretrain", p.max_steps, resume=resume, seed=recipe.seed,
                          on_start=lambda: record_recipe(recipe, run),
-                         checkpoint_info={"tokenizer_hash": tokenizer_hash(tok)})
+                         checkpoint_info={"tokenizer_hash": tokenizer_hash(tok), "shards": shards})
     _exit_if_preempted(result, p, "pretrain")
     if is_main():  # under torchrun, rank 0 alone writes the run directory
         copy_checkpoint(run.checkpoint("best"), run.checkpoint(PRETRAINED))
@@ -484,7 +536,8 @@ def held_out_text_metrics(recipe: Recipe, run: RunDir, model: GPT, tok: Tokenize
                "from the recipe's [[data.sources]])")
         log.warning("held-out text metrics not measured: %s", why)
         return {"text_metrics_skipped": why}
-    val = TokenBatcher(run.data, "val", model.cfg.block_size, recipe.pretrain.batch_size, seed=recipe.seed + 1)
+    val = TokenBatcher(run.data, "val", model.cfg.block_size, recipe.pretrain.batch_size, seed=recipe.seed + 1,
+                       weights=source_weights(recipe))
     return text_metrics(model, val.fixed_batches(recipe.eval.val_batches), tok.token_byte_lengths())
 
 

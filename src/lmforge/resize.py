@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lmforge.config import Recipe, save_recipe, validate
-from lmforge.data.shards import prepare_shards, tokenizer_hash
+from lmforge.data.shards import prepare_shards, shards_fingerprint, tokenizer_hash
 from lmforge.data.sources import data_dir_from_env
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.model import GPT, GPTConfig
@@ -67,8 +67,9 @@ def _resize_optimizer(opt_state: dict, old_rows: int, rows: list[int]) -> dict:
     return opt_state
 
 
-def resize_checkpoint(path: Path, rows: list[int], new_hash: str) -> bool:
-    """Resize one checkpoint in place (atomically). False when it already has the new vocabulary."""
+def resize_checkpoint(path: Path, rows: list[int], new_hash: str, shards: str = "") -> bool:
+    """Resize one checkpoint in place (atomically); a pretraining checkpoint's shards become `shards` (the
+    fingerprint of the re-tokenized ones). False when it already has the new vocabulary."""
     state = read_state(path)
     if state.get("tokenizer_hash") == new_hash:
         return False
@@ -83,6 +84,8 @@ def resize_checkpoint(path: Path, rows: list[int], new_hash: str) -> bool:
     model.resize_vocab(len(rows), rows)
     state = {k: v for k, v in state.items() if k not in ("trainer", "model_config")}
     state["tokenizer_hash"] = new_hash
+    if state.get("shards") and shards:
+        state["shards"] = shards
     save_checkpoint(path, model, state, trainer)
     return True
 
@@ -123,8 +126,8 @@ def resize_vocab(recipe: Recipe, run: RunDir, new_tok: Tokenizer, data_dir: str 
     checkpoints = list_checkpoints(run.checkpoints)
     old_rows = read_state(checkpoints[0])["model_config"]["vocab_size"] if checkpoints else old_tok.vocab_size
     log.info("resize-vocab: %d -> %d rows, %d tokens keep their learned rows", old_rows, new_rows, kept)
-    prepare_shards(new_recipe.data, new_tok, data_dir_from_env(data_dir), run.data)
-    resized = [p.name for p in checkpoints if resize_checkpoint(p, rows, new_hash)]
+    manifest = prepare_shards(new_recipe.data, new_tok, data_dir_from_env(data_dir), run.data)
+    resized = [p.name for p in checkpoints if resize_checkpoint(p, rows, new_hash, shards_fingerprint(manifest))]
     new_tok.save(run.tokenizer)
     save_recipe(new_recipe, run.config)
     last = read_state(run.checkpoint("last")) if (run.checkpoint("last") / "model.safetensors").is_file() else {}

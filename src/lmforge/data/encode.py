@@ -25,6 +25,7 @@ class EncodedBatch:
     lengths: np.ndarray  # tokens per document (end-of-text included)
     hashes: np.ndarray  # uint64 content hash per document (exact-duplicate removal)
     nbytes: int  # UTF-8 bytes of text encoded (for MB/s)
+    doc_bytes: np.ndarray  # UTF-8 bytes per document (the manifest's count, exact across a resume)
 
 
 class _Encoder:
@@ -42,8 +43,9 @@ class _Encoder:
             flat.append(self.eot_id)
             lengths[i] = len(enc.ids) + 1
         hashes = np.fromiter((text_hash(t) for t in texts), dtype=np.uint64, count=len(texts))
-        nbytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
-        return EncodedBatch(np.asarray(flat, dtype=self.dtype), lengths, hashes, nbytes)
+        doc_bytes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), dtype=np.int64,
+                                count=len(texts))
+        return EncodedBatch(np.asarray(flat, dtype=self.dtype), lengths, hashes, int(doc_bytes.sum()), doc_bytes)
 
 
 _worker: _Encoder | None = None

@@ -193,13 +193,15 @@ class MixtureSampler:
 class TokenBatcher:
     """(input, target) batches from the token shards of one split.
 
-    `next_batch` follows the phased mixture; `fixed_batches` gives a fixed evaluation set; the state dict is
-    the data position. With prefetch > 0 a background thread reads the next batches from the memmaps.
+    `next_batch` follows the phased mixture; `fixed_batches` gives a fixed evaluation set, mixed by `weights`
+    (the recipe's source weights; the manifest holds none, as they may change without the shards changing); the
+    state dict is the data position. With prefetch > 0 a background thread reads the next batches from the
+    memmaps.
     """
 
     def __init__(self, data_dir: Path, split: str, block_size: int, batch_size: int, seed: int,
                  phases: list[Phase] | None = None, shuffle_buffer: int = 1024, prefetch: int = 0,
-                 delete_consumed: bool = False):
+                 delete_consumed: bool = False, weights: dict[str, float] | None = None):
         manifest = load_manifest(data_dir)
         dtype = np.dtype(manifest["dtype"])
         self.block_size, self.batch_size, self.split = block_size, batch_size, split
@@ -215,7 +217,9 @@ class TokenBatcher:
         if not self.streams:
             raise LmforgeError(f"{data_dir}: no source has {block_size + 1} {split} tokens (lower model.block_size "
                                "or add data)")
-        base = {s.name: next(e["weight"] for e in manifest["sources"] if e["name"] == s.name) for s in self.streams}
+        # a manifest from before weights left it still has them; else, without `weights`, equal weights
+        saved = {e["name"]: e.get("weight", 1.0) for e in manifest["sources"]}
+        base = {s.name: (weights or saved).get(s.name, 0.0) for s in self.streams}
         self.eval_probs = np.array([base[s.name] for s in self.streams], dtype=np.float64)
         self.eval_probs /= self.eval_probs.sum()
         self.sampler = MixtureSampler(self.streams, phases or [Phase("mixture", 0, base)], batch_size, seed,

@@ -7,7 +7,10 @@ Layout of `RUN/data/`:
   <source>/train-00000.idx.npy  followed by end-of-text; a shard ends at the first document boundary past
   <source>/val-00000.bin ...    `data.shard_tokens`. The index holds per document: offset, length, source id
                                 and content hash.
-  <source>/progress.json        the resume point while a source is being prepared
+  <source>/progress.json        the source's key (what its shards were made from) and its manifest entry
+  .staging/<source>/            a source being (re)made, with its resume point; every staged source is moved into
+                                place once all are done, so a failing or interrupted preparation leaves the
+                                previous shards and manifest as they were
 The validation split is held out by document, so no validation text is ever trained on. Memory stays bounded
 whatever the corpus size: documents stream through a fixed number of in-flight batches, and shards are
 written as they fill.
@@ -42,6 +45,7 @@ from lmforge.tokenizer import Tokenizer
 log = logging.getLogger("lmforge")
 
 FORMAT = 2
+STAGING = ".staging"  # not a possible source name (config: names start with a letter or digit)
 SPLITS = ("train", "val")
 INDEX_DTYPE = np.dtype([("offset", "<i8"), ("length", "<i8"), ("source", "<i4"), ("hash", "<u8")])
 BATCH_CHARS = 1 << 20  # text per worker task: large enough to amortise the hand-off, small enough to bound memory
@@ -181,13 +185,48 @@ def _batched(docs: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _source_key(src: SourceConfig, data: DataConfig, data_dir: Path | None, tok_hash: str, previous: str) -> str:
-    """Changes whenever the source's shards would: its config and local files, the split, the tokenizer, and
-    (through deduplication) every source before it."""
+def _file_identity(path: Path, data_dir: Path | None) -> tuple[str, int, int]:
+    """A local file as the reuse key sees it: its path under the data dir (so that an absolute and a relative
+    --data-dir, or a moved data folder, name the same file), its size and modification time (an edit in place
+    that keeps the size still changes the key)."""
+    name = str(path)
+    if data_dir is not None:
+        try:
+            name = path.relative_to(data_dir).as_posix()
+        except ValueError:  # an absolute `local` outside the data dir
+            pass
+    st = path.stat()
+    return name, st.st_size, st.st_mtime_ns
+
+
+def _source_key(src: SourceConfig, source_id: int, data: DataConfig, data_dir: Path | None, tok_hash: str,
+                previous: str) -> str:
+    """Changes whenever the source's shards would: its config and local files, its position (the index records
+    it), the split, the tokenizer, and, with deduplication (which drops the documents earlier sources had),
+    the key of the source before it."""
     cfg = {k: v for k, v in dataclasses.asdict(src).items() if k not in ("weight", "optional")}
-    files = [(str(f), f.stat().st_size) for f in local_files(src, data_dir)]
-    parts = [cfg, files, data.val_fraction, data.shard_tokens, data.dedup, tok_hash, previous, FORMAT]
+    files = [_file_identity(f, data_dir) for f in local_files(src, data_dir)]
+    parts = [cfg, source_id, files, data.val_fraction, data.shard_tokens, data.dedup, tok_hash,
+             previous if data.dedup else "", FORMAT]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def source_keys(data: DataConfig, tok_hash: str, data_dir: Path | None) -> list[str]:
+    """The key of every source of the recipe, in order."""
+    keys, key = [], ""
+    for source_id, src in enumerate(data.sources):
+        key = _source_key(src, source_id, data, data_dir, tok_hash, key)
+        keys.append(key)
+    return keys
+
+
+def _remove_tree(folder: Path, root: Path) -> None:
+    """rmtree `folder`, which must lie strictly inside `root` (RUN/data): a source's folder is built from its
+    name, and a name that escaped the config's validation must never delete anything else."""
+    inside = folder.resolve(), root.resolve()
+    if inside[1] not in inside[0].parents:
+        raise LmforgeError(f"refusing to delete {folder}: not a folder inside {root}")
+    shutil.rmtree(folder)
 
 
 def _fresh_progress(key: str) -> dict:
@@ -195,22 +234,51 @@ def _fresh_progress(key: str) -> dict:
             "shards": {s: [] for s in SPLITS}, "entry": None}
 
 
-def _load_progress(folder: Path, key: str) -> dict:
-    """The saved resume point of this source, or a fresh start (removing a stale or foreign folder)."""
+def _read_progress(folder: Path) -> dict | None:
     path = folder / "progress.json"
-    progress = None
-    if path.is_file():
-        try:
-            progress = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            progress = None
+    if not path.is_file():
+        return None
+    try:
+        progress = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return progress if isinstance(progress, dict) else None
+
+
+def _shard_files(progress: dict) -> set[str]:
+    return {Path(s[f]).name for split in SPLITS for s in progress["shards"][split] for f in ("file", "index")}
+
+
+def _is_prepared(folder: Path, key: str) -> bool:
+    """The folder holds this source, finished with this key, all its shards present."""
+    progress = _read_progress(folder)
+    return (progress is not None and progress.get("key") == key and bool(progress.get("done"))
+            and all((folder / name).is_file() for name in _shard_files(progress)))
+
+
+def changed_sources(data: DataConfig, tok_hash: str, data_dir: Path | None, out_dir: Path) -> list[str]:
+    """The sources whose shards `prepare_shards` would make other than the ones in `out_dir` (config, files,
+    tokenizer or position changed, added, or dropped from the recipe). Shards deleted by data.delete_consumed
+    are not a change: they are made again, identical."""
+    names = {e["name"] for e in load_manifest(out_dir)["sources"]} if has_shards(out_dir) else set()
+    changed = []
+    for src, key in zip(data.sources, source_keys(data, tok_hash, data_dir), strict=True):
+        progress = _read_progress(out_dir / src.name)
+        if progress is None or progress.get("key") != key or not progress.get("done"):
+            changed.append(src.name)
+    return changed + sorted(names - {s.name for s in data.sources})
+
+
+def _load_progress(folder: Path, key: str, root: Path) -> dict:
+    """The saved resume point of this source, or a fresh start (removing a stale or foreign folder)."""
+    progress = _read_progress(folder)
     keep = set()
     if progress is not None and progress.get("key") == key:
-        keep = {Path(s[f]).name for split in SPLITS for s in progress["shards"][split] for f in ("file", "index")}
+        keep = _shard_files(progress)
     if progress is None or progress.get("key") != key or not all((folder / name).is_file() for name in keep):
         # changed config, files or tokenizer, or shards deleted (data.delete_consumed): start the source over
         if folder.exists():
-            shutil.rmtree(folder)
+            _remove_tree(folder, root)
         folder.mkdir(parents=True)
         return _fresh_progress(key)
     keep.add("progress.json")
@@ -220,15 +288,16 @@ def _load_progress(folder: Path, key: str) -> dict:
     return progress
 
 
-def _seen_hashes(out_dir: Path, progress: dict) -> Iterator[int]:
+def _seen_hashes(folder: Path, progress: dict) -> Iterator[int]:
     for split in SPLITS:
         for shard in progress["shards"][split]:
-            yield from read_index(out_dir / shard["index"])["hash"].tolist()
+            yield from read_index(folder / Path(shard["index"]).name)["hash"].tolist()
 
 
 def _source_entry(src: SourceConfig, source_id: int, progress: dict, stats: Counter) -> dict:
     shards = progress["shards"]
-    entry = {"name": src.name, "id": source_id, "weight": src.weight,
+    # no weight: the mixture is the recipe's (it may change without the shards changing)
+    entry = {"name": src.name, "id": source_id, "key": progress["key"],
              "docs": sum(s["docs"] for split in SPLITS for s in shards[split]),
              "bytes": progress["bytes"], "duplicates": progress["duplicates"],
              "dropped": {k: stats[k] for k in DROP_REASONS if stats.get(k)}, "shards": shards}
@@ -239,16 +308,23 @@ def _source_entry(src: SourceConfig, source_id: int, progress: dict, stats: Coun
 
 
 def shard_source(src: SourceConfig, source_id: int, data: DataConfig, tokenizer: Tokenizer, data_dir: Path | None,
-                 out_dir: Path, seen: set[int], key: str, encoder: EncoderPool) -> dict | None:
-    """Tokenize one source into its shard folder, resuming an interrupted run; returns its manifest entry
-    (None for an optional source that is not available)."""
+                 out_dir: Path, seen: set[int], key: str, encoder: EncoderPool) -> tuple[dict | None, bool]:
+    """The source's shards: its folder when they are already made with this key, else made (or an interrupted
+    making resumed) in its staging folder. Returns its manifest entry (None for an optional source that is not
+    available) and whether it is staged (to be moved into place when every source is done)."""
     folder = out_dir / src.name
-    progress = _load_progress(folder, key)
+    staged = not _is_prepared(folder, key)
+    if staged:
+        folder = out_dir / STAGING / src.name
+        folder.parent.mkdir(exist_ok=True)
+        progress = _load_progress(folder, key, out_dir)
+    else:
+        progress = _read_progress(folder)
     if data.dedup:
-        seen.update(_seen_hashes(out_dir, progress))
+        seen.update(_seen_hashes(folder, progress))
     if progress["done"]:
         log.info("%s: already prepared (%d docs)", src.name, progress["entry"]["docs"])
-        return progress["entry"]
+        return progress["entry"], staged
     if progress["stream_pos"]:
         log.info("%s: resuming after document %d (%d train shards done)", src.name, progress["stream_pos"],
                  len(progress["shards"]["train"]))
@@ -276,7 +352,6 @@ def shard_source(src: SourceConfig, source_id: int, data: DataConfig, tokenizer:
             tokens += _write_batch(batch, writers, progress, seen, data, save_point, budget)
             n_docs += len(batch.lengths)
             n_bytes += batch.nbytes
-            progress["bytes"] += batch.nbytes
             elapsed = max(time.time() - start, 1e-9)
             bar.update(len(batch.lengths))
             bar.set_postfix_str(f"{n_bytes / 1e6 / elapsed:.1f} MB/s, {n_docs / elapsed:,.0f} docs/s, "
@@ -293,8 +368,8 @@ def shard_source(src: SourceConfig, source_id: int, data: DataConfig, tokenizer:
         bar.close()
     entry = progress["entry"]
     if entry["docs"] == 0 and stats["records"] == 0 and src.optional:
-        return None
-    return entry
+        return None, staged
+    return entry, staged
 
 
 def _write_batch(batch: EncodedBatch, writers: dict[str, ShardWriter], progress: dict, seen: set[int],
@@ -307,6 +382,7 @@ def _write_batch(batch: EncodedBatch, writers: dict[str, ShardWriter], progress:
         if budget is not None and written >= budget:
             break
         progress["stream_pos"] += 1
+        progress["bytes"] += int(batch.doc_bytes[j])  # counted with the position, so a resume counts each once
         h = int(batch.hashes[j])
         if data.dedup:
             if h in seen:
@@ -328,18 +404,20 @@ def prepare_shards(data: DataConfig, tokenizer: Tokenizer, data_dir: Path | None
     if not data.sources:
         raise LmforgeError("recipe has no [[data.sources]]: nothing to pretrain on")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "manifest.json").unlink(missing_ok=True)  # only a finished preparation has a manifest
     workers = data.workers or default_workers()
     tok_hash = tokenizer_hash(tokenizer)
     seen: set[int] = set()
-    entries, key = [], ""
+    entries, staged = [], []
+    keys = source_keys(data, tok_hash, data_dir)
     with EncoderPool(tokenizer.hf.to_str(), token_dtype(tokenizer.vocab_size).name, tokenizer.eot_id,
                      workers) as encoder:
-        for source_id, src in enumerate(data.sources):
-            key = _source_key(src, data, data_dir, tok_hash, key)
-            entry = shard_source(src, source_id, data, tokenizer, data_dir, out_dir, seen, key, encoder)
+        for source_id, (src, key) in enumerate(zip(data.sources, keys, strict=True)):
+            entry, is_staged = shard_source(src, source_id, data, tokenizer, data_dir, out_dir, seen, key, encoder)
+            if is_staged:
+                staged.append(src.name)
             if entry is None:
                 continue
+            entry = {k: v for k, v in entry.items() if k != "weight"}  # an entry made before weights left it
             log.info("%s: %d docs, %d train tokens, %d val tokens, %d duplicates dropped", src.name, entry["docs"],
                      entry["train_tokens"], entry["val_tokens"], entry["duplicates"])
             entries.append(entry)
@@ -353,8 +431,26 @@ def prepare_shards(data: DataConfig, tokenizer: Tokenizer, data_dir: Path | None
         "shard_tokens": data.shard_tokens,
         "sources": entries,
     }
+    if staged:
+        # the previous shards stay until every source is ready; while they are swapped there is no manifest, and
+        # an interruption there is finished by the next `prepare` (the staged sources are found done)
+        (out_dir / "manifest.json").unlink(missing_ok=True)
+        for name in staged:
+            if (out_dir / name).exists():
+                _remove_tree(out_dir / name, out_dir)
+            (out_dir / STAGING / name).replace(out_dir / name)
     atomic_write_json(out_dir / "manifest.json", manifest)
+    if (out_dir / STAGING).exists():  # what an earlier, abandoned preparation staged
+        _remove_tree(out_dir / STAGING, out_dir)
     return manifest
+
+
+def shards_fingerprint(manifest: dict) -> str:
+    """The identity of the token shards a manifest describes (recorded in pretraining checkpoints): their
+    sources' keys, positions and files."""
+    parts = [manifest["dtype"], manifest["tokenizer_hash"],
+             [(e["name"], e["id"], e.get("key"), e["shards"]) for e in manifest["sources"]]]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def has_shards(data_dir: Path) -> bool:

@@ -77,13 +77,13 @@ def _is_supported(path: Path) -> bool:
 
 
 def local_files(src: SourceConfig, data_dir: Path | None) -> list[Path]:
-    """Files matching the source's local glob: under data_dir first, else as given. Empty if none."""
+    """Files matching the source's local glob. A relative glob is looked up under data_dir when one is given
+    (and only there: the same recipe must not read other files depending on the current directory), else
+    relative to the current directory; an absolute or ~ glob is used as given. Empty if none."""
     if not src.local:
         return []
-    candidates = []
-    if data_dir is not None and not Path(src.local).is_absolute():
-        candidates.append(str(data_dir / src.local))
-    candidates.append(os.path.expanduser(src.local))
+    local = os.path.expanduser(src.local)
+    candidates = [str(data_dir / local) if data_dir is not None and not Path(local).is_absolute() else local]
     for pattern in candidates:
         matched: list[Path] = []
         for hit in sorted(glob.glob(pattern, recursive=True)):
