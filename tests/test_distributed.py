@@ -293,3 +293,53 @@ def test_resize_vocab_interrupted_while_swapping_is_finished_by_running_it_again
     lmforge(["pretrain", "--resume", "--run-dir", str(run), *STEPS, "--pretrain.max_steps=7"])
     assert [s for s, k, _ in losses(run) if k == "train"][-1] == 7
 
+
+# The synthetic task with dropout under torchrun (2 DDP ranks), fresh or resumed from checkpoints/last.
+DROPOUT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    from lmforge.rundir import RunDir
+    from lmforge.train.distributed import shutdown_distributed
+    from tests.synthetic import cfg, train
+
+    train(RunDir(Path(sys.argv[1])), cfg(distributed="ddp", dropout=0.1, max_steps=8), resume=sys.argv[2] == "resume")
+    shutdown_distributed()
+""")
+
+
+@pytest.mark.slow
+def test_ddp_resume_with_dropout_is_exact(tmp_path):
+    """Each rank draws its own dropout masks: every rank's RNG stream is checkpointed and continued, so a 2-rank run
+    resumed from its step-4 checkpoint logs what the uninterrupted run logged."""
+    script, run = tmp_path / "dropout.py", make_run(tmp_path / "whole").root
+    script.write_text(DROPOUT)
+    launch([str(script), str(run), "fresh"], nproc=2)
+    trainer = read_state(run / "checkpoints" / "last")["trainer"]
+    assert len(trainer["rng_ranks"]) == 2
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "last")
+    shutil.copytree(run / "checkpoints" / "pretrain-step-0000004", resumed / "checkpoints" / "last")
+    launch([str(script), str(resumed), "resume"], nproc=2)
+    whole = [r for r in losses(run) if r[0] > 4]
+    after = [r for r in losses(resumed) if r[0] > 4][-len(whole):]  # the resumed attempt's rows
+    assert [(s, k) for s, k, _ in after] == [(s, k) for s, k, _ in whole] and len(whole) == 5
+    for (step, split, a), (_, _, b) in zip(after, whole, strict=True):
+        assert a == pytest.approx(b, abs=1e-6), (step, split)
+
+
+def test_a_rank_without_a_saved_rng_stream_gets_its_own():
+    from lmforge.train.checkpoint import restore_rng_state, rng_state
+
+    torch.manual_seed(5)
+    trainer = {"rng": rng_state()}
+    draws = {}
+    for rank in (0, 1, 1):
+        assert restore_rng_state(trainer, rank, seed=0, step=4) == 1
+        draws.setdefault(rank, []).append(torch.rand(3))
+    assert not torch.equal(draws[0][0], draws[1][0])  # distinct masks per rank
+    assert torch.equal(draws[1][0], draws[1][1])  # and deterministic
+    torch.manual_seed(5)
+    assert torch.equal(draws[0][0], torch.rand(3))  # rank 0 continues the saved stream

@@ -33,9 +33,9 @@ from lmforge.train.checkpoint import (
     load_trainer_state,
     load_weights,
     read_state,
+    restore_rng_state,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from lmforge.train.control import LiveControl, describe
 from lmforge.train.distributed import Parallel, clip_grad_norm
@@ -241,7 +241,7 @@ def train_stage(
                 optimizer.load_sharded(checkpoint_dir(last_ckpt) / SHARDED_OPTIMIZER)
             else:
                 optimizer.load_state_dict(trainer["optimizer"])
-            set_rng_state(trainer["rng"])
+            saved_ranks = restore_rng_state(trainer, parallel.rank, seed, state["step"])
             train_data.load_state_dict(trainer["data"])
             step, tokens = state["step"], state["tokens"]
             best, bad_evals = state["best_val_loss"], state["bad_evals"]
@@ -249,6 +249,12 @@ def train_stage(
             raise LmforgeError(f"{last_ckpt}: cannot resume from this checkpoint ({type(exc).__name__}: {exc}); it "
                                "was written by another lmforge version (start a new run)") from None
         log.info("%s: resumed from %s at step %d", stage, last_ckpt, step)
+        if saved_ranks != parallel.world_size and parallel.is_main:
+            log.warning("%s: the checkpoint holds the RNG (dropout) streams of %d rank(s), resuming on %d: %s", stage,
+                        saved_ranks, parallel.world_size,
+                        f"rank(s) {saved_ranks}..{parallel.world_size - 1} start new streams seeded from "
+                        "(seed, rank, step)" if saved_ranks < parallel.world_size else
+                        f"the streams of rank(s) {parallel.world_size}..{saved_ranks - 1} are not continued")
         if restored := control.restore(state.get("control", {})):
             log.info("%s: control values in effect: %s", stage, describe(restored))
     if cfg.dropout >= 0:
@@ -268,6 +274,9 @@ def train_stage(
         trainer, shards = None, None
         if with_trainer:
             trainer = {"rng": rng_state(), "data": train_data.state_dict()}
+            rngs = parallel.gather(rng_state())  # each rank's own dropout stream (a collective)
+            if parallel.world_size > 1 and parallel.is_main:
+                trainer["rng_ranks"] = rngs
             if parallel.mode == "fsdp":  # each rank writes its own optimizer shards: nothing is gathered
                 shards = parallel.fresh_shared_dir(run.checkpoints / f".optimizer-{name}")
                 optimizer.save_sharded(shards)
