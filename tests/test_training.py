@@ -226,3 +226,22 @@ def test_every_answer_token_of_a_step_weighs_the_same_across_micro_batches(tmp_p
     one, accumulated = models[1].state_dict(), models[2].state_dict()
     for key, value in one.items():
         torch.testing.assert_close(accumulated[key], value, rtol=0, atol=2e-6, msg=key)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "auto"])
+def test_the_precision_trained_in_is_recorded_and_resume_shows_the_last_validation_loss(tmp_path, dtype):
+    from lmforge.train.precision import resolve_dtype
+
+    from .synthetic import cfg, make_run, train
+
+    run = make_run(tmp_path)
+    trained_in = str(resolve_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")  # what `auto` is here
+    first, _ = train(run, cfg(max_steps=4, dtype=dtype))
+    state = ckpt.read_state(run.checkpoint("last"))
+    assert state["dtype"] == trained_in
+    rows = [r for r in read_metrics(run.metrics) if r.get("split") == "train"]
+    assert rows and all(r["dtype"] == trained_in for r in rows)
+    # resumed where nothing is left to train: no evaluation, yet the last validation loss is known
+    again, _ = train(run, cfg(max_steps=4, dtype=dtype), resume=True)
+    assert again.last_val_loss == first.last_val_loss == state["val_loss"]
+

@@ -218,6 +218,7 @@ def train_stage(
     parallel = Parallel.for_config(cfg)
     device = parallel.device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
+    precision = str(dtype).removeprefix("torch.")  # what `auto` resolved to here: recorded in checkpoints and metrics
     enable_tf32(device)
     model.to(device)
     step, tokens, best, bad_evals, last_val = 0, 0, math.inf, 0, math.nan
@@ -245,6 +246,7 @@ def train_stage(
             train_data.load_state_dict(trainer["data"])
             step, tokens = state["step"], state["tokens"]
             best, bad_evals = state["best_val_loss"], state["bad_evals"]
+            last_val = state.get("val_loss", math.nan)  # shown until the next evaluation
         except (KeyError, ValueError, TypeError) as exc:  # a checkpoint of another lmforge version
             raise LmforgeError(f"{last_ckpt}: cannot resume from this checkpoint ({type(exc).__name__}: {exc}); it "
                                "was written by another lmforge version (start a new run)") from None
@@ -286,7 +288,7 @@ def train_stage(
             return
         state = {"stage": stage, "step": step, "tokens": tokens, "best_val_loss": best, "bad_evals": bad_evals,
                  "total_steps": total_steps, "val_loss": last_val, "control": control.overrides,
-                 "optimizer": cfg.optimizer, "optimizer_format": "sharded" if shards else "full",
+                 "optimizer": cfg.optimizer, "optimizer_format": "sharded" if shards else "full", "dtype": precision,
                  **(checkpoint_info or {})}
         save_checkpoint(run.checkpoint(name), model, state, trainer, weights=weights, sharded_optimizer=shards)
         if with_trainer:  # ranks read the same stream in step: one deleter is enough
@@ -371,7 +373,8 @@ def train_stage(
                     elapsed = max(time.time() - window_start, 1e-9)
                     tok_s = window_tokens / elapsed
                     record = {"stage": stage, "step": step, "split": "train", "loss": loss_sum, "tokens": tokens,
-                              "lr": lr, "tokens_per_s": round(tok_s, 1), "memory_mb": memory_mb(device)}
+                              "lr": lr, "tokens_per_s": round(tok_s, 1), "memory_mb": memory_mb(device),
+                              "dtype": precision}
                     if optimizer.kind == "muon":
                         record["muon_lr"] = lr / cfg.lr * cfg.muon_lr
                     mfu = mfu_meter.mfu(tok_s / parallel.world_size, window_outputs / max(window_tokens, 1))
