@@ -201,7 +201,9 @@ def test_control_changes_and_stop_requests_reach_every_rank(how, who, tmp_path, 
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes but the lock's (which names its latest holder)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def _new_tokenizer(tmp_path: Path) -> Path:

@@ -245,3 +245,44 @@ def test_the_precision_trained_in_is_recorded_and_resume_shows_the_last_validati
     again, _ = train(run, cfg(max_steps=4, dtype=dtype), resume=True)
     assert again.last_val_loss == first.last_val_loss == state["val_loss"]
 
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from lmforge.rundir import RunDir
+from tests.synthetic import cfg, train
+
+train(RunDir(Path(sys.argv[1])), cfg(), {2: lambda: (print("training", flush=True), time.sleep(120))})
+"""
+
+
+def test_a_second_trainer_of_a_run_is_refused_until_the_first_one_dies(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .synthetic import cfg, make_run, train
+
+    repo = Path(__file__).resolve().parents[1]
+    run = make_run(tmp_path)
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo)]), "OMP_NUM_THREADS": "1"}
+    holder = subprocess.Popen([sys.executable, str(script), str(run.root)], env=env, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "training"  # in its second step, holding the lock
+        with pytest.raises(LmforgeError) as refused:
+            train(run, cfg())
+        message = str(refused.value)
+        assert f"lmforge pretrain (pid {holder.pid} on " in message and "\n" not in message, message
+        starts = [r for r in read_metrics(run.metrics) if r.get("event") == "pretrain_start"]
+        assert len(starts) == 1  # the refused trainer wrote nothing
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock with the process
+        holder.wait()
+    result, _ = train(run, cfg(max_steps=2))
+    assert result.steps == 2

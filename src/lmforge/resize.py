@@ -29,7 +29,7 @@ from lmforge.data.sources import data_dir_from_env
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.io import replace_dir
 from lmforge.model import GPT, GPTConfig
-from lmforge.rundir import RunDir
+from lmforge.rundir import RunDir, run_lock
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.checkpoint import (
     SHARDED_OPTIMIZER,
@@ -153,11 +153,18 @@ def resize_vocab(recipe: Recipe, run: RunDir, new_tok: Tokenizer, data_dir: str 
     All or nothing: every checkpoint is resized and the shards are made under staging names (`.resized-*`)
     first, so a refusal or a failure there leaves the run as it was. Only then are they swapped into place,
     config.toml and tokenizer.json last; a run interrupted during the swaps still has its old tokenizer.json,
-    and the same command finishes the job (what already has the new tokenizer is skipped).
+    and the same command finishes the job (what already has the new tokenizer is skipped). Holds the run's
+    lock: no trainer writes the run meanwhile.
     """
+    run.require()
+    resized_recipe(recipe, new_tok.vocab_size)  # an impossible size is refused before the lock file is made
+    with run_lock(run, "resize-vocab"):
+        return _resize_vocab(recipe, run, new_tok, data_dir)
+
+
+def _resize_vocab(recipe: Recipe, run: RunDir, new_tok: Tokenizer, data_dir: str | Path | None) -> dict:
     from lmforge.pipeline import model_config
 
-    run.require()
     old_tok = Tokenizer.load(run.tokenizer)
     old_hash, new_hash = tokenizer_hash(old_tok), tokenizer_hash(new_tok)
     if new_hash == old_hash:

@@ -9,8 +9,10 @@ per step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
-from lmforge.rundir import RunDir
+from lmforge.rundir import RunDir, run_lock
 from lmforge.train.checkpoint import (
     SHARDED_OPTIMIZER,
     checkpoint_dir,
@@ -211,8 +213,19 @@ def train_stage(
     checkpoint's state (the pipeline records the tokenizer's hash there).
 
     Under torchrun (cfg.distributed = ddp | fsdp) every rank runs this; each trains on its rows of the
-    global batch and only rank 0 writes metrics, plots and checkpoints.
+    global batch and only rank 0 writes metrics, plots and checkpoints. The process that writes (rank 0:
+    torchrun's RANK, known before the process group is joined) holds the run's lock meanwhile, so a second
+    trainer of the same run directory is refused.
     """
+    writes = int(os.environ.get("RANK", "0")) == 0
+    with run_lock(run, stage) if writes else contextlib.nullcontext():
+        return _train_stage(model, train_data, val_data, cfg, run, stage, total_steps, resume, seed, on_start,
+                            checkpoint_info)
+
+
+def _train_stage(model: GPT, train_data: BatchSource, val_data: BatchSource, cfg: TrainConfig, run: RunDir, stage: str,
+                 total_steps: int, resume: bool, seed: int, on_start: Callable[[], None] | None,
+                 checkpoint_info: dict[str, Any] | None) -> StageResult:
     control = LiveControl(run, cfg)
     cfg = control.cfg  # a copy that control.toml changes in place
     parallel = Parallel.for_config(cfg)
