@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.train.checkpoint import load_weights, model_from_checkpoint, read_state
+from lmforge.train.checkpoint import load_trainer_state, load_weights, model_from_checkpoint, read_state
 from lmforge.train.metrics import read_metrics
 
 from .conftest import fresh_run
@@ -257,3 +257,150 @@ def test_run_joins_the_process_group_from_the_recipe_keys(tmp_path, data_dir):
     assert json.loads((run / "eval" / "report.json").read_text())["squad"]["n"] == 4
     train_rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get("split") == "train"]
     assert [r["step"] for r in train_rows if r["stage"] == "pretrain"] == [1, 2, 3, 4]  # logged once: rank 0
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file's bytes but the lock's (which names its latest holder)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def _new_tokenizer(tmp_path: Path) -> Path:
+    from lmforge.tokenizer import train_tokenizer
+
+    text = [" ".join(f"w{i * 7919 % 5000}" for i in range(j, j + 50)) for j in range(0, 5000, 50)]
+    path = tmp_path / "new-tokenizer.json"
+    train_tokenizer(text, 330, 100_000, 1).save(path)
+    return path
+
+
+@pytest.mark.slow
+def test_resize_vocab_of_an_fsdp_run_continues_like_a_resized_single_process_run(single, two_ranks, tmp_path,
+                                                                                data_dir):
+    """resize-vocab reads the FSDP optimizer shards whole and writes every checkpoint in the full format; the
+    resumed run then continues like the 1-process run resized the same way."""
+    run, ref = tmp_path / "fsdp", tmp_path / "single"
+    shutil.copytree(two_ranks("fsdp"), run)
+    shutil.copytree(single, ref)
+    assert main(["resize-vocab", str(ref), "--vocab-size", "2304", "--data-dir", str(data_dir)]) == 0
+    assert main(["resize-vocab", str(run), "--tokenizer", str(ref / "tokenizer.json"),
+                 "--data-dir", str(data_dir)]) == 0
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == sorted(p.name for p in (ref / "checkpoints").iterdir())  # nothing left under staging names
+    for name in names:
+        last = run / "checkpoints" / name
+        assert read_state(last)["optimizer_format"] == "full" and not (last / "optimizer").exists(), name
+        assert model_from_checkpoint(last).cfg.vocab_size == 2304, name
+    ours, theirs = (load_trainer_state(d / "checkpoints" / "last", read_state(d / "checkpoints" / "last"))
+                    for d in (run, ref))
+    for key in ("exp_avg", "exp_avg_sq"):  # the embedding's moments moved with their rows, as in the full format
+        a, b = (t["optimizer"]["state"]["tok_emb.weight"][key] for t in (ours, theirs))
+        assert a.shape[0] == 2304
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-3)
+    more = [*STEPS, "--pretrain.max_steps=8"]
+    lmforge(["pretrain", "--resume", "--run-dir", str(run), *more])  # config says fsdp: runs in one process
+    lmforge(["pretrain", "--resume", "--run-dir", str(ref), *more])
+    resumed = [(s, k, v) for s, k, v in losses(run) if s > 6]
+    assert [s for s, k, _ in resumed if k == "train"] == [7, 8]
+    for (step, split, a), (_, _, b) in zip(resumed, [r for r in losses(ref) if r[0] > 6], strict=True):
+        assert a == pytest.approx(b, rel=1e-5), (step, split)
+
+
+@pytest.mark.slow
+def test_resize_vocab_refusal_leaves_an_fsdp_run_unchanged(two_ranks, tmp_path, capsys):
+    """A checkpoint that cannot be resized (here: an optimizer shard missing) is refused before the tokenizer,
+    the shards or any other checkpoint changes."""
+    run = tmp_path / "fsdp"
+    shutil.copytree(two_ranks("fsdp"), run)
+    (run / "checkpoints" / "pretrain-step-0000006" / "optimizer" / "__1_0.distcp").unlink()
+    before = _files(run)
+    assert main(["resize-vocab", str(run), "--tokenizer", str(_new_tokenizer(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("lmforge: error:")]
+    assert len(errors) == 1 and "pretrain-step-0000006/optimizer: cannot read the optimizer shards" in errors[0], err
+    assert "Traceback" not in err
+    assert _files(run) == before
+
+
+@pytest.mark.slow
+def test_resize_vocab_interrupted_while_swapping_is_finished_by_running_it_again(two_ranks, tmp_path, monkeypatch,
+                                                                               data_dir):
+    from lmforge import resize
+    from lmforge.tokenizer import Tokenizer
+
+    run = tmp_path / "fsdp"
+    shutil.copytree(two_ranks("fsdp"), run)
+    new_tok = _new_tokenizer(tmp_path)
+    swaps = []
+    from lmforge.io import replace_dir
+
+    def swap_then_die(staging: Path, target: Path) -> None:  # the shards and one checkpoint get swapped in
+        if len(swaps) == 2:
+            raise KeyboardInterrupt
+        swaps.append(target.name)
+        replace_dir(staging, target)
+
+    monkeypatch.setattr(resize, "replace_dir", swap_then_die)
+    args = ["resize-vocab", str(run), "--tokenizer", str(new_tok), "--data-dir", str(data_dir)]
+    assert main(args) == 130
+    assert swaps[0] == "data" and Tokenizer.load(run / "tokenizer.json").vocab_size == 2048  # half done
+    monkeypatch.undo()
+    assert main(args) == 0
+    size = Tokenizer.load(new_tok).vocab_size
+    assert Tokenizer.load(run / "tokenizer.json").vocab_size == size
+    for ckpt in (run / "checkpoints").iterdir():
+        assert model_from_checkpoint(ckpt).cfg.vocab_size == size, ckpt.name
+    assert not list(run.glob(".resized-*")) and not list((run / "checkpoints").glob(".resized-*"))
+    lmforge(["pretrain", "--resume", "--run-dir", str(run), *STEPS, "--pretrain.max_steps=7"])
+    assert [s for s, k, _ in losses(run) if k == "train"][-1] == 7
+
+
+# The synthetic task with dropout under torchrun (2 DDP ranks), fresh or resumed from checkpoints/last.
+DROPOUT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    from lmforge.rundir import RunDir
+    from lmforge.train.distributed import shutdown_distributed
+    from tests.synthetic import cfg, train
+
+    train(RunDir(Path(sys.argv[1])), cfg(distributed="ddp", dropout=0.1, max_steps=8), resume=sys.argv[2] == "resume")
+    shutdown_distributed()
+""")
+
+
+@pytest.mark.slow
+def test_ddp_resume_with_dropout_is_exact(tmp_path):
+    """Each rank draws its own dropout masks: every rank's RNG stream is checkpointed and continued, so a 2-rank run
+    resumed from its step-4 checkpoint logs what the uninterrupted run logged."""
+    script, run = tmp_path / "dropout.py", make_run(tmp_path / "whole").root
+    script.write_text(DROPOUT)
+    launch([str(script), str(run), "fresh"], nproc=2)
+    trainer = read_state(run / "checkpoints" / "last")["trainer"]
+    assert len(trainer["rng_ranks"]) == 2
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "last")
+    shutil.copytree(run / "checkpoints" / "pretrain-step-0000004", resumed / "checkpoints" / "last")
+    launch([str(script), str(resumed), "resume"], nproc=2)
+    whole = [r for r in losses(run) if r[0] > 4]
+    after = [r for r in losses(resumed) if r[0] > 4][-len(whole):]  # the resumed attempt's rows
+    assert [(s, k) for s, k, _ in after] == [(s, k) for s, k, _ in whole] and len(whole) == 5
+    for (step, split, a), (_, _, b) in zip(after, whole, strict=True):
+        assert a == pytest.approx(b, abs=1e-6), (step, split)
+
+
+def test_a_rank_without_a_saved_rng_stream_gets_its_own():
+    from lmforge.train.checkpoint import restore_rng_state, rng_state
+
+    torch.manual_seed(5)
+    trainer = {"rng": rng_state()}
+    draws = {}
+    for rank in (0, 1, 1):
+        assert restore_rng_state(trainer, rank, seed=0, step=4) == 1
+        draws.setdefault(rank, []).append(torch.rand(3))
+    assert not torch.equal(draws[0][0], draws[1][0])  # distinct masks per rank
+    assert torch.equal(draws[1][0], draws[1][1])  # and deterministic
+    torch.manual_seed(5)
+    assert torch.equal(draws[0][0], torch.rand(3))  # rank 0 continues the saved stream

@@ -124,3 +124,21 @@ def test_resize_vocab_below_the_recipe_minimum_is_refused_before_anything_change
     assert error == (f"lmforge: error: cannot resize the vocabulary to {size} tokens: "
                      "tokenizer.vocab_size: must be >= 300 (256 bytes + specials)")
     assert {p.name: p.read_bytes() for p in run.root.iterdir()} == before
+
+
+def test_resize_vocab_is_refused_while_another_process_holds_the_run(tmp_path, capsys):
+    import os
+
+    from lmforge.rundir import run_lock
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.config.write_text(TINY.read_text())
+    train_tokenizer(TEXT, 330, 100_000, 1).save(run.tokenizer)
+    train_tokenizer(OTHER_TEXT, 300, 100_000, 1).save(tmp_path / "new.json")
+    before = run.tokenizer.read_bytes()
+    with run_lock(run, "pretrain"):  # another open of the lock file conflicts like another process's
+        assert main(["resize-vocab", str(run.root), "--tokenizer", str(tmp_path / "new.json")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and f"in use by lmforge pretrain (pid {os.getpid()} on " in error, error
+    assert run.tokenizer.read_bytes() == before

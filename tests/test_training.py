@@ -253,3 +253,63 @@ def test_a_distributed_step_weighs_and_counts_every_rank_s_tokens():
     # pretraining: no padding, every rank reads as much: no all-reduce needed
     even = step_shares([micro(4, 20, None), micro(6, 10, None)], TwoRanks("ddp", 0, 2), uneven=False)
     assert even.weights == [0.5, 0.5] and even.tokens == 2 * (100 + 100)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "auto"])
+def test_the_precision_trained_in_is_recorded_and_resume_shows_the_last_validation_loss(tmp_path, dtype):
+    from lmforge.train.precision import resolve_dtype
+
+    from .synthetic import cfg, make_run, train
+
+    run = make_run(tmp_path)
+    trained_in = str(resolve_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")  # what `auto` is here
+    first, _ = train(run, cfg(max_steps=4, dtype=dtype))
+    state = ckpt.read_state(run.checkpoint("last"))
+    assert state["dtype"] == trained_in
+    rows = [r for r in read_metrics(run.metrics) if r.get("split") == "train"]
+    assert rows and all(r["dtype"] == trained_in for r in rows)
+    # resumed where nothing is left to train: no evaluation, yet the last validation loss is known
+    again, _ = train(run, cfg(max_steps=4, dtype=dtype), resume=True)
+    assert again.last_val_loss == first.last_val_loss == state["val_loss"]
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from lmforge.rundir import RunDir
+from tests.synthetic import cfg, train
+
+train(RunDir(Path(sys.argv[1])), cfg(), {2: lambda: (print("training", flush=True), time.sleep(120))})
+"""
+
+
+def test_a_second_trainer_of_a_run_is_refused_until_the_first_one_dies(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .synthetic import cfg, make_run, train
+
+    repo = Path(__file__).resolve().parents[1]
+    run = make_run(tmp_path)
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo)]), "OMP_NUM_THREADS": "1"}
+    holder = subprocess.Popen([sys.executable, str(script), str(run.root)], env=env, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "training"  # in its second step, holding the lock
+        with pytest.raises(LmforgeError) as refused:
+            train(run, cfg())
+        message = str(refused.value)
+        assert f"lmforge pretrain (pid {holder.pid} on " in message and "\n" not in message, message
+        starts = [r for r in read_metrics(run.metrics) if r.get("event") == "pretrain_start"]
+        assert len(starts) == 1  # the refused trainer wrote nothing
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock with the process
+        holder.wait()
+    result, _ = train(run, cfg(max_steps=2))
+    assert result.steps == 2

@@ -345,6 +345,7 @@ def cmd_plot(args, overrides) -> int:
 
 def cmd_resize_vocab(args, overrides) -> int:
     from lmforge.config import load_recipe
+    from lmforge.pipeline import run_data_dir
     from lmforge.resize import resize_vocab, retrain_tokenizer
     from lmforge.tokenizer import Tokenizer
 
@@ -354,11 +355,12 @@ def cmd_resize_vocab(args, overrides) -> int:
     recipe = load_recipe(run.config)
     if (args.tokenizer is None) == (args.vocab_size is None):
         raise LmforgeError("give exactly one of --tokenizer NEW.json or --vocab-size N")
+    data_dir = run_data_dir(run, args.data_dir)  # --data-dir, else the one the run was made with
     if args.tokenizer:
         tok = Tokenizer.load(args.tokenizer)
     else:
-        tok = retrain_tokenizer(recipe, args.vocab_size, args.data_dir)
-    info = resize_vocab(recipe, run, tok, args.data_dir)
+        tok = retrain_tokenizer(recipe, args.vocab_size, data_dir)
+    info = resize_vocab(recipe, run, tok, data_dir)
     print(f"vocabulary {info['old_vocab']} -> {info['new_vocab']} rows ({info['kept_rows']} learned rows kept); "
           f"resized checkpoints: {', '.join(info['checkpoints']) or 'none'}; continue with --resume")
     return 0

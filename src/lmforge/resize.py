@@ -6,8 +6,11 @@ string, so a retrained tokenizer whose ids moved still maps correctly; new token
 embedding. The token shards are re-tokenized, config.toml and tokenizer.json are updated, and
 training continues with `--resume` from where it was (step, schedule, optimizer, data position).
 
-Each file is replaced atomically and checkpoints already resized are skipped (they carry the new
-tokenizer's hash), so an interrupted resize is finished by running the same command again.
+Nothing in the run changes until every checkpoint has been resized and the shards made under staging
+names; then each is swapped into place atomically, tokenizer.json last. Checkpoints and shards already
+moved carry the new tokenizer's hash and are skipped, so an interrupted resize is finished by running the
+same command again. FSDP checkpoints (optimizer state in DCP shards) are read whole in this one process and
+written in the full format, which a resume reads in any world size.
 """
 
 from __future__ import annotations
@@ -15,18 +18,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import torch
 
 from lmforge.config import Recipe, save_recipe, validate
-from lmforge.data.shards import prepare_shards, shards_fingerprint, tokenizer_hash
+from lmforge.data.shards import has_shards, load_manifest, prepare_shards, shards_fingerprint, tokenizer_hash
 from lmforge.data.sources import data_dir_from_env
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.io import replace_dir
 from lmforge.model import GPT, GPTConfig
-from lmforge.rundir import RunDir
+from lmforge.rundir import RunDir, run_lock
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.checkpoint import (
+    SHARDED_OPTIMIZER,
+    checkpoint_dir,
     list_checkpoints,
     load_trainer_state,
     load_weights,
@@ -34,6 +41,7 @@ from lmforge.train.checkpoint import (
     save_checkpoint,
 )
 from lmforge.train.metrics import MetricsLogger, plot_losses
+from lmforge.train.optim import read_sharded
 
 log = logging.getLogger("lmforge")
 
@@ -67,27 +75,43 @@ def _resize_optimizer(opt_state: dict, old_rows: int, rows: list[int]) -> dict:
     return opt_state
 
 
-def resize_checkpoint(path: Path, rows: list[int], new_hash: str, shards: str = "") -> bool:
-    """Resize one checkpoint in place (atomically); a pretraining checkpoint's shards become `shards` (the
-    fingerprint of the re-tokenized ones). False when it already has the new vocabulary."""
+def resized_checkpoint(path: Path, rows: list[int], old_hash: str,
+                       new_hash: str) -> tuple[GPT, dict, dict | None] | None:
+    """Checkpoint `path` resized in memory: (model, state, trainer state), or None when it already has the new
+    vocabulary. Reads and checks everything it needs first, so a checkpoint that cannot be resized is a one-line
+    error naming it. Sharded (FSDP) optimizer state is read whole and comes back in the full format, which a
+    resume reads in any world size."""
     state = read_state(path)
-    if state.get("tokenizer_hash") == new_hash:
-        return False
-    model = GPT(GPTConfig(**state["model_config"]))
+    trained_with = state.get("tokenizer_hash")
+    if trained_with == new_hash:
+        return None
+    if trained_with is not None and trained_with != old_hash:
+        raise LmforgeError(f"{path}: trained with another tokenizer than the run's tokenizer.json (hash "
+                           f"{trained_with}, the run's is {old_hash}); cannot map its rows")
+    try:
+        model = GPT(GPTConfig(**state["model_config"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LmforgeError(f"{path}: unreadable model config in state.json ({type(exc).__name__}: {exc})") from None
     load_weights(model, path)
+    if max(rows) >= model.cfg.vocab_size:
+        raise LmforgeError(f"{path}: {model.cfg.vocab_size} embedding rows, fewer than the run's tokenizer has "
+                           f"({max(rows) + 1}); cannot map its rows")
     trainer = None
     if "trainer" in state:
         trainer = load_trainer_state(path, state)
+        if state.get("optimizer_format") == "sharded":
+            trainer["optimizer"] = read_sharded(checkpoint_dir(path) / SHARDED_OPTIMIZER,
+                                                state.get("optimizer", "adamw"))
+        if not isinstance(trainer.get("optimizer"), dict) or "state" not in trainer["optimizer"]:
+            raise LmforgeError(f"{path}: no optimizer state in this checkpoint (written by another lmforge version?)")
         trainer["optimizer"] = _resize_optimizer(trainer["optimizer"], model.cfg.vocab_size, rows)
         # losses under another tokenizer are not comparable: early stopping starts over
         state["best_val_loss"], state["bad_evals"] = math.inf, 0
+        state["optimizer_format"] = "full"
     model.resize_vocab(len(rows), rows)
     state = {k: v for k, v in state.items() if k not in ("trainer", "model_config")}
     state["tokenizer_hash"] = new_hash
-    if state.get("shards") and shards:
-        state["shards"] = shards
-    save_checkpoint(path, model, state, trainer)
-    return True
+    return model, state, trainer
 
 
 def resized_recipe(recipe: Recipe, vocab_size: int) -> Recipe:
@@ -110,26 +134,80 @@ def retrain_tokenizer(recipe: Recipe, vocab_size: int, data_dir: str | Path | No
                            t.min_frequency)
 
 
+def _shards_hash(data: Path) -> str | None:
+    """The tokenizer hash of finished shards in `data` (None: none, or unreadable)."""
+    try:
+        return load_manifest(data).get("tokenizer_hash") if has_shards(data) else None
+    except LmforgeError:
+        return None
+
+
+def _staged(path: Path) -> Path:
+    """Where a resized copy of checkpoint or data directory `path` is written before it replaces `path`."""
+    return path.with_name(f".resized-{path.name}")
+
+
 def resize_vocab(recipe: Recipe, run: RunDir, new_tok: Tokenizer, data_dir: str | Path | None = None) -> dict:
-    """Move run `run` to tokenizer `new_tok`: shards, every checkpoint, tokenizer.json, config.toml, a plot marker."""
+    """Move run `run` to tokenizer `new_tok`: shards, every checkpoint, tokenizer.json, config.toml, a plot marker.
+
+    All or nothing: every checkpoint is resized and the shards are made under staging names (`.resized-*`)
+    first, so a refusal or a failure there leaves the run as it was. Only then are they swapped into place,
+    config.toml and tokenizer.json last; a run interrupted during the swaps still has its old tokenizer.json,
+    and the same command finishes the job (what already has the new tokenizer is skipped). Holds the run's
+    lock: no trainer writes the run meanwhile.
+    """
+    run.require()
+    resized_recipe(recipe, new_tok.vocab_size)  # an impossible size is refused before the lock file is made
+    with run_lock(run, "resize-vocab"):
+        return _resize_vocab(recipe, run, new_tok, data_dir)
+
+
+def _resize_vocab(recipe: Recipe, run: RunDir, new_tok: Tokenizer, data_dir: str | Path | None) -> dict:
     from lmforge.pipeline import model_config
 
-    run.require()
     old_tok = Tokenizer.load(run.tokenizer)
-    new_hash = tokenizer_hash(new_tok)
-    if new_hash == tokenizer_hash(old_tok):
+    old_hash, new_hash = tokenizer_hash(old_tok), tokenizer_hash(new_tok)
+    if new_hash == old_hash:
         raise LmforgeError(f"{run.tokenizer}: the new tokenizer is the same as the run's")
     new_recipe = resized_recipe(recipe, new_tok.vocab_size)
     new_rows = model_config(new_recipe, new_tok).vocab_size
     rows = token_row_map(old_tok, new_tok, new_rows)
     kept = sum(r >= 0 for r in rows)
     checkpoints = list_checkpoints(run.checkpoints)
-    old_rows = read_state(checkpoints[0])["model_config"]["vocab_size"] if checkpoints else old_tok.vocab_size
+    pending = [p for p in checkpoints if read_state(p).get("tokenizer_hash") != new_hash]
+    old_rows = read_state(pending[0])["model_config"]["vocab_size"] if pending else old_tok.vocab_size
     log.info("resize-vocab: %d -> %d rows, %d tokens keep their learned rows", old_rows, new_rows, kept)
-    manifest = prepare_shards(new_recipe.data, new_tok, data_dir_from_env(data_dir), run.data)
-    resized = [p.name for p in checkpoints if resize_checkpoint(p, rows, new_hash, shards_fingerprint(manifest))]
-    new_tok.save(run.tokenizer)
+    from lmforge.pipeline import run_data_dir
+
+    for stale in run.checkpoints.glob(_staged(Path("*")).name):  # from an interrupted attempt: made again
+        shutil.rmtree(stale)
+    # the new shards first, under a staging name (an interrupted attempt's are resumed), for the fingerprint
+    # that the resized pretraining checkpoints record
+    data_done = _shards_hash(run.data) == new_hash  # swapped in by an interrupted attempt
+    staged_data = _staged(run.data)
+    staged: list[Path] = []
+    try:
+        manifest = load_manifest(run.data) if data_done else prepare_shards(
+            new_recipe.data, new_tok, run_data_dir(run, data_dir), staged_data)
+        shards = shards_fingerprint(manifest)
+        for path in pending:
+            model, state, trainer = resized_checkpoint(path, rows, old_hash, new_hash)
+            if state.get("shards"):
+                state["shards"] = shards
+            save_checkpoint(_staged(path), model, state, trainer)
+            staged.append(path)
+    except BaseException as exc:  # refused (or interrupted) before anything changed: leave the run as it was
+        for path in staged:
+            shutil.rmtree(_staged(path), ignore_errors=True)
+        if isinstance(exc, LmforgeError):  # (interrupted, the staged shards are kept for the next attempt)
+            shutil.rmtree(staged_data, ignore_errors=True)
+        raise
+    if not data_done:
+        replace_dir(staged_data, run.data)
+    for path in staged:
+        replace_dir(_staged(path), path)
     save_recipe(new_recipe, run.config)
+    new_tok.save(run.tokenizer)  # last: until then a new attempt still starts from the old tokenizer
     last = read_state(run.checkpoint("last")) if (run.checkpoint("last") / "model.safetensors").is_file() else {}
     metrics = MetricsLogger(run.metrics, run.tensorboard)
     metrics.log({"event": "resize_vocab", "stage": last.get("stage", "pretrain"), "step": last.get("step", 0),
@@ -137,4 +215,4 @@ def resize_vocab(recipe: Recipe, run: RunDir, new_tok: Tokenizer, data_dir: str 
                  "kept_rows": kept})
     metrics.close()
     plot_losses(run.metrics, run.plots / "loss.png", title=run.root.name)
-    return {"old_vocab": old_rows, "new_vocab": new_rows, "kept_rows": kept, "checkpoints": resized}
+    return {"old_vocab": old_rows, "new_vocab": new_rows, "kept_rows": kept, "checkpoints": [p.name for p in staged]}

@@ -67,6 +67,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_rng_state(trainer: dict[str, Any], rank: int, seed: int, step: int) -> int:
+    """Continue this rank's RNG (dropout) stream from a checkpoint's trainer state; returns how many ranks'
+    streams it holds. Distributed runs save every rank's (`rng_ranks`), since each draws its own dropout masks;
+    a rank the checkpoint has no stream for (more ranks than wrote it, or a 1-process checkpoint) starts one
+    seeded from (seed, rank, step): distinct per rank and deterministic."""
+    saved = trainer.get("rng_ranks") or [trainer["rng"]]
+    if rank < len(saved):
+        set_rng_state(saved[rank])
+    else:
+        torch.manual_seed(seed + rank + 1_000_003 * step)
+    return len(saved)
+
+
 def model_weights(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED_KEY}
 

@@ -247,6 +247,15 @@ class Parallel:
     def mean(self, value: float) -> float:
         return self.sum(value)[0] / self.world_size
 
+    def gather(self, value: Any) -> list[Any] | None:
+        """Every rank's `value` (a small picklable object, e.g. its RNG state) in rank order on rank 0, None on
+        the others; a collective. One process: [value]."""
+        if not self.active:
+            return [value]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, out, dst=0)
+        return out
+
     def between_steps(self, control: LiveControl, changes: dict[str, Any],
                       stop: str | None) -> tuple[dict[str, Any], str | None]:
         """Share what decides the next step: rank 0's control-file `changes` and any rank's `stop` request.

@@ -9,8 +9,10 @@ per step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
-from lmforge.rundir import RunDir
+from lmforge.rundir import RunDir, run_lock
 from lmforge.train.checkpoint import (
     SHARDED_OPTIMIZER,
     checkpoint_dir,
@@ -33,9 +35,9 @@ from lmforge.train.checkpoint import (
     load_trainer_state,
     load_weights,
     read_state,
+    restore_rng_state,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from lmforge.train.control import LiveControl, describe
 from lmforge.train.distributed import Parallel, clip_grad_norm
@@ -241,8 +243,19 @@ def train_stage(
     checkpoint's state (the pipeline records the tokenizer's hash there).
 
     Under torchrun (cfg.distributed = ddp | fsdp) every rank runs this; each trains on its rows of the
-    global batch and only rank 0 writes metrics, plots and checkpoints.
+    global batch and only rank 0 writes metrics, plots and checkpoints. The process that writes (rank 0:
+    torchrun's RANK, known before the process group is joined) holds the run's lock meanwhile, so a second
+    trainer of the same run directory is refused.
     """
+    writes = int(os.environ.get("RANK", "0")) == 0
+    with run_lock(run, stage) if writes else contextlib.nullcontext():
+        return _train_stage(model, train_data, val_data, cfg, run, stage, total_steps, resume, seed, on_start,
+                            checkpoint_info)
+
+
+def _train_stage(model: GPT, train_data: BatchSource, val_data: BatchSource, cfg: TrainConfig, run: RunDir, stage: str,
+                 total_steps: int, resume: bool, seed: int, on_start: Callable[[], None] | None,
+                 checkpoint_info: dict[str, Any] | None) -> StageResult:
     control = LiveControl(run, cfg)
     cfg = control.cfg  # a copy that control.toml changes in place
     parallel = Parallel.for_config(cfg)
@@ -251,6 +264,7 @@ def train_stage(
                            "processes: each trains an equal share of the global batch")
     device = parallel.device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
+    precision = str(dtype).removeprefix("torch.")  # what `auto` resolved to here: recorded in checkpoints and metrics
     enable_tf32(device)
     model.to(device)
     step, tokens, best, bad_evals, last_val = 0, 0, math.inf, 0, math.nan
@@ -274,14 +288,21 @@ def train_stage(
                 optimizer.load_sharded(checkpoint_dir(last_ckpt) / SHARDED_OPTIMIZER)
             else:
                 optimizer.load_state_dict(trainer["optimizer"])
-            set_rng_state(trainer["rng"])
+            saved_ranks = restore_rng_state(trainer, parallel.rank, seed, state["step"])
             train_data.load_state_dict(trainer["data"])
             step, tokens = state["step"], state["tokens"]
             best, bad_evals = state["best_val_loss"], state["bad_evals"]
+            last_val = state.get("val_loss", math.nan)  # shown until the next evaluation
         except (KeyError, ValueError, TypeError) as exc:  # a checkpoint of another lmforge version
             raise LmforgeError(f"{last_ckpt}: cannot resume from this checkpoint ({type(exc).__name__}: {exc}); it "
                                "was written by another lmforge version (start a new run)") from None
         log.info("%s: resumed from %s at step %d", stage, last_ckpt, step)
+        if saved_ranks != parallel.world_size and parallel.is_main:
+            log.warning("%s: the checkpoint holds the RNG (dropout) streams of %d rank(s), resuming on %d: %s", stage,
+                        saved_ranks, parallel.world_size,
+                        f"rank(s) {saved_ranks}..{parallel.world_size - 1} start new streams seeded from "
+                        "(seed, rank, step)" if saved_ranks < parallel.world_size else
+                        f"the streams of rank(s) {parallel.world_size}..{saved_ranks - 1} are not continued")
         if restored := control.restore(state.get("control", {})):
             log.info("%s: control values in effect: %s", stage, describe(restored))
     if cfg.dropout >= 0:
@@ -301,6 +322,9 @@ def train_stage(
         trainer, shards = None, None
         if with_trainer:
             trainer = {"rng": rng_state(), "data": train_data.state_dict()}
+            rngs = parallel.gather(rng_state())  # each rank's own dropout stream (a collective)
+            if parallel.world_size > 1 and parallel.is_main:
+                trainer["rng_ranks"] = rngs
             if parallel.mode == "fsdp":  # each rank writes its own optimizer shards: nothing is gathered
                 shards = parallel.fresh_shared_dir(run.checkpoints / f".optimizer-{name}")
                 optimizer.save_sharded(shards)
@@ -310,7 +334,7 @@ def train_stage(
             return
         state = {"stage": stage, "step": step, "tokens": tokens, "best_val_loss": best, "bad_evals": bad_evals,
                  "total_steps": total_steps, "val_loss": last_val, "control": control.overrides,
-                 "optimizer": cfg.optimizer, "optimizer_format": "sharded" if shards else "full",
+                 "optimizer": cfg.optimizer, "optimizer_format": "sharded" if shards else "full", "dtype": precision,
                  **(checkpoint_info or {})}
         save_checkpoint(run.checkpoint(name), model, state, trainer, weights=weights, sharded_optimizer=shards)
         if with_trainer:  # ranks read the same stream in step: one deleter is enough
@@ -392,7 +416,8 @@ def train_stage(
                     elapsed = max(time.time() - window_start, 1e-9)
                     tok_s = window_tokens / elapsed
                     record = {"stage": stage, "step": step, "split": "train", "loss": loss_sum, "tokens": tokens,
-                              "lr": lr, "tokens_per_s": round(tok_s, 1), "memory_mb": memory_mb(device)}
+                              "lr": lr, "tokens_per_s": round(tok_s, 1), "memory_mb": memory_mb(device),
+                              "dtype": precision}
                     if optimizer.kind == "muon":
                         record["muon_lr"] = lr / cfg.lr * cfg.muon_lr
                     mfu = mfu_meter.mfu(tok_s / parallel.world_size, window_outputs / max(window_tokens, 1))

@@ -11,6 +11,7 @@ saves it sharded, each rank its own shards (save_sharded), which DCP reshards wh
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,36 @@ def fused_adamw_available(device: torch.device, params: list[torch.Tensor]) -> b
         return False
     # sharded (FSDP2) parameters take the foreach path: it is the one DTensor supports everywhere
     return not any(isinstance(p, DTensor) for p in params)
+
+
+@contextlib.contextmanager
+def _reading_shards(path: Path):
+    """Missing or foreign optimizer shards as one clear line naming `path`."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (CheckpointException, OSError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, CheckpointException) and exc.failures:  # a rank's own error, not the wrapper's
+            exc = next(iter(exc.failures.values()))[0]
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise LmforgeError(f"{path}: cannot read the optimizer shards ({type(exc).__name__}: {reason})") from None
+
+
+def read_sharded(path: Path, kind: str) -> dict[str, Any]:
+    """The optimizer state that Optimizers.save_sharded wrote under `path`, whole, in this one process and without
+    a model or a process group (DCP's own single-process loader): the full format of Optimizers.state_dict(),
+    keyed by parameter name, for tools that rewrite checkpoints (resize-vocab)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    if not path.is_dir():
+        raise LmforgeError(f"{path}: cannot read the optimizer shards (the directory is missing)")
+    with _reading_shards(path), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
+        state = _load_state_dict_from_keys("optimizer", checkpoint_id=str(path))
+    if not isinstance(state.get("optimizer"), dict) or not {"state", "param_groups"} <= set(state["optimizer"]):
+        raise LmforgeError(f"{path}: cannot read the optimizer shards (no optimizer state in them)")
+    return {"kind": kind, **state["optimizer"]}
 
 
 class Optimizers:
@@ -86,18 +117,11 @@ class Optimizers:
         """Read state written by save_sharded, in this process's world size (one process included): DCP
         reshards it to this model's (sharded or whole) parameters."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.api import CheckpointException
 
         state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizers)}  # allocated, to be filled
-        try:
-            with warnings.catch_warnings():  # one process without a process group is what we mean here
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, checkpoint_id=str(path))
-        except (CheckpointException, OSError, RuntimeError, ValueError) as exc:  # missing or foreign shards
-            if isinstance(exc, CheckpointException) and exc.failures:  # a rank's own error, not the wrapper's
-                exc = next(iter(exc.failures.values()))[0]
-            reason = (str(exc).strip().splitlines() or [""])[0]
-            raise LmforgeError(f"{path}: cannot read the optimizer shards ({type(exc).__name__}: {reason})") from None
+        with _reading_shards(path), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: meant
+            dcp.load(state, checkpoint_id=str(path))
         set_optimizer_state_dict(self.model, self.optimizers, state["optimizer"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
