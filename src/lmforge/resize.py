@@ -27,7 +27,7 @@ from lmforge.config import Recipe, save_recipe, validate
 from lmforge.data.shards import has_shards, load_manifest, prepare_shards, shards_fingerprint, tokenizer_hash
 from lmforge.data.sources import data_dir_from_env
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.io import replace_dir
+from lmforge.io import atomic_write_json, replace_dir
 from lmforge.model import GPT, GPTConfig
 from lmforge.rundir import RunDir, run_lock
 from lmforge.tokenizer import Tokenizer, train_tokenizer
@@ -163,7 +163,7 @@ def resize_vocab(recipe: Recipe, run: RunDir, new_tok: Tokenizer, data_dir: str 
 
 
 def _resize_vocab(recipe: Recipe, run: RunDir, new_tok: Tokenizer, data_dir: str | Path | None) -> dict:
-    from lmforge.pipeline import model_config
+    from lmforge.pipeline import model_config, run_data_dir
 
     old_tok = Tokenizer.load(run.tokenizer)
     old_hash, new_hash = tokenizer_hash(old_tok), tokenizer_hash(new_tok)
@@ -177,30 +177,28 @@ def _resize_vocab(recipe: Recipe, run: RunDir, new_tok: Tokenizer, data_dir: str
     pending = [p for p in checkpoints if read_state(p).get("tokenizer_hash") != new_hash]
     old_rows = read_state(pending[0])["model_config"]["vocab_size"] if pending else old_tok.vocab_size
     log.info("resize-vocab: %d -> %d rows, %d tokens keep their learned rows", old_rows, new_rows, kept)
-    from lmforge.pipeline import run_data_dir
-
     for stale in run.checkpoints.glob(_staged(Path("*")).name):  # from an interrupted attempt: made again
         shutil.rmtree(stale)
-    # the new shards first, under a staging name (an interrupted attempt's are resumed), for the fingerprint
-    # that the resized pretraining checkpoints record
-    data_done = _shards_hash(run.data) == new_hash  # swapped in by an interrupted attempt
-    staged_data = _staged(run.data)
+    # every checkpoint is resized under a staging name first (one that cannot be is refused before the long
+    # re-tokenization), then the shards; nothing in the run changes until both are done
     staged: list[Path] = []
+    staged_data = _staged(run.data)  # an interrupted attempt's shards there are resumed, not made again
+    data_done = _shards_hash(run.data) == new_hash  # swapped in by an interrupted attempt
     try:
-        manifest = load_manifest(run.data) if data_done else prepare_shards(
-            new_recipe.data, new_tok, run_data_dir(run, data_dir), staged_data)
-        shards = shards_fingerprint(manifest)
         for path in pending:
             model, state, trainer = resized_checkpoint(path, rows, old_hash, new_hash)
-            if state.get("shards"):
-                state["shards"] = shards
             save_checkpoint(_staged(path), model, state, trainer)
             staged.append(path)
-    except BaseException as exc:  # refused (or interrupted) before anything changed: leave the run as it was
+        manifest = load_manifest(run.data) if data_done else prepare_shards(
+            new_recipe.data, new_tok, run_data_dir(run, data_dir), staged_data)
+        for path in staged:  # resized pretraining checkpoints record the new shards
+            state = read_state(_staged(path))
+            if state.get("shards"):
+                atomic_write_json(checkpoint_dir(_staged(path)) / "state.json",
+                                  {**state, "shards": shards_fingerprint(manifest)})
+    except BaseException:  # refused, failed or interrupted before anything changed: the run is as it was
         for path in staged:
             shutil.rmtree(_staged(path), ignore_errors=True)
-        if isinstance(exc, LmforgeError):  # (interrupted, the staged shards are kept for the next attempt)
-            shutil.rmtree(staged_data, ignore_errors=True)
         raise
     if not data_done:
         replace_dir(staged_data, run.data)
