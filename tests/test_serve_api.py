@@ -333,7 +333,11 @@ def test_attention_input_focus_and_limits(client):
     focus = data["focus"]
     n_new = len(focus["tokens"])
     assert torch.tensor(focus["per_layer"]).shape == (2, n_new, len(data["words"]))
-    assert sum(focus["mean"]) == pytest.approx(1.0, abs=1e-3)  # all attention lands on the prompt here
+    # the first answer token is read from the prompt alone: all its attention lands on the prompt's words; a
+    # later one's also on the answer tokens before it, which are not among the words
+    first = torch.tensor(focus["per_layer"])[:, 0].sum(-1)
+    torch.testing.assert_close(first, torch.ones(2), atol=1e-3, rtol=0)
+    assert sum(focus["mean"]) <= 1 + 1e-3 and (n_new > 1 or sum(focus["mean"]) == pytest.approx(1.0, abs=1e-3))
     r = client.post("/api/attention", json={"text": "word " * 400})
     assert r.status_code == 400 and r.json()["error"]["param"] == "text" and "at most 128" in r.json()["error"]["message"]
 
