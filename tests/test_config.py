@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -149,3 +150,20 @@ def test_extends_starts_from_another_recipe(tmp_path):
     (tmp_path / "c.toml").write_text("extends = 3\n")
     with pytest.raises(ConfigError, match="extends must be a recipe file name"):
         load_recipe(tmp_path / "c.toml")
+
+
+def test_log_lines_during_a_progress_bar_get_their_own_line(capsys):
+    """A warning while `prepare` or training draws a bar is written through tqdm, which clears the bar first:
+    the line starts with [lmforge] instead of following the bar's text."""
+    import logging
+
+    from tqdm import tqdm
+
+    from lmforge.cli import _setup_logging
+
+    _setup_logging(False)
+    for _ in tqdm(range(2), desc="shard s", file=sys.stderr):
+        logging.getLogger("lmforge").warning("bad record skipped")
+    segments = re.split(r"[\r\n]", capsys.readouterr().err)
+    warned = [s for s in segments if "bad record skipped" in s]
+    assert warned == ["[lmforge] bad record skipped"] * 2, segments

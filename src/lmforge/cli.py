@@ -21,8 +21,21 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 log = logging.getLogger("lmforge")
 
 
+class _BarAwareHandler(logging.StreamHandler):
+    """Writes each log line through tqdm, which clears the progress bars first and redraws them after, so a
+    warning during `prepare` or training gets a line of its own instead of being glued onto a bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def _setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _BarAwareHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[lmforge] %(levelname)s %(message)s" if verbose else "[lmforge] %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
