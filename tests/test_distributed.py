@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -29,13 +30,21 @@ STEPS = ["--pretrain.max_steps=6", "--pretrain.log_interval=1", "--pretrain.eval
 
 
 def launch(args: list[str], nproc: int = 1) -> str:
-    """`python ARGS` in one process, or under torchrun in `nproc` processes; returns what they printed."""
+    """`python ARGS` in one process, or under torchrun in `nproc` processes; returns what they printed, rank by
+    rank. Each rank's stdout goes to its own file (torchrun's --redirects): on one shared pipe, unbuffered ranks
+    (PYTHONUNBUFFERED, as CI runners set) interleave the pieces of their lines."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(REPO)]), "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + args
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    with tempfile.TemporaryDirectory() as logs:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                    f"--log-dir={logs}", "--redirects=1"]
+        cmd = (launcher if nproc > 1 else [sys.executable]) + args
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if nproc == 1:
+            return proc.stdout
+        per_rank = sorted(Path(logs).glob("*/attempt_*/*/stdout.log"), key=lambda p: int(p.parent.name))
+        assert len(per_rank) == nproc, per_rank
+        return "".join(p.read_text() for p in per_rank)
 
 
 def lmforge(args: list[str], nproc: int = 1) -> None:
