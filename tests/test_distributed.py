@@ -186,6 +186,35 @@ def test_load_weights_accepts_checkpoints_written_by_any_world_size(single):
     assert "layers.0.attn.q_proj.weight" in names  # optimizer state keyed by parameter name, not position
 
 
+@pytest.mark.parametrize("rows, world", [(1, 3), (2, 3), (3, 2), (5, 4)])
+def test_ranks_share_a_qa_batch_so_each_answer_token_counts_once(rows, world):
+    """However many rows a QA batch has (the last of an epoch may have fewer than the ranks), the ranks' losses,
+    weighed by their scored tokens as `step_shares` does, are the one-process loss; a rank left without a row
+    gets a filler with nothing scored, whose loss is 0 with zero gradients (not NaN)."""
+    from lmforge.model import GPT, GPTConfig
+    from lmforge.train.distributed import Parallel
+    from lmforge.train.loop import batch_loss, scored_positions
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, n_layer=1, n_head=2, n_embd=16, block_size=24))
+    x = torch.randint(0, 97, (rows, 20))
+    y = torch.full((rows, 20), -100)
+    for r in range(rows):
+        y[r, 10 + r : 12 + r + r % 3] = torch.randint(0, 97, (2 + r % 3,))  # answers of 2-4 tokens
+    expected = batch_loss(model, x, y, True)
+    parts = [Parallel("ddp", rank, world).local_rows((x, y)) for rank in range(world)]
+    scored = [scored_positions(py)[0] for _, py in parts]
+    assert sum(scored) == scored_positions(y)[0]
+    losses = [batch_loss(model, px, py, True) for px, py in parts]
+    weighed = sum(loss * n for loss, n in zip(losses, scored, strict=True)) / sum(scored)
+    assert torch.allclose(weighed, expected, atol=1e-6)
+    for (_, py), loss in zip(parts, losses, strict=True):
+        if not (py != -100).any():  # a filler row
+            model.zero_grad()
+            loss.backward()
+            assert float(loss) == 0 and all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
 @pytest.fixture(scope="module")
 def one_process_control_and_stop(tmp_path_factory) -> Path:
     run, ranks = control_and_stop(tmp_path_factory.mktemp("one"), "stop_file", 0, nproc=1)

@@ -227,15 +227,18 @@ class Parallel:
     # ------------------------------------------------------------------ data and reductions
 
     def local_rows(self, batch: Batch) -> Batch:
-        """This rank's rows of a global batch (rows are spread evenly; a short batch repeats rows)."""
+        """This rank's rows of a global batch, spread evenly. A batch with fewer rows than ranks (the last of a
+        QA epoch) gives the ranks left over a copy of a row with nothing scored: every rank still runs a step
+        (DDP and FSDP need each one in the collectives), and each scored token counts once."""
         if not self.active:
             return batch
         x, y = batch
         n = x.shape[0]
         if n >= self.world_size:
             return x.tensor_split(self.world_size)[self.rank], y.tensor_split(self.world_size)[self.rank]
-        i = self.rank % n
-        return x[i : i + 1], y[i : i + 1]
+        if self.rank < n:
+            return x[self.rank : self.rank + 1], y[self.rank : self.rank + 1]
+        return x[:1], torch.full_like(y[:1], -100)
 
     def sum(self, *values: float) -> list[float]:
         if not self.active:

@@ -102,11 +102,14 @@ def resolve_device(name: str) -> torch.device:
 
 def batch_loss(model, x: torch.Tensor, y: torch.Tensor, sparse_targets: bool) -> torch.Tensor:
     """`lm_loss` of a batch. With `sparse_targets` (a QA batch: most targets are -100) the model computes
-    logits at the scored positions only, which is much cheaper and gives the same loss."""
+    logits at the scored positions only, which is much cheaper and gives the same loss. A batch with nothing
+    scored (a rank's filler row, see `Parallel.local_rows`) has loss 0 and zero gradients, not NaN."""
     if not sparse_targets:
         return model(x, targets=y)  # the loss inside forward: compiled with the model when train.compile
     scored = y != -100
-    return F.cross_entropy(model(x, output_mask=scored).float(), y[scored])
+    targets = y[scored]
+    loss = F.cross_entropy(model(x, output_mask=scored).float(), targets, reduction="sum")
+    return loss / max(targets.numel(), 1)
 
 
 def scored_positions(y: torch.Tensor) -> tuple[int, bool]:
@@ -169,7 +172,7 @@ def validation_loss(model: GPT, batches: list[Batch], device: torch.device, dtyp
     for batch in batches:
         x, y = parallel.local_rows(batch)
         n, sparse = scored_positions(y)
-        if n == 0:
+        if n == 0 and not parallel.active:  # under torchrun every rank runs the forward (FSDP gathers in it)
             continue
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
