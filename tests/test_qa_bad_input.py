@@ -10,7 +10,7 @@ import pytest
 from lmforge.config import SourceConfig
 from lmforge.data.qa import clean_examples, context_windows, encode_examples
 from lmforge.data.sources import iter_qa_examples
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import Tokenizer, train_tokenizer
 
 CONTEXT = "Paris is the capital of France. The Seine flows through Paris."
 LONG_QUESTION = "Which " + "very " * 400 + "long question is this?"
@@ -62,6 +62,27 @@ def test_clean_examples_counts_and_names(tmp_path, caplog):
     assert kept[1].answers == ["The Seine"] and kept[1].answer_starts == [32]  # the empty gold answer is dropped
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert "empty-answer" in warning and "not-in-context" in warning
+
+
+def test_lone_surrogate_escapes_in_a_qa_file_are_replaced_and_named(tmp_path, caplog):
+    """JSON may hold "\\ud800", which is no Unicode text: the tokenizer refuses it (a TypeError), so the loader
+    replaces it with U+FFFD, as pretraining sources do, and names the example."""
+    context = "Caf\ud800 Paris is the capital of France."
+    qas = [{"id": "ok", "question": "What is the capital?", "answers": [{"text": "Paris", "answer_start": 6}]},
+           {"id": "odd\udfff", "question": "Capital \udc00?", "answers": [{"text": "Paris\ud83d", "answer_start": 6}]}]
+    path = tmp_path / "surrogates.json"
+    path.write_text(json.dumps({"data": [{"title": "T\ud800", "paragraphs": [{"context": context, "qas": qas}]}]}))
+    assert "\\ud800" in path.read_text()  # escaped in the file, as json.dumps writes it
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        examples = list(iter_qa_examples(SourceConfig(name="odd", local=str(path), format="squad"), None))
+    first, second = examples
+    assert first.context == second.context == "Caf\ufffd Paris is the capital of France." and first.question == qas[0]["question"]
+    assert (second.id, second.question, second.answers, second.title) == ("odd\ufffd", "Capital \ufffd?", ["Paris\ufffd"],
+                                                                          "T\ufffd")
+    assert "2 example(s) had lone surrogate escapes" in caplog.text and "ok, odd\ufffd" in caplog.text
+    kept, _ = clean_examples(examples, "test")  # the second's answer is no longer in the passage
+    tokenizer = train_tokenizer([context.replace("\ud800", "e")] * 20, 300, 10_000, 1)
+    assert len(encode_examples(tokenizer, kept, "context", 128, 24, "train")) == 1
 
 
 def test_training_encoding_counts_questions_longer_than_the_block(tiny_run, tmp_path, caplog):

@@ -407,15 +407,22 @@ def _record_text(record: Record, src: SourceConfig, where: str, stats: Counter) 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _valid_unicode(text: str, where: str, stats: Counter) -> str:
+def without_lone_surrogates(text: str) -> str:
     """`text` with lone surrogates (JSON escapes such as "\\ud800", which no UTF-8 text can hold and the
-    tokenizer refuses) replaced with U+FFFD, counted like invalid UTF-8 bytes."""
+    tokenizer refuses) replaced with U+FFFD; `text` itself when it has none."""
     try:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
-        _skip(stats, "surrogates", where, "lone surrogate escapes (\\ud800-\\udfff) replaced with U+FFFD")
         return _SURROGATE.sub("\ufffd", text)
+
+
+def _valid_unicode(text: str, where: str, stats: Counter) -> str:
+    """`text` without lone surrogates, each record that had some counted like invalid UTF-8 bytes."""
+    valid = without_lone_surrogates(text)
+    if valid is not text:
+        _skip(stats, "surrogates", where, "lone surrogate escapes (\\ud800-\\udfff) replaced with U+FFFD")
+    return valid
 
 
 def _keep(record: Record, text: str, src: SourceConfig, stats: Counter) -> bool:
@@ -554,10 +561,29 @@ def iter_qa_examples(src: SourceConfig, data_dir: Path | None, skipped: Counter 
         )
     else:
         raise _missing_error(src, data_dir)
+    repaired: list[str] = []
     for ex in examples:
-        yield ex
+        valid = _qa_without_lone_surrogates(ex)
+        if valid is not ex:
+            repaired.append(valid.id)
+        yield valid
         n += 1
         if src.max_docs and n >= src.max_docs:
             break
+    if repaired:
+        more = f" and {len(repaired) - 5} more" if len(repaired) > 5 else ""
+        log.warning("QA source '%s': %d example(s) had lone surrogate escapes (\\ud800-\\udfff), replaced with "
+                    "U+FFFD: %s%s", src.name, len(repaired), ", ".join(repaired[:5]), more)
     if n == 0:
         raise LmforgeError(f"QA source '{src.name}': no examples found")
+
+
+def _qa_without_lone_surrogates(ex: QAExample) -> QAExample:
+    """`ex` with lone surrogates replaced in its text fields (the tokenizer refuses them); `ex` itself when it
+    has none."""
+    fields = (ex.id, ex.question, ex.context, ex.title, *ex.answers)
+    valid = [without_lone_surrogates(t) for t in fields]
+    if all(a is b for a, b in zip(valid, fields, strict=True)):
+        return ex
+    qid, question, context, title, *answers = valid
+    return QAExample(qid, question, context, answers, ex.answer_starts, title)
