@@ -52,21 +52,29 @@ def split_loss(run: str | Path, data_dir: Path | None, n_batches: int = 0) -> di
             sums["later_n"] += int(later.sum())
             sums["top1"] += int((logits.argmax(-1)[first] == y[first]).sum())
     n1, n2 = sums["first_n"], sums["later_n"]
-    return {"first": sums["first"] / n1, "later": sums["later"] / n2, "all": (sums["first"] + sums["later"]) / (n1 + n2),
-            "top1": 100 * sums["top1"] / n1, "answers": n1}
+    return {
+        "first": sums["first"] / n1,
+        "later": sums["later"] / n2,
+        "all": (sums["first"] + sums["later"]) / (n1 + n2),
+        "top1": 100 * sums["top1"] / n1,
+        "answers": n1,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="fine-tuned run directories")
     parser.add_argument("--data-dir", help="local dataset copies (default: $LMFORGE_DATA_DIR)")
-    parser.add_argument("--batches", type=int, default=0, help="validation batches (default: the recipe's "
-                                                                 "finetune.eval_batches)")
+    parser.add_argument(
+        "--batches", type=int, default=0, help="validation batches (default: the recipe's finetune.eval_batches)"
+    )
     args = parser.parse_args()
     for run in args.runs:
         r = split_loss(run, data_dir_from_env(args.data_dir), args.batches)
-        print(f"answer_tokens: {run} first {r['first']:.3f} (top-1 {r['top1']:.1f}%), later {r['later']:.3f}, "
-              f"all {r['all']:.3f}; {r['answers']} answers")
+        print(
+            f"answer_tokens: {run} first {r['first']:.3f} (top-1 {r['top1']:.1f}%), later {r['later']:.3f}, "
+            f"all {r['all']:.3f}; {r['answers']} answers"
+        )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,12 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 DATA = Path(os.environ.get("LMFORGE_TEST_DATA", REPO.parent / "shared" / "data"))
-SOURCES = ["pretrain/gutenberg/gutenberg_books.jsonl.gz", "pretrain/tinystories/tinystories_samples.jsonl.gz",
-           "pretrain/us-speeches/us_presidential_speeches.jsonl.gz", "pretrain/web-sample/c4_cc_web_sample.jsonl.gz"]
+SOURCES = [
+    "pretrain/gutenberg/gutenberg_books.jsonl.gz",
+    "pretrain/tinystories/tinystories_samples.jsonl.gz",
+    "pretrain/us-speeches/us_presidential_speeches.jsonl.gz",
+    "pretrain/web-sample/c4_cc_web_sample.jsonl.gz",
+]
 
 
 def real_paragraphs(chunk_chars: int = 4000) -> list[str]:
@@ -129,8 +133,9 @@ def child_loader(shards: Path) -> None:
         loader.next_batch()
     loader_tps = n * loader.tokens_per_batch / (time.perf_counter() - start)
     loader.close()
-    model = GPT(GPTConfig(vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
-                          block_size=m.block_size))
+    model = GPT(
+        GPTConfig(vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size)
+    )
     opt = make_optimizer(model, p, torch.device("cpu"))
     x, y = loader.next_batch()
     steps = []
@@ -158,17 +163,23 @@ def throughput_and_loader(me: list[str], tmp: Path, tok_path: str, paragraphs: l
     t_batch, c_batch, _, tok_batch = measured(me + ["encode", str(corpus), tok_path])
     t_ours, c_ours, _, tok_ours = measured(me + ["prepare", str(corpus), tok_path, str(tmp / "s"), "0"])
     assert int(tok_single) == int(tok_batch) == int(tok_ours), (tok_single, tok_batch, tok_ours)
-    print(f"throughput on {mb:.1f} MB, {cores} cores: single-process {mb / t_single:.2f} MB/s, encode_batch loop "
-          f"{mb / t_batch:.2f} MB/s, lmforge sharding {mb / t_ours:.2f} MB/s (wall clock)")
+    print(
+        f"throughput on {mb:.1f} MB, {cores} cores: single-process {mb / t_single:.2f} MB/s, encode_batch loop "
+        f"{mb / t_batch:.2f} MB/s, lmforge sharding {mb / t_ours:.2f} MB/s (wall clock)"
+    )
     # On a machine shared with other work the wall-clock ratios understate parallelism; CPU seconds per MB
     # do not depend on how many cores were free: the speed-up N idle cores would give is N x single / ours.
-    print(f"CPU seconds per MB: single {c_single / mb:.2f}, encode_batch {c_batch / mb:.2f}, lmforge {c_ours / mb:.2f}"
-          f" -> on {cores} idle cores lmforge would run {cores * c_single / c_ours:.2f}x single-process")
+    print(
+        f"CPU seconds per MB: single {c_single / mb:.2f}, encode_batch {c_batch / mb:.2f}, lmforge {c_ours / mb:.2f}"
+        f" -> on {cores} idle cores lmforge would run {cores * c_single / c_ours:.2f}x single-process"
+    )
 
     out = measured(me + ["loader", str(tmp / "s")])[3]
     loader = json.loads(out)
-    print(f"loader {loader['loader']:,.0f} tokens/s vs cpu-small training step {loader['train']:,.0f} tokens/s: "
-          f"{loader['loader'] / loader['train']:.0f}x")
+    print(
+        f"loader {loader['loader']:,.0f} tokens/s vs cpu-small training step {loader['train']:,.0f} tokens/s: "
+        f"{loader['loader'] / loader['train']:.0f}x"
+    )
     shutil.rmtree(tmp / "s")
     corpus.unlink()
 
@@ -179,16 +190,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", action="store_true", help="also measure peak RSS on the 1 GB corpus (slow on few cores)")
     ap.add_argument("--mb", type=float, default=16, help="text for the throughput comparison (MB)")
-    ap.add_argument("--rss-mb", type=float, nargs=2, default=(100, 1000), metavar=("SMALL", "LARGE"),
-                    help="corpus sizes of the two peak-RSS points (default 100 1000)")
+    ap.add_argument(
+        "--rss-mb",
+        type=float,
+        nargs=2,
+        default=(100, 1000),
+        metavar=("SMALL", "LARGE"),
+        help="corpus sizes of the two peak-RSS points (default 100 1000)",
+    )
     ap.add_argument("--rss-only", action="store_true", help="only the peak-RSS points")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         step, *rest = args.child
-        {"encode": lambda: child_encode(Path(rest[0]), Path(rest[1])),
-         "prepare": lambda: child_prepare(Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3])),
-         "loader": lambda: child_loader(Path(rest[0]))}[step]()
+        {
+            "encode": lambda: child_encode(Path(rest[0]), Path(rest[1])),
+            "prepare": lambda: child_prepare(Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3])),
+            "loader": lambda: child_loader(Path(rest[0])),
+        }[step]()
         return
 
     from lmforge.tokenizer import train_tokenizer
@@ -212,13 +231,17 @@ def main() -> None:
             big = tmp / f"{label}.jsonl"
             write_corpus(big, paragraphs, size)
             seconds, cpu, peak, _ = measured(me + ["prepare", str(big), tok_path, str(tmp / label), "0"])
-            print(f"{label}: prepared in {seconds:.0f} s ({size / seconds:.2f} MB/s, {cpu / size:.2f} CPU s/MB), "
-                  f"peak RSS {peak:.0f} MB")
+            print(
+                f"{label}: prepared in {seconds:.0f} s ({size / seconds:.2f} MB/s, {cpu / size:.2f} CPU s/MB), "
+                f"peak RSS {peak:.0f} MB"
+            )
             rss[label] = peak
             big.unlink()
             shutil.rmtree(tmp / label)
-        print(f"data: parallel/single {parallel_single:.2f}, vs encode_batch {vs_batch:.2f}, "
-              "peak RSS " + ", ".join(f"{label} {peak:.0f} MB" for label, peak in rss.items()))
+        print(
+            f"data: parallel/single {parallel_single:.2f}, vs encode_batch {vs_batch:.2f}, "
+            "peak RSS " + ", ".join(f"{label} {peak:.0f} MB" for label, peak in rss.items())
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

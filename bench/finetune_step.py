@@ -71,8 +71,10 @@ def main() -> None:
             (dense_s, dense_loss), (sparse_s, sparse_loss) = step(False), step(True)
         ratios.append(dense_s / sparse_s)
         losses = (dense_loss, sparse_loss)
-    print(f"{args.recipe}: batch {args.batch} x {args.length}, {args.answer_tokens} answer tokens per row, {dtype}; "
-          f"loss dense {losses[0]:.5f} / sparse {losses[1]:.5f}")
+    print(
+        f"{args.recipe}: batch {args.batch} x {args.length}, {args.answer_tokens} answer tokens per row, {dtype}; "
+        f"loss dense {losses[0]:.5f} / sparse {losses[1]:.5f}"
+    )
     print(f"finetune-step: {args.recipe} dense/sparse {statistics.median(ratios):.2f}x")
 
 

@@ -63,10 +63,17 @@ def hf_tokens_per_second(hf, prompt: list[int], new: int, reps: int) -> tuple[fl
     for _ in range(reps):
         start = time.perf_counter()
         with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                              do_sample=False, pad_token_id=0, eos_token_id=None)
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
         rates.append(new / (time.perf_counter() - start))
-    return statistics.median(rates), out[0, len(prompt):].tolist()
+    return statistics.median(rates), out[0, len(prompt) :].tolist()
 
 
 def lmforge_tokens_per_second(model: GPT, prompt: list[int], new: int, reps: int) -> tuple[float, list[int]]:
@@ -89,8 +96,10 @@ def main() -> None:
     model = GPT(CFG).eval()
     reps = 1 if args.quick else 3
     per_token_seconds(model, list(range(64)), 3, True, 1)  # warm-up: the first timed cell pays no one-time costs
-    print(f"model: {model.num_parameters() / 1e6:.1f}M parameters, block {CFG.block_size}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"model: {model.num_parameters() / 1e6:.1f}M parameters, block {CFG.block_size}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     print("\nper-token cost vs context (greedy, batch 1):")
     print(f"{'context':>8} {'cache ms/tok':>13} {'no-cache ms/tok':>16} {'no-cache/cache':>15}")
@@ -110,8 +119,10 @@ def main() -> None:
     hf_rate, theirs = hf_tokens_per_second(hf, prompt, new, reps)
     lmforge_rate, ours = lmforge_tokens_per_second(model, prompt, new, reps)
     same = sum(a == b for a, b in zip(ours, theirs, strict=True))
-    print(f"\nlmforge vs transformers {__import__('transformers').__version__} generate "
-          f"(64-token prompt, {new} new tokens, greedy):")
+    print(
+        f"\nlmforge vs transformers {__import__('transformers').__version__} generate "
+        f"(64-token prompt, {new} new tokens, greedy):"
+    )
     print(f"  lmforge {lmforge_rate:.1f} tokens/s, hf {hf_rate:.1f} tokens/s; same greedy tokens: {same}/{new}")
     print(f"generate: lmforge/hf {lmforge_rate / hf_rate:.2f}, no-cache/cache at 1024 ctx {ratio_1024:.2f}")
 

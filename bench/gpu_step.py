@@ -56,8 +56,9 @@ def loss_function(name: str, model: torch.nn.Module, compiled: bool):
     raise ValueError(name)
 
 
-def time_variant(name: str, recipe: str, batch: int, steps: int, warmup: int, device: torch.device,
-                 compiled: bool, profile: bool) -> dict:
+def time_variant(
+    name: str, recipe: str, batch: int, steps: int, warmup: int, device: torch.device, compiled: bool, profile: bool
+) -> dict:
     cfg = gpt_config(recipe)
     torch.manual_seed(0)
     model = (hf_llama(cfg) if name.startswith("hf") else GPT(cfg)).to(device).train()
@@ -91,10 +92,17 @@ def time_variant(name: str, recipe: str, batch: int, steps: int, warmup: int, de
     tokens_per_s = steps * batch * cfg.block_size / elapsed
     n_params = sum(p.numel() for p in model.parameters())
     peak, _ = peak_flops(device, torch.bfloat16)
-    result = {"variant": name, "recipe": recipe, "tokens_per_s": tokens_per_s, "step_ms": 1000 * elapsed / steps,
-              "warmup_s": warmup_s, "loss": float(loss), "params_M": n_params / 1e6,
-              "mfu": tokens_per_s * flops_per_token(cfg, n_params) / peak if peak else None,
-              "memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    result = {
+        "variant": name,
+        "recipe": recipe,
+        "tokens_per_s": tokens_per_s,
+        "step_ms": 1000 * elapsed / steps,
+        "warmup_s": warmup_s,
+        "loss": float(loss),
+        "params_M": n_params / 1e6,
+        "mfu": tokens_per_s * flops_per_token(cfg, n_params) / peak if peak else None,
+        "memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
     if profile:
         result["profile"] = profile_steps(step, device)
     return result
@@ -141,21 +149,28 @@ def main() -> None:
             if args.deadline and time.perf_counter() - begin > args.deadline:
                 print(f"deadline: skipped {recipe} / {variant}", flush=True)
                 continue
-            r = time_variant(variant, recipe, args.batch, args.steps, args.warmup, device, not args.eager,
-                             args.profile and i == 0)
+            r = time_variant(
+                variant, recipe, args.batch, args.steps, args.warmup, device, not args.eager, args.profile and i == 0
+            )
             gc.collect()  # the variant's model and optimizer state are garbage now: free their memory
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             results.append(r)
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
             memory = f"{r['memory_gb']:.1f} GB" if r["memory_gb"] is not None else "n/a"
-            print(f"{recipe:10s} {variant:22s} {r['tokens_per_s']:>12,.0f} tokens/s  {r['step_ms']:7.1f} ms/step  "
-                  f"MFU {mfu}  peak memory {memory}  warm-up {r['warmup_s']:.0f} s  loss {r['loss']:.3f}", flush=True)
+            print(
+                f"{recipe:10s} {variant:22s} {r['tokens_per_s']:>12,.0f} tokens/s  {r['step_ms']:7.1f} ms/step  "
+                f"MFU {mfu}  peak memory {memory}  warm-up {r['warmup_s']:.0f} s  loss {r['loss']:.3f}",
+                flush=True,
+            )
             if "profile" in r:
                 print(r["profile"], flush=True)
         by = {r["variant"]: r["tokens_per_s"] for r in results if r["recipe"] == recipe}
-        for ours, theirs in (("lmforge, loss inside", "hf, loss inside"), ("lmforge, loss outside", "hf, loss outside"),
-                             ("lmforge, loss inside", "lmforge, loss outside")):
+        for ours, theirs in (
+            ("lmforge, loss inside", "hf, loss inside"),
+            ("lmforge, loss outside", "hf, loss outside"),
+            ("lmforge, loss inside", "lmforge, loss outside"),
+        ):
             if ours in by and theirs in by:
                 print(f"{recipe:10s} {ours} / {theirs}: {by[ours] / by[theirs]:.2f}x", flush=True)
 

@@ -33,8 +33,7 @@ from lmforge.rundir import RunDir  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # (optimizer, override of its peak lr); Muon's AdamW part (embedding, norms) uses --adamw-lr-for-muon
-GRID = (("adamw", "1e-3"), ("adamw", "3e-3"), ("adamw", "1e-2"),
-        ("muon", "0.01"), ("muon", "0.03"), ("muon", "0.1"))
+GRID = (("adamw", "1e-3"), ("adamw", "3e-3"), ("adamw", "1e-2"), ("muon", "0.01"), ("muon", "0.03"), ("muon", "0.1"))
 
 
 def prepared_run(recipe_name: str, out: Path, overrides: dict[str, str], data_dir: str | None) -> Path:
@@ -52,13 +51,17 @@ def prepared_run(recipe_name: str, out: Path, overrides: dict[str, str], data_di
     return base
 
 
-def train_one(recipe_name: str, base: Path, out: Path, overrides: dict[str, str], opt: str, lr: str,
-              adamw_lr: str, budget: dict) -> dict:
+def train_one(
+    recipe_name: str, base: Path, out: Path, overrides: dict[str, str], opt: str, lr: str, adamw_lr: str, budget: dict
+) -> dict:
     name = f"{opt}-lr{lr}"
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    shutil.copytree(base, run_dir, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "tensorboard",
-                                                                 "plots", "progress.json"))
+    shutil.copytree(
+        base,
+        run_dir,
+        ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "tensorboard", "plots", "progress.json"),
+    )
     ov = dict(overrides)
     ov["pretrain.optimizer"] = opt
     if opt == "muon":
@@ -106,8 +109,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--adamw-lr-for-muon", default="3e-3", help="AdamW lr of the embedding/norms under muon")
-    parser.add_argument("--only", nargs="*", help="grid entries to run, e.g. muon:0.01 (finished runs in --out "
-                        "are read back, so entries can run as separate, even parallel, commands)")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        help="grid entries to run, e.g. muon:0.01 (finished runs in --out "
+        "are read back, so entries can run as separate, even parallel, commands)",
+    )
     add_threads_option(parser)
     args = parser.parse_args()
     apply_threads_option(args)
@@ -115,16 +122,30 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     data_dir = data_dir_from_env(args.data_dir) or Path(__file__).resolve().parents[2] / "shared" / "data"
     # a smaller tokenizer sample and corpus than the recipe's, so that preparing takes a minute, not an hour
-    data_ov = {"tokenizer.sample_chars": "3_000_000", "data.sources.squad-contexts.max_docs": "6000",
-               "data.sources.gutenberg.max_docs": "8"}
-    train_ov = {"model.block_size": str(args.block), "pretrain.batch_size": str(args.batch),
-                "pretrain.max_steps": str(args.steps), "pretrain.warmup_steps": str(max(1, args.steps // 10)),
-                "pretrain.eval_interval": str(max(1, args.steps // 6)), "pretrain.eval_batches": "4",
-                "pretrain.checkpoint_interval": str(args.steps), "pretrain.log_interval": "10"}
+    data_ov = {
+        "tokenizer.sample_chars": "3_000_000",
+        "data.sources.squad-contexts.max_docs": "6000",
+        "data.sources.gutenberg.max_docs": "8",
+    }
+    train_ov = {
+        "model.block_size": str(args.block),
+        "pretrain.batch_size": str(args.batch),
+        "pretrain.max_steps": str(args.steps),
+        "pretrain.warmup_steps": str(max(1, args.steps // 10)),
+        "pretrain.eval_interval": str(max(1, args.steps // 6)),
+        "pretrain.eval_batches": "4",
+        "pretrain.checkpoint_interval": str(args.steps),
+        "pretrain.log_interval": "10",
+    }
     base = prepared_run(args.recipe, out, data_ov, data_dir)
     # what makes two runs comparable: a finished run in --out with another budget is left out of the results
-    budget = {"recipe": args.recipe, "steps": args.steps, "batch": args.batch, "block": args.block,
-              "adamw_lr_for_muon": args.adamw_lr_for_muon}
+    budget = {
+        "recipe": args.recipe,
+        "steps": args.steps,
+        "batch": args.batch,
+        "block": args.block,
+        "adamw_lr_for_muon": args.adamw_lr_for_muon,
+    }
     for opt, lr in GRID:
         if args.only is None or f"{opt}:{lr}" in args.only:
             train_one(args.recipe, base, out, {**data_ov, **train_ov}, opt, lr, args.adamw_lr_for_muon, budget)
@@ -145,9 +166,11 @@ def main() -> None:
     if len(best) == 2:
         title = f"{args.recipe}: validation loss, {tokens:,} tokens ({args.steps} steps x {args.batch} x {args.block})"
         plot(best, out / "muon_vs_adamw.png", title)
-        print(f"optim: {args.recipe} {tokens:,} tokens, val loss muon {best['muon']['final']:.3f} / adamw "
-              f"{best['adamw']['final']:.3f} = {best['muon']['final'] / best['adamw']['final']:.3f}x "
-              f"(plot: {out / 'muon_vs_adamw.png'})")
+        print(
+            f"optim: {args.recipe} {tokens:,} tokens, val loss muon {best['muon']['final']:.3f} / adamw "
+            f"{best['adamw']['final']:.3f} = {best['muon']['final'] / best['adamw']['final']:.3f}x "
+            f"(plot: {out / 'muon_vs_adamw.png'})"
+        )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,9 @@ def load_hf(hf_dir: Path):
     return model, AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
 
 
-def hf_answers(model, tok, prompts: dict[str, list[int]], max_new: int, batch_size: int, pad_id: int,
-               eos_id: int) -> dict[str, str]:
+def hf_answers(
+    model, tok, prompts: dict[str, list[int]], max_new: int, batch_size: int, pad_id: int, eos_id: int
+) -> dict[str, str]:
     items = sorted(prompts.items(), key=lambda kv: len(kv[1]))  # same length grouping as lmforge
     out: dict[str, str] = {}
     with torch.inference_mode():
@@ -56,10 +57,16 @@ def hf_answers(model, tok, prompts: dict[str, list[int]], max_new: int, batch_si
             ids = torch.full((len(chunk), width), pad_id)
             mask = torch.zeros_like(ids)
             for row, (_, p) in enumerate(chunk):
-                ids[row, width - len(p):] = torch.tensor(p)
-                mask[row, width - len(p):] = 1
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                                 eos_token_id=eos_id, pad_token_id=pad_id)
+                ids[row, width - len(p) :] = torch.tensor(p)
+                mask[row, width - len(p) :] = 1
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=eos_id,
+                pad_token_id=pad_id,
+            )
             for (qid, _), row in zip(chunk, gen[:, width:], strict=True):
                 out[qid] = tok.decode(row, skip_special_tokens=True).strip()
     return out
@@ -79,8 +86,10 @@ def main() -> None:
     model, tok = lmforge.load(args.run)
     examples = list(islice(iter_qa_examples(recipe.qa.dev, data_dir_from_env(args.data_dir)), args.questions))
     mode, max_new = recipe.qa.mode, recipe.eval.max_new_tokens
-    print(f"{len(examples)} dev questions, mode {mode}, max_new_tokens {max_new}, batch {args.batch_size}, "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"{len(examples)} dev questions, mode {mode}, max_new_tokens {max_new}, batch {args.batch_size}, "
+        f"threads {torch.get_num_threads()}"
+    )
 
     def greedy(batch_size: int):  # long contexts truncated, as the Hugging Face prompts below
         return predict_answers(model, tok, examples, mode, max_new, batch_size)[0]
@@ -93,18 +102,23 @@ def main() -> None:
 
     from lmforge.evaluate import question_prompts
 
-    prompts = {ex.id: question_prompts(tok, ex, mode, model.cfg.block_size, max_new, "truncate")[0].ids
-               for ex in examples}
+    prompts = {
+        ex.id: question_prompts(tok, ex, mode, model.cfg.block_size, max_new, "truncate")[0].ids for ex in examples
+    }
     with tempfile.TemporaryDirectory() as tmp:
         hf_model, hf_tok = load_hf(export_hf(args.run, Path(tmp) / "hf"))  # loading is not timed
         first = dict(list(prompts.items())[:2])
         hf_answers(hf_model, hf_tok, first, max_new, 2, tok.pad_id, tok.eot_id)  # warm-up, as lmforge's
-        hf, t_hf = timed(lambda: hf_answers(hf_model, hf_tok, prompts, max_new, args.batch_size, tok.pad_id,
-                                            tok.eot_id))
+        hf, t_hf = timed(
+            lambda: hf_answers(hf_model, hf_tok, prompts, max_new, args.batch_size, tok.pad_id, tok.eot_id)
+        )
 
     n = len(examples)
-    for name, preds, t in (("lmforge batched", batched, t_batched), ("lmforge sequential", sequential, t_seq),
-                           ("hf generate batched", hf, t_hf)):
+    for name, preds, t in (
+        ("lmforge batched", batched, t_batched),
+        ("lmforge sequential", sequential, t_seq),
+        ("hf generate batched", hf, t_hf),
+    ):
         same = sum(preds[ex.id] == batched[ex.id] for ex in examples)
         f1 = squad_scores(preds, examples)["f1"]
         print(f"{name:22s} {n / t:7.2f} questions/s   F1 {f1:6.2f}   same answers as batched: {same}/{n}")
@@ -115,14 +129,26 @@ def main() -> None:
             span = dataclasses.replace(span, max_starts=args.span_max_starts)
 
         def spans(batch_size: int):
-            return predict_answers(model, tok, examples, mode, max_new, batch_size, e.long_context,
-                                   recipe.answer_context_tokens, "span", span)[0]
+            return predict_answers(
+                model,
+                tok,
+                examples,
+                mode,
+                max_new,
+                batch_size,
+                e.long_context,
+                recipe.answer_context_tokens,
+                "span",
+                span,
+            )[0]
 
         span_batched, t_span_batched = timed(lambda: spans(args.batch_size))
         span_seq, t_span_seq = timed(lambda: spans(1))
         same = sum(span_seq[ex.id] == span_batched[ex.id] for ex in examples)
-        print(f"{'span batched':22s} {n / t_span_batched:7.2f} questions/s   F1 "
-              f"{squad_scores(span_batched, examples)['f1']:6.2f}   ({span})")
+        print(
+            f"{'span batched':22s} {n / t_span_batched:7.2f} questions/s   F1 "
+            f"{squad_scores(span_batched, examples)['f1']:6.2f}   ({span})"
+        )
         print(f"{'span sequential':22s} {n / t_span_seq:7.2f} questions/s   same answers as batched: {same}/{n}")
         span_ratio = f", span batched/sequential {t_span_seq / t_span_batched:.2f}"
     print(f"qa_eval: batched/sequential {t_seq / t_batched:.2f}, lmforge/hf {t_hf / t_batched:.2f}{span_ratio}")

@@ -28,9 +28,16 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS = ["Once upon a time", "The president said that", "In the middle of the river", "She opened the door and",
-           "The history of the city", "When the sun rose over the hills", "Science is the study of",
-           "The little dog ran to"]
+PROMPTS = [
+    "Once upon a time",
+    "The president said that",
+    "In the middle of the river",
+    "She opened the door and",
+    "The history of the city",
+    "When the sun rose over the hills",
+    "Science is the study of",
+    "The little dog ran to",
+]
 
 
 def build_run(root: Path, data_dir: Path) -> Path:
@@ -67,8 +74,9 @@ def free_port() -> int:
 
 def start_server(run: Path, port: int, overrides: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(run), "--port", str(port),
-                             *overrides], env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge.cli", "serve", str(run), "--port", str(port), *overrides], env=env
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -84,8 +92,13 @@ def start_server(run: Path, port: int, overrides: list[str]) -> subprocess.Popen
 
 async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> tuple[float | None, int, bool]:
     """(time to first token in s, tokens received, ok) for one streaming completion."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     ttft, tokens, done = None, 0, False
     try:
@@ -163,14 +176,22 @@ def main() -> None:
             server.wait(timeout=30)
     base_p50 = pct(base_ttft, 50)
     print(f"model: {'random cpu-small shape' if not args.run else args.run}; {args.max_tokens} new tokens per request")
-    print(f"baseline, 1 client : {base_n} requests, {base_err} errors, {base_n / base_s:.2f} requests/s, "
-          f"{base_tokens / base_s:.1f} tokens/s, p50 ttft {base_p50 * 1e3:.0f} ms")
-    print(f"load, {args.clients} clients: {n} requests, {errors} errors, {n / elapsed:.2f} requests/s, "
-          f"{tokens / elapsed:.1f} tokens/s, p50 ttft {pct(ttft, 50) * 1e3:.0f} ms, p95 ttft {pct(ttft, 95) * 1e3:.0f} ms")
-    print(f"ratios (load / 1 client): throughput {(tokens / elapsed) / max(base_tokens / base_s, 1e-9):.2f}, "
-          f"p50 ttft {pct(ttft, 50) / base_p50:.2f}")
-    print(f"serve: {n} requests, {errors} errors, p50 ttft {pct(ttft, 50) * 1e3:.0f} ms, "
-          f"p95 ttft {pct(ttft, 95) * 1e3:.0f} ms")
+    print(
+        f"baseline, 1 client : {base_n} requests, {base_err} errors, {base_n / base_s:.2f} requests/s, "
+        f"{base_tokens / base_s:.1f} tokens/s, p50 ttft {base_p50 * 1e3:.0f} ms"
+    )
+    print(
+        f"load, {args.clients} clients: {n} requests, {errors} errors, {n / elapsed:.2f} requests/s, "
+        f"{tokens / elapsed:.1f} tokens/s, p50 ttft {pct(ttft, 50) * 1e3:.0f} ms, p95 ttft {pct(ttft, 95) * 1e3:.0f} ms"
+    )
+    print(
+        f"ratios (load / 1 client): throughput {(tokens / elapsed) / max(base_tokens / base_s, 1e-9):.2f}, "
+        f"p50 ttft {pct(ttft, 50) / base_p50:.2f}"
+    )
+    print(
+        f"serve: {n} requests, {errors} errors, p50 ttft {pct(ttft, 50) * 1e3:.0f} ms, "
+        f"p95 ttft {pct(ttft, 95) * 1e3:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

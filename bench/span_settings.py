@@ -34,8 +34,11 @@ from lmforge.evaluate import SpanOptions, bootstrap_ci, predict_answers, questio
 from lmforge.pipeline import load_qa_splits  # noqa: E402
 from lmforge.train.precision import autocast, resolve_dtype  # noqa: E402
 
-FIELDS = {"starts": ("max_starts", int), "calibration": ("calibration", float),
-          "skip": ("skip_question_words", lambda text: bool(int(text)))}
+FIELDS = {
+    "starts": ("max_starts", int),
+    "calibration": ("calibration", float),
+    "skip": ("skip_question_words", lambda text: bool(int(text))),
+}
 
 
 def parse_variant(text: str, base: SpanOptions) -> SpanOptions:
@@ -76,28 +79,54 @@ def main() -> None:
     questions = held_out_questions(recipe, data_dir_from_env(args.data_dir), args.questions)
     device = model.tok_emb.weight.device
     dtype = resolve_dtype(args.dtype, device)
-    print(f"{len(questions)} held-out dev questions, {e.long_context} windows of {recipe.answer_context_tokens} "
-          f"tokens, {dtype}, threads {torch.get_num_threads()}")
+    print(
+        f"{len(questions)} held-out dev questions, {e.long_context} windows of {recipe.answer_context_tokens} "
+        f"tokens, {dtype}, threads {torch.get_num_threads()}"
+    )
     f1s: dict[str, np.ndarray] = {}
     with autocast(device, dtype):  # warm-up: the first variant's questions/s pays no one-time cost
-        predict_answers(model, tok, questions[:2], "context", e.max_new_tokens, 2, e.long_context,
-                        recipe.answer_context_tokens, "span", SpanOptions.of(e))
+        predict_answers(
+            model,
+            tok,
+            questions[:2],
+            "context",
+            e.max_new_tokens,
+            2,
+            e.long_context,
+            recipe.answer_context_tokens,
+            "span",
+            SpanOptions.of(e),
+        )
     for text in args.variant:
         options = parse_variant(text, SpanOptions.of(e))
         start = time.perf_counter()
         with autocast(device, dtype):
-            predictions = predict_answers(model, tok, questions, "context", e.max_new_tokens, e.batch_size,
-                                          e.long_context, recipe.answer_context_tokens, "span", options)[0]
+            predictions = predict_answers(
+                model,
+                tok,
+                questions,
+                "context",
+                e.max_new_tokens,
+                e.batch_size,
+                e.long_context,
+                recipe.answer_context_tokens,
+                "span",
+                options,
+            )[0]
         rate = len(questions) / (time.perf_counter() - start)
         f1s[text] = question_scores(predictions, questions)[1]
         line = f"{text:40s} F1 {100 * f1s[text].mean():6.2f}  {rate:6.1f} questions/s"
         if len(f1s) > 1:
             low, high = bootstrap_ci(f1s[text] - f1s[args.variant[0]])
-            line += f"  vs {args.variant[0]}: {100 * (f1s[text] - f1s[args.variant[0]]).mean():+.2f} " \
-                    f"(95% {low:+.2f} to {high:+.2f})"
+            line += (
+                f"  vs {args.variant[0]}: {100 * (f1s[text] - f1s[args.variant[0]]).mean():+.2f} "
+                f"(95% {low:+.2f} to {high:+.2f})"
+            )
         print(line, flush=True)
     best = max(f1s, key=lambda k: f1s[k].mean())
-    print(f"span_settings: best {best} F1 {100 * f1s[best].mean():.2f} (baseline {100 * f1s[args.variant[0]].mean():.2f})")
+    print(
+        f"span_settings: best {best} F1 {100 * f1s[best].mean():.2f} (baseline {100 * f1s[args.variant[0]].mean():.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -44,9 +44,17 @@ SHAPES = (("tiny", 16), ("cpu-small", 8), ("seed-67m", 2))
 def gpt_config(recipe_name: str) -> GPTConfig:
     r = load_recipe(RECIPES / f"{recipe_name}.toml")
     m = r.model
-    return GPTConfig(vocab_size=m.vocab_size or r.tokenizer.vocab_size, n_layer=m.n_layer, n_head=m.n_head,
-                     n_embd=m.n_embd, block_size=m.block_size, dropout=0.0, mlp_hidden=m.mlp_hidden,
-                     rope_theta=m.rope_theta, norm_eps=m.norm_eps)
+    return GPTConfig(
+        vocab_size=m.vocab_size or r.tokenizer.vocab_size,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        n_embd=m.n_embd,
+        block_size=m.block_size,
+        dropout=0.0,
+        mlp_hidden=m.mlp_hidden,
+        rope_theta=m.rope_theta,
+        norm_eps=m.norm_eps,
+    )
 
 
 def hf_llama(cfg: GPTConfig) -> torch.nn.Module:
@@ -90,11 +98,17 @@ def make_variant(name: str, cfg: GPTConfig, hf: bool, dtype: torch.dtype, compil
 def bench_shape(recipe: str, batch: int, rounds: int, compiled: bool = False) -> dict[str, float]:
     cfg = gpt_config(recipe)
     f32, bf16 = torch.float32, torch.bfloat16
-    variants = [make_variant("lmforge fp32", cfg, False, f32), make_variant("hf fp32", cfg, True, f32),
-                make_variant("lmforge bf16", cfg, False, bf16), make_variant("hf bf16", cfg, True, bf16)]
+    variants = [
+        make_variant("lmforge fp32", cfg, False, f32),
+        make_variant("hf fp32", cfg, True, f32),
+        make_variant("lmforge bf16", cfg, False, bf16),
+        make_variant("hf bf16", cfg, True, bf16),
+    ]
     if compiled:
-        variants += [make_variant("lmforge bf16 compiled", cfg, False, bf16, compiled=True),
-                     make_variant("hf bf16 compiled", cfg, True, bf16, compiled=True)]
+        variants += [
+            make_variant("lmforge bf16 compiled", cfg, False, bf16, compiled=True),
+            make_variant("hf bf16 compiled", cfg, True, bf16, compiled=True),
+        ]
     g = torch.Generator().manual_seed(0)
     tokens = batch * cfg.block_size
     default = resolve_dtype("auto", CPU)
@@ -123,8 +137,10 @@ def bench_shape(recipe: str, batch: int, rounds: int, compiled: bool = False) ->
     out = {
         "params_M": n_params / 1e6,
         "tokens": tokens,
-        "lm_fp32": tok_s["lmforge fp32"], "hf_fp32": tok_s["hf fp32"],
-        "lm_bf16": tok_s["lmforge bf16"], "hf_bf16": tok_s["hf bf16"],
+        "lm_fp32": tok_s["lmforge fp32"],
+        "hf_fp32": tok_s["hf fp32"],
+        "lm_bf16": tok_s["lmforge bf16"],
+        "hf_bf16": tok_s["hf bf16"],
         "ratio_fp32": ratio("lmforge fp32", "hf fp32"),
         "ratio_bf16": ratio("lmforge bf16", "hf bf16"),
         "ratio_same": ratio(f"lmforge {default_name}", f"hf {default_name}"),
@@ -141,8 +157,12 @@ def bench_shape(recipe: str, batch: int, rounds: int, compiled: bool = False) ->
 
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a busy "
-                        "shared machine 1 thread avoids OpenMP barrier stalls")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's choice); on a busy "
+        "shared machine 1 thread avoids OpenMP barrier stalls",
+    )
 
 
 def apply_threads_option(args: argparse.Namespace) -> None:
@@ -154,8 +174,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=4, help="timed steps per variant and recipe (default 4)")
     parser.add_argument("--only", nargs="*", help="recipes to run (default: tiny cpu-small seed-67m)")
-    parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile "
-                        "(bf16; adds a compilation of each model per recipe)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time both models under torch.compile (bf16; adds a compilation of each model per recipe)",
+    )
     add_threads_option(parser)
     args = parser.parse_args()
     apply_threads_option(args)
@@ -167,19 +190,26 @@ def main() -> None:
             continue
         r = bench_shape(recipe, batch, args.rounds, args.compile)
         results[recipe] = r
-        print(f"{recipe:10s} {r['params_M']:.1f}M params, batch {batch} x {r['tokens'] // batch}: tokens/s "
-              f"lmforge fp32 {r['lm_fp32']:,.0f} / hf fp32 {r['hf_fp32']:,.0f} = {r['ratio_fp32']:.2f}x | "
-              f"lmforge bf16 {r['lm_bf16']:,.0f} / hf bf16 {r['hf_bf16']:,.0f} = {r['ratio_bf16']:.2f}x | "
-              f"default/hf-fp32 {r['default_vs_hf_fp32']:.2f}x | MFU {r['mfu']:.0%} of measured "
-              f"{r['peak_gflops']:.0f} GFLOP/s", flush=True)
+        print(
+            f"{recipe:10s} {r['params_M']:.1f}M params, batch {batch} x {r['tokens'] // batch}: tokens/s "
+            f"lmforge fp32 {r['lm_fp32']:,.0f} / hf fp32 {r['hf_fp32']:,.0f} = {r['ratio_fp32']:.2f}x | "
+            f"lmforge bf16 {r['lm_bf16']:,.0f} / hf bf16 {r['hf_bf16']:,.0f} = {r['ratio_bf16']:.2f}x | "
+            f"default/hf-fp32 {r['default_vs_hf_fp32']:.2f}x | MFU {r['mfu']:.0%} of measured "
+            f"{r['peak_gflops']:.0f} GFLOP/s",
+            flush=True,
+        )
         if args.compile:
-            print(f"{'':10s} compiled: lmforge bf16 {r['lm_compiled']:,.0f} tokens/s = {r['compiled_vs_hf_bf16']:.2f}x hf "
-                  f"bf16, {r['compiled_vs_hf_compiled']:.2f}x hf bf16 compiled, {r['compiled_vs_hf_fp32']:.2f}x hf fp32",
-                  flush=True)
+            print(
+                f"{'':10s} compiled: lmforge bf16 {r['lm_compiled']:,.0f} tokens/s = {r['compiled_vs_hf_bf16']:.2f}x hf "
+                f"bf16, {r['compiled_vs_hf_compiled']:.2f}x hf bf16 compiled, {r['compiled_vs_hf_fp32']:.2f}x hf fp32",
+                flush=True,
+            )
     if {"cpu-small", "seed-67m"} <= results.keys():
         cs, seed = results["cpu-small"], results["seed-67m"]
-        print(f"train: cpu-small lmforge/hf tokens/s {cs['ratio_same']:.2f}, default/hf-fp32 "
-              f"{cs['default_vs_hf_fp32']:.2f}, seed-67m {seed['ratio_same']:.2f}, mfu {seed['mfu']:.0%}")
+        print(
+            f"train: cpu-small lmforge/hf tokens/s {cs['ratio_same']:.2f}, default/hf-fp32 "
+            f"{cs['default_vs_hf_fp32']:.2f}, seed-67m {seed['ratio_same']:.2f}, mfu {seed['mfu']:.0%}"
+        )
 
 
 if __name__ == "__main__":

@@ -62,14 +62,26 @@ def make_run(tmp_path: Path) -> RunDir:
 
 
 def cfg(**kw: object) -> TrainConfig:
-    base = dict(max_steps=12, batch_size=BATCH, lr=1e-2, warmup_steps=2, eval_interval=4, eval_batches=2,
-                checkpoint_interval=4, log_interval=1, device="cpu", dtype="float32")
+    base = dict(
+        max_steps=12,
+        batch_size=BATCH,
+        lr=1e-2,
+        warmup_steps=2,
+        eval_interval=4,
+        eval_batches=2,
+        checkpoint_interval=4,
+        log_interval=1,
+        device="cpu",
+        dtype="float32",
+    )
     return TrainConfig(**{**base, **kw})
 
 
-def train(run: RunDir, c: TrainConfig, hooks: Hooks | None = None, resume: bool = False,
-          val: Progressions | None = None) -> tuple[StageResult, GPT]:
+def train(
+    run: RunDir, c: TrainConfig, hooks: Hooks | None = None, resume: bool = False, val: Progressions | None = None
+) -> tuple[StageResult, GPT]:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=32, block_size=BLOCK))
-    return train_stage(model, Progressions(0, hooks), val or Progressions(1), c, run, "pretrain", c.max_steps,
-                       resume=resume), model
+    return train_stage(
+        model, Progressions(0, hooks), val or Progressions(1), c, run, "pretrain", c.max_steps, resume=resume
+    ), model

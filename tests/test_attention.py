@@ -49,18 +49,22 @@ def _words(groups: list[list[int]]) -> list[Word]:
 
 
 def test_to_words_sums_keys_and_averages_queries():
-    a = torch.tensor([
-        [1.0, 0.0, 0.0],
-        [0.5, 0.5, 0.0],
-        [0.2, 0.3, 0.5],
-    ])
+    a = torch.tensor(
+        [
+            [1.0, 0.0, 0.0],
+            [0.5, 0.5, 0.0],
+            [0.2, 0.3, 0.5],
+        ]
+    )
     words = _words([[0], [1, 2]])  # word 1 = tokens 1 and 2
     w = to_words(a, words)
     # row 1 = mean of token rows 1 and 2; column 1 = sum of token columns 1 and 2
-    expected = torch.tensor([
-        [1.0, 0.0],
-        [(0.5 + 0.2) / 2, (0.5 + 0.8) / 2],
-    ])
+    expected = torch.tensor(
+        [
+            [1.0, 0.0],
+            [(0.5 + 0.2) / 2, (0.5 + 0.8) / 2],
+        ]
+    )
     torch.testing.assert_close(w, expected)
     torch.testing.assert_close(w.sum(-1), torch.ones(2))  # rows stay distributions
 
@@ -73,17 +77,24 @@ def test_to_words_works_per_layer_and_head():
 
 
 def test_discount_first_token_renormalises_without_the_sink():
-    a = torch.tensor([
-        [1.0, 0.0, 0.0],
-        [0.8, 0.2, 0.0],
-        [0.6, 0.1, 0.3],
-    ])
+    a = torch.tensor(
+        [
+            [1.0, 0.0, 0.0],
+            [0.8, 0.2, 0.0],
+            [0.6, 0.1, 0.3],
+        ]
+    )
     d = discount_first_token(a)
-    torch.testing.assert_close(d, torch.tensor([
-        [0.0, 0.0, 0.0],  # the first query can only see the sink
-        [0.0, 1.0, 0.0],
-        [0.0, 0.25, 0.75],
-    ]))
+    torch.testing.assert_close(
+        d,
+        torch.tensor(
+            [
+                [0.0, 0.0, 0.0],  # the first query can only see the sink
+                [0.0, 1.0, 0.0],
+                [0.0, 0.25, 0.75],
+            ]
+        ),
+    )
 
 
 def test_log_scale_and_row_normalisation():
@@ -96,11 +107,13 @@ def test_log_scale_and_row_normalisation():
 
 
 def test_most_attended_ignores_self_and_future():
-    w = torch.tensor([
-        [1.0, 0.0, 0.0],
-        [0.3, 0.7, 0.0],
-        [0.1, 0.6, 0.3],
-    ])
+    w = torch.tensor(
+        [
+            [1.0, 0.0, 0.0],
+            [0.3, 0.7, 0.0],
+            [0.1, 0.6, 0.3],
+        ]
+    )
     assert most_attended(w) == [None, 0, 1]
     assert most_attended(w, exclude_self=False) == [0, 1, 1]
     # the first token discounted: the second word has no attention left for another word
@@ -109,13 +122,15 @@ def test_most_attended_ignores_self_and_future():
 
 def test_input_focus_uses_the_rows_that_predicted_each_new_token():
     # 3 prompt tokens (words: [0], [1, 2]) + 2 generated tokens; layers=1, heads=1
-    a = torch.tensor([
-        [1.0, 0.0, 0.0, 0.0, 0.0],
-        [0.5, 0.5, 0.0, 0.0, 0.0],
-        [0.2, 0.2, 0.6, 0.0, 0.0],  # predicted new token 0
-        [0.1, 0.3, 0.3, 0.3, 0.0],  # predicted new token 1
-        [0.2, 0.2, 0.2, 0.2, 0.2],
-    ])[None, None]
+    a = torch.tensor(
+        [
+            [1.0, 0.0, 0.0, 0.0, 0.0],
+            [0.5, 0.5, 0.0, 0.0, 0.0],
+            [0.2, 0.2, 0.6, 0.0, 0.0],  # predicted new token 0
+            [0.1, 0.3, 0.3, 0.3, 0.0],  # predicted new token 1
+            [0.2, 0.2, 0.2, 0.2, 0.2],
+        ]
+    )[None, None]
     focus = input_focus(a, _words([[0], [1, 2]]), prompt_len=3, n_new=2)
     torch.testing.assert_close(focus[0, 0], torch.tensor([[0.2, 0.8], [0.1, 0.6]]))
 

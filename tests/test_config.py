@@ -20,7 +20,12 @@ def test_seed_recipe_matches_the_seed_hyperparameters():
     r = load_recipe(REPO / "recipes" / "seed-67m.toml")
     assert (r.model.n_layer, r.model.n_head, r.model.n_embd, r.model.block_size) == (8, 12, 768, 512)
     assert r.tokenizer.vocab_size == 12856
-    assert (r.pretrain.batch_size, r.pretrain.lr, r.pretrain.eval_interval, r.pretrain.eval_batches) == (64, 3e-4, 5, 100)
+    assert (r.pretrain.batch_size, r.pretrain.lr, r.pretrain.eval_interval, r.pretrain.eval_batches) == (
+        64,
+        3e-4,
+        5,
+        100,
+    )
     assert r.pretrain.patience == 40 and r.model.dropout == 0.1
     assert r.finetune.lr < r.pretrain.lr and r.finetune.dropout < r.model.dropout
     assert r.finetune.epochs == 8 and r.finetune.patience == 2
@@ -56,8 +61,16 @@ def test_int_is_accepted_for_float_fields():
 
 
 def test_overrides_are_typed_and_validated():
-    r = load_recipe(TINY, {"model.n_layer": "3", "pretrain.lr": "1e-3", "qa.mode": "closed_book",
-                           "data.sources.tinystories.weight": "2.5", "data.sources.0.max_docs": "7"})
+    r = load_recipe(
+        TINY,
+        {
+            "model.n_layer": "3",
+            "pretrain.lr": "1e-3",
+            "qa.mode": "closed_book",
+            "data.sources.tinystories.weight": "2.5",
+            "data.sources.0.max_docs": "7",
+        },
+    )
     assert r.model.n_layer == 3 and r.pretrain.lr == 1e-3 and r.qa.mode == "closed_book"
     assert [s.weight for s in r.data.sources if s.name == "tinystories"] == [2.5]
     assert r.data.sources[0].max_docs == 7
@@ -104,8 +117,20 @@ def test_invalid_toml_names_the_file(tmp_path):
 
 def test_cli_reports_config_errors_in_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "lmforge.cli", "run", str(TINY), "--run-dir", str(tmp_path / "r"), "--model.n_head", "3"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "lmforge.cli",
+            "run",
+            str(TINY),
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--model.n_head",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -119,7 +144,9 @@ def test_override_values_are_never_taken_for_the_recipe(capsys):
     from lmforge.cli import main, split_overrides
 
     assert split_overrides(["eval", "--run-dir", "r", "--eval.squad_questions", "16", "--qa.mode=closed_book"]) == (
-        ["eval", "--run-dir", "r"], {"eval.squad_questions": "16", "qa.mode": "closed_book"})
+        ["eval", "--run-dir", "r"],
+        {"eval.squad_questions": "16", "qa.mode": "closed_book"},
+    )
     assert main(["pretrain", "--run-dir", "/nonexistent/run", "--pretrain.max_steps", "5"]) == 2
     err = capsys.readouterr().err
     assert "give a RECIPE, or a --run-dir" in err and "recipe not found: 5" not in err
@@ -138,8 +165,12 @@ def test_extends_starts_from_another_recipe(tmp_path):
     assert recipe_to_dict(closed)["qa"] | {"mode": "context"} == recipe_to_dict(base)["qa"]
     assert recipe_to_dict(closed)["eval"] | {"decoding": "span"} == recipe_to_dict(base)["eval"]
 
-    (tmp_path / "a.toml").write_text('name = "a"\n[model]\nn_layer = 3\nn_head = 2\n[[data.sources]]\nname = "x"\nlocal = "x.txt"\n')
-    (tmp_path / "b.toml").write_text('extends = "a.toml"\n[model]\nn_head = 4\n[[data.sources]]\nname = "y"\nlocal = "y.txt"\n')
+    (tmp_path / "a.toml").write_text(
+        'name = "a"\n[model]\nn_layer = 3\nn_head = 2\n[[data.sources]]\nname = "x"\nlocal = "x.txt"\n'
+    )
+    (tmp_path / "b.toml").write_text(
+        'extends = "a.toml"\n[model]\nn_head = 4\n[[data.sources]]\nname = "y"\nlocal = "y.txt"\n'
+    )
     b = load_recipe(tmp_path / "b.toml")
     assert (b.name, b.model.n_layer, b.model.n_head) == ("a", 3, 4)  # tables merge key by key
     assert [s.name for s in b.data.sources] == ["y"]  # lists are replaced

@@ -85,8 +85,7 @@ def test_control_changes_take_effect_at_the_next_step(tmp_path):
     assert val.requested == [2, 3]  # the fixed validation set is rebuilt with 3 batches
     events = [r for r in read_metrics(run.metrics) if r.get("event") == "control"]
     assert len(events) == 1 and events[0]["step"] == 5
-    assert events[0]["changes"] == {"lr": 2e-3, "grad_accum": 2, "dropout": 0.25, "eval_interval": 3,
-                                    "eval_batches": 3}
+    assert events[0]["changes"] == {"lr": 2e-3, "grad_accum": 2, "dropout": 0.25, "eval_interval": 3, "eval_batches": 3}
     assert "lr=0.002" in events[0]["label"]
     state = read_state(run.checkpoint("last"))
     assert state["control"] == {"lr": 2e-3, "grad_accum": 2, "dropout": 0.25, "eval_interval": 3, "eval_batches": 3}
@@ -94,13 +93,16 @@ def test_control_changes_take_effect_at_the_next_step(tmp_path):
     assert not run.control_file.exists() and (run.root / "control.pretrain.toml").is_file()
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("lr = [oops", "invalid TOML"),
-    ("lr = 1e-3\nlearning_rate = 1e-3\n", "unknown key 'control.learning_rate'"),
-    ("lr = -1e-3\n", "control.lr: must be > 0"),
-    ("lr = inf\n", "control.lr: must be a finite number"),
-    ("grad_accum = 'two'\n", "control.grad_accum: expected int"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("lr = [oops", "invalid TOML"),
+        ("lr = 1e-3\nlearning_rate = 1e-3\n", "unknown key 'control.learning_rate'"),
+        ("lr = -1e-3\n", "control.lr: must be > 0"),
+        ("lr = inf\n", "control.lr: must be a finite number"),
+        ("grad_accum = 'two'\n", "control.grad_accum: expected int"),
+    ],
+)
 def test_bad_control_file_is_rejected_and_the_run_continues(tmp_path, caplog, text, reason):
     run = make_run(tmp_path)
     hooks = {3: lambda: run.control_file.write_text(text)}
@@ -127,8 +129,11 @@ def test_control_values_survive_resume_and_a_later_edit_applies(tmp_path):
     state = read_state(run.checkpoint("last"))
     assert state["control"] == {"lr": 4e-3, "patience": 5, "checkpoint_interval": 2}
     # checkpoints every 2 steps from step 9 on (10, 12, 14), not every 4 (8, 12, 14)
-    assert sorted(p.name for p in run.checkpoints.glob("pretrain-step-*")) == \
-        ["pretrain-step-0000010", "pretrain-step-0000012", "pretrain-step-0000014"]
+    assert sorted(p.name for p in run.checkpoints.glob("pretrain-step-*")) == [
+        "pretrain-step-0000010",
+        "pretrain-step-0000012",
+        "pretrain-step-0000014",
+    ]
 
 
 def test_crash_and_resume_with_dropout_and_control_values_matches_an_uninterrupted_run(tmp_path):
@@ -151,8 +156,9 @@ def test_crash_and_resume_with_dropout_and_control_values_matches_an_uninterrupt
     train(runs["crashed"], c, resume=True)
     a, b = train_records(runs["straight"]), train_records(runs["crashed"])
     assert sorted(a) == sorted(b) == list(range(1, 13))
-    assert all(abs(a[s]["loss"] - b[s]["loss"]) <= 1e-6 for s in range(1, 13)), [(a[s]["loss"], b[s]["loss"])
-                                                                                  for s in range(1, 13)]
+    assert all(abs(a[s]["loss"] - b[s]["loss"]) <= 1e-6 for s in range(1, 13)), [
+        (a[s]["loss"], b[s]["loss"]) for s in range(1, 13)
+    ]
     assert b[12]["tokens"] == a[12]["tokens"] == (2 + 2 * 10) * BATCH * BLOCK
 
 
@@ -228,11 +234,17 @@ def test_control_cli_writes_merges_and_validates(tmp_path, capsys):
         assert len(err) == 1 and err[0].endswith("(a running stage ignores this file)"), err
 
 
-@pytest.mark.parametrize("argv", [
-    ["control", "{d}", "--lr", "1e-4"], ["stop", "{d}"], ["plot", "{d}"],
-    ["resize-vocab", "{d}", "--vocab-size", "600"], ["run", "--resume", "--run-dir", "{d}"],
-    ["eval", "--run-dir", "{d}"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["control", "{d}", "--lr", "1e-4"],
+        ["stop", "{d}"],
+        ["plot", "{d}"],
+        ["resize-vocab", "{d}", "--vocab-size", "600"],
+        ["run", "--resume", "--run-dir", "{d}"],
+        ["eval", "--run-dir", "{d}"],
+    ],
+)
 def test_a_directory_that_is_not_a_run_is_one_clear_line(tmp_path, capsys, argv):
     (tmp_path / "notes.txt").write_text("not a run")
     assert main([a.format(d=tmp_path) for a in argv]) == 2
@@ -331,13 +343,17 @@ def test_plot_draws_only_the_newest_attempt_of_a_stage_started_over():
 
     def attempt(stage, steps, loss):
         return [{"event": f"{stage}_start", "stage": stage, "step": 0}] + [
-            {"stage": stage, "split": "train", "step": s, "loss": loss} for s in steps]
+            {"stage": stage, "split": "train", "step": s, "loss": loss} for s in steps
+        ]
 
     recs = attempt("pretrain", range(1, 41), 5.0) + attempt("finetune", range(1, 9), 3.0)
     recs += attempt("finetune", range(1, 4), 2.0)  # fine-tuning run again, fresh, in the same run
     kept = newest_attempts(recs)
     assert [(r["step"], r["loss"]) for r in kept if r["stage"] == "finetune" and "loss" in r] == [
-        (1, 2.0), (2, 2.0), (3, 2.0)]
+        (1, 2.0),
+        (2, 2.0),
+        (3, 2.0),
+    ]
     assert sum(r["stage"] == "pretrain" and "loss" in r for r in kept) == 40
 
 
@@ -357,8 +373,14 @@ def test_sigterm_during_pretraining_moves_a_chained_run_on_to_finetuning(copy_ru
             os.kill(os.getpid(), signal.SIGTERM)  # as `kill RUN_PID` would, mid-pretraining
 
     monkeypatch.setattr(MetricsLogger, "log", log_then_signal)
-    recipe = tiny_recipe(**{"pretrain.max_steps": "400", "pretrain.log_interval": "1", "finetune.max_steps": "3",
-                            "eval.squad_questions": "8"})
+    recipe = tiny_recipe(
+        **{
+            "pretrain.max_steps": "400",
+            "pretrain.log_interval": "1",
+            "finetune.max_steps": "3",
+            "eval.squad_questions": "8",
+        }
+    )
     report = run_recipe(recipe, run.root, data_dir, resume=True)
     progress = json.loads((run.root / "progress.json").read_text())
     assert progress["pretrain"]["stop"] == "interrupted" and progress["pretrain"]["steps"] == 3

@@ -18,24 +18,29 @@ def base() -> dict:
 
 def test_phases_load_and_override():
     data = base()
-    data["data"]["phases"] = [{"name": "web first", "tokens": 1000, "weights": {"web": 1}},
-                              {"name": "mix", "weights": {"web": 0.5, "books": 0.5}}]
+    data["data"]["phases"] = [
+        {"name": "web first", "tokens": 1000, "weights": {"web": 1}},
+        {"name": "mix", "weights": {"web": 0.5, "books": 0.5}},
+    ]
     recipe = recipe_from_dict(data, {"data.phases.1.weights.books": "0.25", "data.shard_tokens": "4096"})
     assert recipe.data.phases[1].weights == {"web": 0.5, "books": 0.25}
     assert recipe.data.shard_tokens == 4096
 
 
-@pytest.mark.parametrize("name, message", [
-    ("", "data.sources\\[1\\].name: required"),
-    ("..", "data.sources\\[1\\].name: '..' is not allowed"),
-    (".", "data.sources\\[1\\].name: '.' is not allowed"),
-    ("/tmp/victim", "data.sources\\[1\\].name: '/tmp/victim' is not allowed"),
-    ("a/b", "is not allowed"),
-    (".hidden", "is not allowed"),
-    ("manifest.json", "is not allowed"),
-    ("web", "source names must be unique: 'web' is used more than once"),
-    ("WEB", "source names must be unique: 'web'"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("", "data.sources\\[1\\].name: required"),
+        ("..", "data.sources\\[1\\].name: '..' is not allowed"),
+        (".", "data.sources\\[1\\].name: '.' is not allowed"),
+        ("/tmp/victim", "data.sources\\[1\\].name: '/tmp/victim' is not allowed"),
+        ("a/b", "is not allowed"),
+        (".hidden", "is not allowed"),
+        ("manifest.json", "is not allowed"),
+        ("web", "source names must be unique: 'web' is used more than once"),
+        ("WEB", "source names must be unique: 'web'"),
+    ],
+)
 def test_source_names_are_plain_folder_names(name, message):
     data = base()
     data["data"]["sources"][1]["name"] = name
@@ -52,17 +57,24 @@ def test_ordinary_source_names_are_accepted():
     assert recipe_from_dict(data).data.sources[1].name == "squad-contexts_v1.1"
 
 
-@pytest.mark.parametrize("phases, overrides, message", [
-    ([{"weights": {"nope": 1}}], {}, "data.phases\\[0\\].weights.nope: no such source"),
-    ([{"tokens": 0, "weights": {"web": 1}}, {"weights": {"web": 1}}], {}, "only the last phase"),
-    ([{"weights": {"web": "a lot"}}], {}, "expected float"),
-    ([{"weights": {"web": 0}}], {}, "must not all be 0"),
-    ([], {"data.sources.web.min_score": "high"}, "expected float"),
-    ([], {"data.sources.web.template": "{0}"}, "template"),
-    ([], {"data.workers": "-1"}, "data.workers"),
-    ([], {"data.sources.web.sample_by": "sentence"}, "data.sources\\[0\\].sample_by: must be one of auto, document"),
-    ([], {"data.phases.0.weights.web": "1"}, "no entry"),
-])
+@pytest.mark.parametrize(
+    "phases, overrides, message",
+    [
+        ([{"weights": {"nope": 1}}], {}, "data.phases\\[0\\].weights.nope: no such source"),
+        ([{"tokens": 0, "weights": {"web": 1}}, {"weights": {"web": 1}}], {}, "only the last phase"),
+        ([{"weights": {"web": "a lot"}}], {}, "expected float"),
+        ([{"weights": {"web": 0}}], {}, "must not all be 0"),
+        ([], {"data.sources.web.min_score": "high"}, "expected float"),
+        ([], {"data.sources.web.template": "{0}"}, "template"),
+        ([], {"data.workers": "-1"}, "data.workers"),
+        (
+            [],
+            {"data.sources.web.sample_by": "sentence"},
+            "data.sources\\[0\\].sample_by: must be one of auto, document",
+        ),
+        ([], {"data.phases.0.weights.web": "1"}, "no entry"),
+    ],
+)
 def test_bad_data_keys_are_one_line_errors(phases, overrides, message):
     data = base()
     if phases:

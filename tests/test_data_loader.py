@@ -47,8 +47,10 @@ def shards(tmp_path_factory) -> Path:
     return root / "data"
 
 
-PHASES = [Phase("web only", 20 * BATCH * BLOCK, {"web": 1.0}),
-          Phase("mix", 0, {"web": 50, "books": 30, "stories": 10, "squad": 10})]
+PHASES = [
+    Phase("web only", 20 * BATCH * BLOCK, {"web": 1.0}),
+    Phase("mix", 0, {"web": 50, "books": 30, "stories": 10, "squad": 10}),
+]
 
 
 def batcher(shards: Path, **kw) -> TokenBatcher:
@@ -131,7 +133,7 @@ def test_consumed_shards_are_deleted_only_when_asked_and_after_a_checkpoint(tmp_
     loader.state_dict()
     loader.checkpoint_saved()
     left = sorted((data / "books").glob("train-*.bin"))
-    assert 0 < len(left) < len(books) and left == books[-len(left):]
+    assert 0 < len(left) < len(books) and left == books[-len(left) :]
     with pytest.raises(LmforgeError, match="delete_consumed"):
         for _ in range(200):  # a second pass needs the deleted shards
             loader.next_batch()
@@ -167,11 +169,21 @@ def test_training_loop_follows_phases_and_resumes_on_the_same_batches(shards, tm
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=320, n_layer=1, n_head=2, n_embd=16, block_size=BLOCK))
         phases = [Phase("web only", 5 * BATCH * BLOCK, {"web": 1.0}), PHASES[1]]
-        data = Recording(shards, "train", BLOCK, BATCH, seed=3, phases=phases, prefetch=2, stop_after=stop_after,
-                         run=run)
+        data = Recording(
+            shards, "train", BLOCK, BATCH, seed=3, phases=phases, prefetch=2, stop_after=stop_after, run=run
+        )
         val = TokenBatcher(shards, "val", BLOCK, BATCH, seed=4)
-        cfg = TrainConfig(max_steps=10, batch_size=BATCH, warmup_steps=1, eval_interval=5, eval_batches=1,
-                          checkpoint_interval=5, log_interval=5, device="cpu", dtype="float32")
+        cfg = TrainConfig(
+            max_steps=10,
+            batch_size=BATCH,
+            warmup_steps=1,
+            eval_interval=5,
+            eval_batches=1,
+            checkpoint_interval=5,
+            log_interval=5,
+            device="cpu",
+            dtype="float32",
+        )
         train_stage(model, data, val, cfg, run, "pretrain", 10, resume=resume, seed=0)
         return data
 

@@ -15,8 +15,10 @@ from lmforge.data.shards import load_manifest, prepare_shards, read_index
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import train_tokenizer
 
-WORDS = ("the river runs past old mill where children play and birds sing in tall green trees while "
-         "a quiet farmer counts his sheep under bright morning light").split()
+WORDS = (
+    "the river runs past old mill where children play and birds sing in tall green trees while "
+    "a quiet farmer counts his sheep under bright morning light"
+).split()
 
 
 def make_docs(n: int, seed: int) -> list[str]:
@@ -40,8 +42,13 @@ def data_cfg(tmp_path: Path, **kw) -> DataConfig:
     write_jsonl(tmp_path / "b.jsonl", make_docs(100, 2) + docs[290:300])  # 10 duplicates of source a
     defaults = dict(shard_tokens=4096, val_fraction=0.1, workers=1)
     defaults.update(kw)
-    return DataConfig(sources=[SourceConfig(name="a", local=str(tmp_path / "a.jsonl")),
-                               SourceConfig(name="b", local=str(tmp_path / "b.jsonl"))], **defaults)
+    return DataConfig(
+        sources=[
+            SourceConfig(name="a", local=str(tmp_path / "a.jsonl")),
+            SourceConfig(name="b", local=str(tmp_path / "b.jsonl")),
+        ],
+        **defaults,
+    )
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
@@ -132,10 +139,16 @@ def test_interrupted_preparation_resumes_without_redoing_finished_shards(tmp_pat
 
 def test_special_token_strings_in_documents_are_text_not_boundaries(tmp_path, tok):
     """A document quoting "<|endoftext|>" keeps it as text: exactly one end-of-text per document, at its end."""
-    texts = [d + (" <|endoftext|> and <|question|> <|answer|> <|pad|>" if i % 7 == 3 else "")
-             for i, d in enumerate(make_docs(60, 5))]
-    cfg = DataConfig(sources=[SourceConfig(name="a", local=str(write_jsonl(tmp_path / "a.jsonl", texts)))],
-                     shard_tokens=4096, val_fraction=0.1, workers=1)
+    texts = [
+        d + (" <|endoftext|> and <|question|> <|answer|> <|pad|>" if i % 7 == 3 else "")
+        for i, d in enumerate(make_docs(60, 5))
+    ]
+    cfg = DataConfig(
+        sources=[SourceConfig(name="a", local=str(write_jsonl(tmp_path / "a.jsonl", texts)))],
+        shard_tokens=4096,
+        val_fraction=0.1,
+        workers=1,
+    )
     manifest = prepare_shards(cfg, tok, None, tmp_path / "out")
     decoded = []
     for split in ("train", "val"):
@@ -144,7 +157,9 @@ def test_special_token_strings_in_documents_are_text_not_boundaries(tmp_path, to
             index = read_index(tmp_path / "out" / shard["index"])
             assert int((tokens == tok.eot_id).sum()) == len(index)  # no injected document boundary
             assert not np.isin(tokens, list(tok.special_ids - {tok.eot_id})).any()
-            decoded += [tok.decode(tokens[o : o + n - 1]) for o, n in zip(index["offset"], index["length"], strict=True)]
+            decoded += [
+                tok.decode(tokens[o : o + n - 1]) for o, n in zip(index["offset"], index["length"], strict=True)
+            ]
     assert sorted(decoded) == sorted(texts)  # exact round trip
 
 
@@ -158,7 +173,7 @@ def test_no_validation_documents_error_gives_advice_that_works(tmp_path, tok):
         prepare_shards(cfg, tok, None, tmp_path / "out")
     message = str(exc.value)
     assert "at least 11 documents" in message and "'plays', has 2" in message
-    assert "sample_by = \"paragraph\"" in message and "source 'plays'" in message and "\n" not in message
+    assert 'sample_by = "paragraph"' in message and "source 'plays'" in message and "\n" not in message
     assert "raise data.val_fraction above 0.25" in message
     cfg.val_fraction = 0.26  # either advice works
     assert prepare_shards(cfg, tok, None, tmp_path / "out")["sources"][0]["val_docs"] == 1
@@ -205,8 +220,9 @@ def test_changed_config_or_deleted_shards_redo_a_source(tmp_path, tok):
     assert changed["sources"][0]["docs"] < first["sources"][0]["docs"]
 
 
-def test_a_preparation_interrupted_while_swapping_in_changed_sources_is_finished_by_the_next(tmp_path, tok,
-                                                                                             monkeypatch):
+def test_a_preparation_interrupted_while_swapping_in_changed_sources_is_finished_by_the_next(
+    tmp_path, tok, monkeypatch
+):
     cfg = data_cfg(tmp_path)
     out = tmp_path / "out"
     prepare_shards(cfg, tok, None, out)

@@ -30,8 +30,7 @@ def jsonl_bytes(records) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
-@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz", "d.jsonl.zst", "d.json", "d.csv", "d.parquet",
-                                  "d.csv.gz"])
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz", "d.jsonl.zst", "d.json", "d.csv", "d.parquet", "d.csv.gz"])
 def test_every_format_reads_the_same_documents(tmp_path, name):
     path = tmp_path / name
     records = [{"text": t, "id": i} for i, t in enumerate(DOCS)]
@@ -74,8 +73,13 @@ def test_txt_sample_by_document_paragraph_and_line(tmp_path, monkeypatch):
     paragraphs = ["Act one.\nScene one.", "Enter the king.", "Exit,\npursued by a bear."]
     assert docs_of(path)[0] == paragraphs  # auto: a single-file source is cut into paragraphs
     assert docs_of(path, sample_by="paragraph")[0] == paragraphs
-    assert docs_of(path, sample_by="line")[0] == ["Act one.", "Scene one.", "Enter the king.", "Exit,",
-                                                  "pursued by a bear."]
+    assert docs_of(path, sample_by="line")[0] == [
+        "Act one.",
+        "Scene one.",
+        "Enter the king.",
+        "Exit,",
+        "pursued by a bear.",
+    ]
     assert docs_of(path, sample_by="document")[0] == [BOOK]
     (tmp_path / "more.txt").write_text(BOOK, newline="")
     assert docs_of(tmp_path / "*.txt")[0] == [BOOK, BOOK]  # auto: several files are a document each
@@ -98,8 +102,14 @@ def test_txt_paragraphs_are_located_by_line(tmp_path, caplog):
 
 def test_malformed_rows_are_skipped_counted_and_located(tmp_path, caplog):
     path = tmp_path / "bad.jsonl"
-    path.write_bytes(jsonl_bytes([{"text": DOCS[0]}]) + b"{not json\n" + jsonl_bytes([{"title": "no text"}])
-                     + b'{"text": "caf\xe9 latin-1"}\n' + b"[1, 2]\n" + jsonl_bytes([{"text": DOCS[1]}]))
+    path.write_bytes(
+        jsonl_bytes([{"text": DOCS[0]}])
+        + b"{not json\n"
+        + jsonl_bytes([{"title": "no text"}])
+        + b'{"text": "caf\xe9 latin-1"}\n'
+        + b"[1, 2]\n"
+        + jsonl_bytes([{"text": DOCS[1]}])
+    )
     with caplog.at_level(logging.WARNING, logger="lmforge"):
         docs, stats = docs_of(path)
     assert docs == [DOCS[0], "caf\ufffd latin-1", DOCS[1]]
@@ -147,7 +157,9 @@ def test_truncated_or_corrupt_zstd_is_one_clear_error_and_every_frame_is_read(tm
             docs_of(cut)
     middle = raw.index(b"\n", len(raw) // 2) + 1  # two frames, as concatenated or multi-threaded zstd writes
     two = tmp_path / "two.jsonl.zst"
-    two.write_bytes(zstandard.ZstdCompressor().compress(raw[:middle]) + zstandard.ZstdCompressor().compress(raw[middle:]))
+    two.write_bytes(
+        zstandard.ZstdCompressor().compress(raw[:middle]) + zstandard.ZstdCompressor().compress(raw[middle:])
+    )
     assert len(docs_of(two)[0]) == 900
     txt = tmp_path / "cut.txt.zst"
     txt.write_bytes(zstandard.ZstdCompressor().compress(raw)[:-3])
@@ -188,8 +200,16 @@ def test_filters_template_and_caps(tmp_path):
         {"title": "F", "text": "kept because no score column " * 2, "language": "en"},
     ]
     path.write_bytes(jsonl_bytes(records))
-    docs, stats = docs_of(path, min_chars=20, max_chars=200, score_field="int_score", min_score=3,
-                          language_field="language", languages=["en"], template="{title}: {text}")
+    docs, stats = docs_of(
+        path,
+        min_chars=20,
+        max_chars=200,
+        score_field="int_score",
+        min_score=3,
+        language_field="language",
+        languages=["en"],
+        template="{title}: {text}",
+    )
     assert [d[:2] for d in docs] == ["D:", "F:"]
     assert (stats["too_short"], stats["low_score"], stats["other_language"], stats["too_long"]) == (1, 1, 1, 1)
     assert stats["unscored"] == 1
@@ -205,16 +225,19 @@ def _hub_like_dataset(root: Path) -> Path:
     rows = [{"text": f"Educational page {i} about photosynthesis and light.", "int_score": i % 5} for i in range(40)]
     pq.write_table(pa.Table.from_pylist(rows[:20]), root / "sample" / "10BT" / "000.parquet")
     pq.write_table(pa.Table.from_pylist(rows[20:]), root / "sample" / "10BT" / "001.parquet")
-    (root / "README.md").write_text("---\nconfigs:\n- config_name: sample-10BT\n  data_files:\n  - split: train\n"
-                                    "    path: sample/10BT/*.parquet\n---\n# fineweb-edu stand-in\n")
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: sample-10BT\n  data_files:\n  - split: train\n"
+        "    path: sample/10BT/*.parquet\n---\n# fineweb-edu stand-in\n"
+    )
     return root
 
 
 def test_hub_code_path_reads_a_dataset_repo_with_a_config(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     repo = _hub_like_dataset(tmp_path / "fineweb-edu")
-    src = SourceConfig(name="fineweb-edu", hub=str(repo), hub_config="sample-10BT", score_field="int_score",
-                       min_score=3)
+    src = SourceConfig(
+        name="fineweb-edu", hub=str(repo), hub_config="sample-10BT", score_field="int_score", min_score=3
+    )
     stats: Counter = Counter()
     docs = list(iter_documents(src, None, stats))
     assert len(docs) == 16 and stats["low_score"] == 24
@@ -224,8 +247,12 @@ def test_hub_code_path_reads_a_dataset_repo_with_a_config(tmp_path, monkeypatch)
 def test_unreachable_hub_says_so_in_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    src = SourceConfig(name="fineweb-edu", hub="HuggingFaceFW/no-such-dataset-lmforge", hub_config="sample-10BT",
-                       local="pretrain/fineweb/*.parquet")
+    src = SourceConfig(
+        name="fineweb-edu",
+        hub="HuggingFaceFW/no-such-dataset-lmforge",
+        hub_config="sample-10BT",
+        local="pretrain/fineweb/*.parquet",
+    )
     with pytest.raises(LmforgeError) as exc:
         list(iter_documents(src, Path("/nonexistent")))
     message = str(exc.value)
@@ -246,8 +273,9 @@ def test_tinyshakespeare_is_cut_into_paragraphs(data_dir):
 
 def test_real_pretraining_samples(data_dir):
     stats: Counter = Counter()
-    stories = list(iter_documents(SourceConfig(name="tinystories", local="pretrain/tinystories/*.jsonl.gz"), data_dir,
-                                  stats))
+    stories = list(
+        iter_documents(SourceConfig(name="tinystories", local="pretrain/tinystories/*.jsonl.gz"), data_dir, stats)
+    )
     assert len(stories) == stats["records"] == 3316 and stories[0].startswith("Spot. Spot saw the shiny car")
     books = SourceConfig(name="books", local="pretrain/gutenberg", template="{title}\n\n{text}", max_chars=300_000)
     titles = [doc.split("\n", 1)[0] for doc in iter_documents(books, data_dir)]

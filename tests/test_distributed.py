@@ -25,8 +25,13 @@ from .synthetic import BATCH, BLOCK, make_run
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 # fp32 so that 1 and 2 processes differ only by the order of floating-point sums
-STEPS = ["--pretrain.max_steps=6", "--pretrain.log_interval=1", "--pretrain.eval_interval=3",
-         "--pretrain.checkpoint_interval=3", "--pretrain.dtype=float32"]
+STEPS = [
+    "--pretrain.max_steps=6",
+    "--pretrain.log_interval=1",
+    "--pretrain.eval_interval=3",
+    "--pretrain.checkpoint_interval=3",
+    "--pretrain.dtype=float32",
+]
 
 
 def launch(args: list[str], nproc: int = 1) -> str:
@@ -35,8 +40,15 @@ def launch(args: list[str], nproc: int = 1) -> str:
     (PYTHONUNBUFFERED, as CI runners set) interleave the pieces of their lines."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(REPO)]), "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as logs:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                    f"--log-dir={logs}", "--redirects=1"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            f"--log-dir={logs}",
+            "--redirects=1",
+        ]
         cmd = (launcher if nproc > 1 else [sys.executable]) + args
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,6 +66,7 @@ def lmforge(args: list[str], nproc: int = 1) -> None:
 def losses(run: Path) -> list[tuple[int, str, float]]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["split"], r["loss"]) for r in records if "loss" in r]
+
 
 # The synthetic task (tests/synthetic.py) under torchrun, or in one process without it. Rank 0 alone writes the
 # control file (during step 3); argv[3] names the rank that asks to stop during step 6, by STOP file or SIGTERM.
@@ -248,10 +261,16 @@ def launch_failing(args: list[str], nproc: int) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra, message", [
-    ([], "launched by torchrun with 2 processes but distributed = none"),  # each would train the run alone
-    (["--distributed", "ddp", "--pretrain.batch_size=3"], "pretrain.batch_size 3 is not a multiple of the 2 processes"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "launched by torchrun with 2 processes but distributed = none"),  # each would train the run alone
+        (
+            ["--distributed", "ddp", "--pretrain.batch_size=3"],
+            "pretrain.batch_size 3 is not a multiple of the 2 processes",
+        ),
+    ],
+)
 def test_torchrun_refuses_what_would_not_train_one_global_batch(extra, message, tiny_run, tmp_path):
     run = fresh_run(tiny_run, tmp_path / "run")
     err = launch_failing(["-m", "lmforge.cli", "pretrain", "--run-dir", str(run), *STEPS, *extra], nproc=2)
@@ -287,11 +306,33 @@ def test_run_joins_the_process_group_from_the_recipe_keys(tmp_path, data_dir):
     """`--pretrain.distributed ddp` (or the recipe's [pretrain] distributed) is what `--distributed ddp` sets:
     under torchrun, `run` joins the group before the ranks share the run's name and preparation."""
     run = tmp_path / "run"
-    lmforge(["run", str(REPO / "recipes" / "tiny.toml"), "--run-dir", str(run), "--data-dir", str(data_dir),
-             "--pretrain.distributed", "ddp", "--finetune.distributed", "ddp", "--tokenizer.sample_chars", "300000",
-             "--pretrain.max_steps", "4", "--pretrain.log_interval", "1", "--finetune.max_steps", "2",
-             "--eval.squad_questions", "4",
-             "--eval.val_batches", "1"], nproc=2)
+    lmforge(
+        [
+            "run",
+            str(REPO / "recipes" / "tiny.toml"),
+            "--run-dir",
+            str(run),
+            "--data-dir",
+            str(data_dir),
+            "--pretrain.distributed",
+            "ddp",
+            "--finetune.distributed",
+            "ddp",
+            "--tokenizer.sample_chars",
+            "300000",
+            "--pretrain.max_steps",
+            "4",
+            "--pretrain.log_interval",
+            "1",
+            "--finetune.max_steps",
+            "2",
+            "--eval.squad_questions",
+            "4",
+            "--eval.val_batches",
+            "1",
+        ],
+        nproc=2,
+    )
     assert json.loads((run / "eval" / "report.json").read_text())["squad"]["n"] == 4
     train_rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get("split") == "train"]
     assert [r["step"] for r in train_rows if r["stage"] == "pretrain"] == [1, 2, 3, 4]  # logged once: rank 0
@@ -299,8 +340,9 @@ def test_run_joins_the_process_group_from_the_recipe_keys(tmp_path, data_dir):
 
 def _files(root: Path) -> dict[str, bytes]:
     """Every file's bytes but the lock's (which names its latest holder)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"
+    }
 
 
 def _new_tokenizer(tmp_path: Path) -> Path:
@@ -313,24 +355,25 @@ def _new_tokenizer(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_resize_vocab_of_an_fsdp_run_continues_like_a_resized_single_process_run(single, two_ranks, tmp_path,
-                                                                                data_dir):
+def test_resize_vocab_of_an_fsdp_run_continues_like_a_resized_single_process_run(single, two_ranks, tmp_path, data_dir):
     """resize-vocab reads the FSDP optimizer shards whole and writes every checkpoint in the full format; the
     resumed run then continues like the 1-process run resized the same way."""
     run, ref = tmp_path / "fsdp", tmp_path / "single"
     shutil.copytree(two_ranks("fsdp"), run)
     shutil.copytree(single, ref)
     assert main(["resize-vocab", str(ref), "--vocab-size", "2304", "--data-dir", str(data_dir)]) == 0
-    assert main(["resize-vocab", str(run), "--tokenizer", str(ref / "tokenizer.json"),
-                 "--data-dir", str(data_dir)]) == 0
+    assert (
+        main(["resize-vocab", str(run), "--tokenizer", str(ref / "tokenizer.json"), "--data-dir", str(data_dir)]) == 0
+    )
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == sorted(p.name for p in (ref / "checkpoints").iterdir())  # nothing left under staging names
     for name in names:
         last = run / "checkpoints" / name
         assert read_state(last)["optimizer_format"] == "full" and not (last / "optimizer").exists(), name
         assert model_from_checkpoint(last).cfg.vocab_size == 2304, name
-    ours, theirs = (load_trainer_state(d / "checkpoints" / "last", read_state(d / "checkpoints" / "last"))
-                    for d in (run, ref))
+    ours, theirs = (
+        load_trainer_state(d / "checkpoints" / "last", read_state(d / "checkpoints" / "last")) for d in (run, ref)
+    )
     for key in ("exp_avg", "exp_avg_sq"):  # the embedding's moments moved with their rows, as in the full format
         a, b = (t["optimizer"]["state"]["tok_emb.weight"][key] for t in (ours, theirs))
         assert a.shape[0] == 2304
@@ -361,8 +404,9 @@ def test_resize_vocab_refusal_leaves_an_fsdp_run_unchanged(two_ranks, tmp_path, 
 
 
 @pytest.mark.slow
-def test_resize_vocab_interrupted_while_swapping_is_finished_by_running_it_again(two_ranks, tmp_path, monkeypatch,
-                                                                               data_dir):
+def test_resize_vocab_interrupted_while_swapping_is_finished_by_running_it_again(
+    two_ranks, tmp_path, monkeypatch, data_dir
+):
     from lmforge import resize
     from lmforge.tokenizer import Tokenizer
 
@@ -423,7 +467,7 @@ def test_ddp_resume_with_dropout_is_exact(tmp_path):
     shutil.copytree(run / "checkpoints" / "pretrain-step-0000004", resumed / "checkpoints" / "last")
     launch([str(script), str(resumed), "resume"], nproc=2)
     whole = [r for r in losses(run) if r[0] > 4]
-    after = [r for r in losses(resumed) if r[0] > 4][-len(whole):]  # the resumed attempt's rows
+    after = [r for r in losses(resumed) if r[0] > 4][-len(whole) :]  # the resumed attempt's rows
     assert [(s, k) for s, k, _ in after] == [(s, k) for s, k, _ in whole] and len(whole) == 5
     for (step, split, a), (_, _, b) in zip(after, whole, strict=True):
         assert a == pytest.approx(b, abs=1e-6), (step, split)

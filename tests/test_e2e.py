@@ -18,13 +18,17 @@ pytestmark = pytest.mark.slow
 
 def cli(*args, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    return subprocess.run([sys.executable, "-m", "lmforge.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def val_losses(run_dir, stage):
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("stage") == stage
-            and r.get("split") == "val"]
+    return [
+        r["loss"]
+        for r in read_metrics(run_dir / "metrics.jsonl")
+        if r.get("stage") == stage and r.get("split") == "val"
+    ]
 
 
 def test_loss_falls_in_pretraining_and_finetuning(tiny_run):
@@ -36,9 +40,18 @@ def test_loss_falls_in_pretraining_and_finetuning(tiny_run):
 
 
 def test_run_directory_contract(tiny_run):
-    for rel in ["config.toml", "tokenizer.json", "checkpoints/last/model.safetensors", "checkpoints/last/state.json",
-                "checkpoints/best/model.safetensors", "checkpoints/pretrained/model.safetensors", "plots/loss.png",
-                "eval/report.json", "eval/report.md", "data/manifest.json"]:
+    for rel in [
+        "config.toml",
+        "tokenizer.json",
+        "checkpoints/last/model.safetensors",
+        "checkpoints/last/state.json",
+        "checkpoints/best/model.safetensors",
+        "checkpoints/pretrained/model.safetensors",
+        "plots/loss.png",
+        "eval/report.json",
+        "eval/report.md",
+        "data/manifest.json",
+    ]:
         assert (tiny_run / rel).is_file(), rel
     records = read_metrics(tiny_run / "metrics.jsonl")
     losses = [r for r in records if "loss" in r]
@@ -131,8 +144,11 @@ def test_a_folder_that_is_not_a_run_is_never_built_into(tmp_path):
     folder = tmp_path / "notes"
     folder.mkdir()
     (folder / "mine.txt").write_text("not a run")
-    for args in (["run", TINY, "--resume", "--run-dir", folder], ["pretrain", TINY, "--resume", "--run-dir", folder],
-                 ["tokenizer", "train", TINY, "--run-dir", folder]):
+    for args in (
+        ["run", TINY, "--resume", "--run-dir", folder],
+        ["pretrain", TINY, "--resume", "--run-dir", folder],
+        ["tokenizer", "train", TINY, "--run-dir", folder],
+    ):
         proc = cli(*args)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert f"{folder} is not an lmforge run directory (no config.toml)" in proc.stderr

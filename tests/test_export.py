@@ -28,8 +28,9 @@ def _offline(monkeypatch):
 
 
 def _hf(exported):
-    model = transformers.AutoModelForCausalLM.from_pretrained(exported, local_files_only=True,
-                                                              dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        exported, local_files_only=True, dtype=torch.float32
+    ).eval()
     tok = transformers.AutoTokenizer.from_pretrained(exported, local_files_only=True)
     return model, tok
 
@@ -41,13 +42,16 @@ def test_exported_tokenizer_reads_special_strings_as_transformers_users_expect(t
     from lmforge.export import hf_tokenizer
     from lmforge.tokenizer import train_tokenizer
 
-    ours = train_tokenizer(["Paris is the capital of France. What is the capital?"] * 50, 300, 10_000,
-                           min_frequency=1)
+    ours = train_tokenizer(["Paris is the capital of France. What is the capital?"] * 50, 300, 10_000, min_frequency=1)
     hf_tokenizer(ours, 128).save_pretrained(tmp_path)
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
     text = "Paris is the capital.<|question|>What is the capital?<|answer|>"
-    prompt = [*ours.encode("Paris is the capital."), ours.question_id, *ours.encode("What is the capital?"),
-              ours.answer_id]
+    prompt = [
+        *ours.encode("Paris is the capital."),
+        ours.question_id,
+        *ours.encode("What is the capital?"),
+        ours.answer_id,
+    ]
     assert theirs(text, add_special_tokens=False)["input_ids"] == prompt
     split = theirs(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert split == ours.encode(text) and not set(split) & ours.special_ids
@@ -56,8 +60,14 @@ def test_exported_tokenizer_reads_special_strings_as_transformers_users_expect(t
 
 
 def test_export_files_and_model_card(exported, tiny_run):
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json", "README.md"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "README.md",
+    ):
         assert (exported / name).is_file(), name
     config = json.loads((exported / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
@@ -74,8 +84,13 @@ def test_hf_logits_and_greedy_generation_match_lmforge(exported, tiny_run):
     theirs, their_tok = _hf(exported)
     text = "<|context|>Paris is the capital of France.<|question|>What is the capital of France?<|answer|>"
     ids = their_tok(text, add_special_tokens=False)["input_ids"]
-    prompt = [our_tok.context_id, *our_tok.encode("Paris is the capital of France."), our_tok.question_id,
-              *our_tok.encode("What is the capital of France?"), our_tok.answer_id]
+    prompt = [
+        our_tok.context_id,
+        *our_tok.encode("Paris is the capital of France."),
+        our_tok.question_id,
+        *our_tok.encode("What is the capital of France?"),
+        our_tok.answer_id,
+    ]
     assert ids == prompt  # same tokenizer, special tokens included
     x = torch.tensor([ids])
     with torch.no_grad():
@@ -83,14 +98,16 @@ def test_hf_logits_and_greedy_generation_match_lmforge(exported, tiny_run):
     assert diff < 1e-4
 
     expected = generate(ours, ids, SamplingParams(max_new_tokens=12, temperature=0.0))
-    out = theirs.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
-                          eos_token_id=None, min_new_tokens=12)
-    assert out[0, len(ids):].tolist()[: len(expected)] == expected
+    out = theirs.generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, eos_token_id=None, min_new_tokens=12
+    )
+    assert out[0, len(ids) :].tolist()[: len(expected)] == expected
 
     # batched, left-padded: lmforge's evaluation decoding agrees with transformers' generate
     prompts = [ids, our_tok.encode("Once upon a time there was")]
-    batch = their_tok([their_tok.decode(p) for p in prompts], add_special_tokens=False, padding=True,
-                      return_tensors="pt")
+    batch = their_tok(
+        [their_tok.decode(p) for p in prompts], add_special_tokens=False, padding=True, return_tensors="pt"
+    )
     hf_out = theirs.generate(**batch, max_new_tokens=8, do_sample=False, eos_token_id=None, min_new_tokens=8)
     ours_out = greedy_batch(ours, prompts, 8, stop_id=-1, pad_id=our_tok.pad_id)
     width = batch["input_ids"].shape[1]
@@ -128,11 +145,14 @@ def test_imported_run_keeps_the_recipe_and_is_evaluable(exported, tiny_run, data
     assert "| bits per byte | not measured |" in (run.eval / "report.md").read_text()
 
 
-@pytest.mark.parametrize("change, message", [
-    ("not json", "not a valid JSON model config"),
-    ({"hidden_size": None}, "missing or not a positive integer: hidden_size"),
-    ({"vocab_size": 64}, "vocab_size 64 is smaller than its tokenizer's"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("not json", "not a valid JSON model config"),
+        ({"hidden_size": None}, "missing or not a positive integer: hidden_size"),
+        ({"vocab_size": 64}, "vocab_size 64 is smaller than its tokenizer's"),
+    ],
+)
 def test_import_refuses_bad_configs_in_one_line(exported, tmp_path, change, message):
     import shutil
 

@@ -87,7 +87,9 @@ def test_rotary_tables_are_made_once_and_not_saved(model):
     angles = torch.tensor([0.0, 5.0, 47.0])[:, None] * inv_freq
     expected = torch.cat([angles, angles], -1)
     assert model.rope_cos.shape == (cfg.block_size, d)
-    assert torch.allclose(model.rope_cos[[0, 5, 47]], expected.cos()) and torch.allclose(model.rope_sin[[0, 5, 47]], expected.sin())
+    assert torch.allclose(model.rope_cos[[0, 5, 47]], expected.cos()) and torch.allclose(
+        model.rope_sin[[0, 5, 47]], expected.sin()
+    )
     assert not any(k.startswith("rope_") for k in model.state_dict())
     with pytest.raises(ValueError, match="exceeds the model's block size"):
         model.new_cache(1, cfg.block_size + 1)
@@ -153,8 +155,11 @@ def test_top_k_and_top_p_filters():
 def test_tiny_temperature_or_penalty_samples_the_top_token_instead_of_failing():
     logits = torch.tensor([[1.0, 30.0, 2.0, 29.0]])
     seen = torch.tensor([[3]])
-    for params in (SamplingParams(temperature=1e-40, seed=1), SamplingParams(temperature=1e-3, top_p=0.5),
-                   SamplingParams(temperature=1.0, repetition_penalty=1e-40, top_k=2)):
+    for params in (
+        SamplingParams(temperature=1e-40, seed=1),
+        SamplingParams(temperature=1e-3, top_p=0.5),
+        SamplingParams(temperature=1.0, repetition_penalty=1e-40, top_k=2),
+    ):
         picks = {int(sample_next(logits, params, seen, torch.Generator().manual_seed(i))) for i in range(20)}
         assert picks == ({3} if params.repetition_penalty < 1 else {1}), params
 
@@ -177,8 +182,15 @@ def test_attention_probabilities(model):
 def test_seed_recipe_is_about_67m_parameters():
     r = load_recipe(REPO / "recipes" / "seed-67m.toml")
     m = r.model
-    model = GPT(GPTConfig(vocab_size=r.tokenizer.vocab_size, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
-                          block_size=m.block_size))
+    model = GPT(
+        GPTConfig(
+            vocab_size=r.tokenizer.vocab_size,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            n_embd=m.n_embd,
+            block_size=m.block_size,
+        )
+    )
     assert 60e6 < model.num_parameters() < 70e6
 
 

@@ -113,12 +113,21 @@ def curve(run_dir: Path, dtype: str) -> tuple[list[float], float]:
 
     run = RunDir(run_dir)
     run.metrics.unlink(missing_ok=True)  # the copied run's own history
-    recipe = tiny_recipe(**{"pretrain.max_steps": "200", "pretrain.batch_size": "8", "model.block_size": "64",
-                            "pretrain.eval_interval": "200", "pretrain.log_interval": "20", "pretrain.dtype": dtype})
+    recipe = tiny_recipe(
+        **{
+            "pretrain.max_steps": "200",
+            "pretrain.batch_size": "8",
+            "model.block_size": "64",
+            "pretrain.eval_interval": "200",
+            "pretrain.log_interval": "20",
+            "pretrain.dtype": dtype,
+        }
+    )
     result = pretrain_stage(recipe, run)
     records = [json.loads(line) for line in run.metrics.read_text().splitlines()]
-    return [r["loss"] for r in records if r.get("split") == "train" and r.get("stage") == "pretrain"], \
-        result.last_val_loss
+    return [
+        r["loss"] for r in records if r.get("split") == "train" and r.get("stage") == "pretrain"
+    ], result.last_val_loss
 
 
 @pytest.mark.slow

@@ -16,8 +16,10 @@ from lmforge.data import shards as shards_mod
 from lmforge.errors import LmforgeError
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("the river runs past old mill where children play and birds sing in tall green trees while "
-         "a quiet farmer counts his sheep under bright morning light").split()
+WORDS = (
+    "the river runs past old mill where children play and birds sing in tall green trees while "
+    "a quiet farmer counts his sheep under bright morning light"
+).split()
 
 
 def make_docs(n: int, seed: int) -> list[str]:
@@ -35,8 +37,13 @@ def recipe(path: Path, sources: str) -> Path:
     """tiny.toml with its [data] section replaced by `sources` (TOML)."""
     tiny = (REPO / "recipes" / "tiny.toml").read_text()
     head, rest = tiny.split("[data]\n", 1)
-    path.write_text(head + "[data]\nval_fraction = 0.1\nshard_tokens = 4096\nworkers = 1\n" + sources + "\n[qa]\n"
-                    + rest.split("\n[qa]\n", 1)[1])
+    path.write_text(
+        head
+        + "[data]\nval_fraction = 0.1\nshard_tokens = 4096\nworkers = 1\n"
+        + sources
+        + "\n[qa]\n"
+        + rest.split("\n[qa]\n", 1)[1]
+    )
     return path
 
 
@@ -46,10 +53,12 @@ TWO = '[[data.sources]]\nname = "a"\nlocal = "a.jsonl"\n[[data.sources]]\nname =
 @pytest.fixture
 def lm(capsys):
     """Run the CLI as a user would: (exit code, stdout, stderr)."""
+
     def run(*args: str) -> tuple[int, str, str]:
         rc = main([str(a) for a in args])
         out = capsys.readouterr()
         return rc, out.out, out.err
+
     return run
 
 
@@ -75,15 +84,14 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("name", ["..", "VICTIM", ""])
-def test_a_source_name_that_is_not_a_plain_folder_name_is_refused_and_nothing_is_deleted(tmp_path, lm, prepared,
-                                                                                         name):
+def test_a_source_name_that_is_not_a_plain_folder_name_is_refused_and_nothing_is_deleted(tmp_path, lm, prepared, name):
     rec, run, ud = prepared
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "important.txt").write_text("precious")
     name = str(victim) if name == "VICTIM" else name
     line = f'name = "{name}"\n' if name else ""
-    bad = recipe(tmp_path / "bad.toml", TWO + f"[[data.sources]]\n{line}local = \"a.jsonl\"\n")
+    bad = recipe(tmp_path / "bad.toml", TWO + f'[[data.sources]]\n{line}local = "a.jsonl"\n')
     before = snapshot(run)
     rc, out, err = lm("prepare", bad, "--run-dir", run, "--data-dir", ud)
     assert rc == 2 and err.count("\n") == 1 and "data.sources[2].name: " in err
@@ -118,8 +126,18 @@ def test_a_failing_prepare_leaves_the_previous_shards_and_manifest_as_they_were(
     assert rc == 2 and err.count("\n") == 1 and "no local files match 'a-typo.jsonl'" in err
     # a changed first source is made aside; the second one fails: nothing of the run's shards is touched
     (ud / "broken.jsonl.gz").write_bytes(b"not gzip at all")
-    rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", ud, "--data.sources.a.max_docs", "50",
-                      "--data.sources.b.local", "broken.jsonl.gz")
+    rc, out, err = lm(
+        "prepare",
+        rec,
+        "--run-dir",
+        run,
+        "--data-dir",
+        ud,
+        "--data.sources.a.max_docs",
+        "50",
+        "--data.sources.b.local",
+        "broken.jsonl.gz",
+    )
     assert rc == 2 and "broken.jsonl.gz" in err.splitlines()[-1]
     assert {k: v for k, v in snapshot(run / "data").items() if not k.startswith(".staging")} == before
     assert lm("data", "inspect", run)[0] == 0
@@ -151,8 +169,9 @@ def test_a_file_edited_in_place_at_the_same_size_is_prepared_again(lm, prepared)
     assert "rover" in tok.decode(ids[:2000].tolist()) and "river" not in tok.decode(ids[:2000].tolist())
 
 
-def test_the_reuse_key_names_files_under_the_data_dir_and_chains_sources_only_for_dedup(tmp_path, lm, prepared,
-                                                                                          monkeypatch):
+def test_the_reuse_key_names_files_under_the_data_dir_and_chains_sources_only_for_dedup(
+    tmp_path, lm, prepared, monkeypatch
+):
     rec, run, ud = prepared
     monkeypatch.chdir(tmp_path)
     rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", "ud")  # relative: the same files
@@ -164,15 +183,37 @@ def test_the_reuse_key_names_files_under_the_data_dir_and_chains_sources_only_fo
     # with data.dedup = false, a change to the first source does not make the second one again
     rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", moved, "--data.dedup", "false")
     assert rc == 0 and "a: already prepared" not in err and "b: already prepared" not in err  # dedup: other shards
-    rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", moved, "--data.dedup", "false",
-                      "--data.sources.a.max_docs", "50")
+    rc, out, err = lm(
+        "prepare",
+        rec,
+        "--run-dir",
+        run,
+        "--data-dir",
+        moved,
+        "--data.dedup",
+        "false",
+        "--data.sources.a.max_docs",
+        "50",
+    )
     assert rc == 0 and "a: already prepared" not in err and "b: already prepared" in err
 
 
 # --------------------------------------------------------------------------- finding 2: shards under checkpoints
 
-PRETRAIN = ("--pretrain.max_steps", "2", "--pretrain.batch_size", "2", "--pretrain.eval_interval", "1",
-            "--pretrain.eval_batches", "1", "--pretrain.checkpoint_interval", "1", "--pretrain.warmup_steps", "0")
+PRETRAIN = (
+    "--pretrain.max_steps",
+    "2",
+    "--pretrain.batch_size",
+    "2",
+    "--pretrain.eval_interval",
+    "1",
+    "--pretrain.eval_batches",
+    "1",
+    "--pretrain.checkpoint_interval",
+    "1",
+    "--pretrain.warmup_steps",
+    "0",
+)
 
 
 def test_prepare_refuses_to_change_the_shards_checkpoints_were_trained_on(lm, prepared):
@@ -226,7 +267,9 @@ def test_a_relative_local_is_looked_up_under_the_data_dir_only(tmp_path, lm, pre
     write_jsonl(tmp_path / "cwdonly.jsonl", make_docs(50, 5))  # in the current directory, not in the data dir
     rc, out, err = lm("prepare", rec, "--run-dir", run, "--data-dir", ud, "--data.sources.b.local", "cwdonly.jsonl")
     assert rc == 2
-    assert err.splitlines()[-1] == f"lmforge: error: source 'b': no local files match 'cwdonly.jsonl' under data dir {ud}"
+    assert (
+        err.splitlines()[-1] == f"lmforge: error: source 'b': no local files match 'cwdonly.jsonl' under data dir {ud}"
+    )
     # without a data dir, a relative glob is relative to the current directory; an absolute one is used as given
     from lmforge.config import SourceConfig
     from lmforge.data.sources import local_files
@@ -251,11 +294,17 @@ def test_data_inspect_shows_the_sampled_mixture_from_the_recipes_current_weights
     text = lm("data", "inspect", run)[1]
     assert "tok share" in text and "of the train tokens in the shards" in text
     assert "phase 1 'mixture' (until the end): a 75.0%, b 25.0%" in text
-    phased = recipe(tmp_path / "phased.toml", TWO + '[[data.phases]]\nname = "a first"\ntokens = 4096\n'
-                    'weights = { a = 1 }\n[[data.phases]]\nname = "mix"\nweights = { a = 1, b = 3 }\n')
+    phased = recipe(
+        tmp_path / "phased.toml",
+        TWO + '[[data.phases]]\nname = "a first"\ntokens = 4096\n'
+        'weights = { a = 1 }\n[[data.phases]]\nname = "mix"\nweights = { a = 1, b = 3 }\n',
+    )
     assert lm("prepare", phased, "--run-dir", run, "--data-dir", ud)[0] == 0
     text = lm("data", "inspect", run)[1]
-    assert "phase 1 'a first' (4,096 tokens): a 100.0%" in text and "phase 2 'mix' (until the end): a 25.0%, b 75.0%" in text
+    assert (
+        "phase 1 'a first' (4,096 tokens): a 100.0%" in text
+        and "phase 2 'mix' (until the end): a 25.0%, b 75.0%" in text
+    )
 
 
 def test_data_inspect_reports_shards_deleted_once_consumed(lm, prepared):

@@ -72,8 +72,11 @@ def test_custom_probes_and_bad_specs(tiny_run, tmp_path):
     assert main(["probe", str(tiny_run), "--out", str(out), "--probe", "A cat sat. It slept.|It|cat"]) == 0
     assert json.loads((out / "report.json").read_text())["n_probes"] == 1
     # the earlier set's heatmaps are gone, so the folder shows this report's only; other files stay
-    assert sorted(p.name for p in out.glob("*.png")) == ["probe-notes.png", "probe0-first_token_discounted.png",
-                                                         "probe0-raw.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "probe-notes.png",
+        "probe0-first_token_discounted.png",
+        "probe0-raw.png",
+    ]
     assert main(["probe", str(tiny_run), "--probe", "no separators"]) == 2
     assert main(["probe", str(tiny_run), "--out", str(out), "--probe", "A cat sat.|It|cat"]) == 2  # no pronoun
 

@@ -27,8 +27,9 @@ def example(context="Paris is the capital of France.", answer="Paris", start=0, 
 
 def test_loss_is_on_answer_tokens_only(tok):
     context = "The capital of France is Paris."
-    enc = encode_for_training(tok, example(context=context, start=context.index("Paris")), "context",
-                              block_size=128, max_answer_tokens=16)
+    enc = encode_for_training(
+        tok, example(context=context, start=context.index("Paris")), "context", block_size=128, max_answer_tokens=16
+    )
     x, y = collate([enc], tok.pad_id)
     targets = [t for t in y[0].tolist() if t != -100]
     # the answer is encoded as it reads inside the passage (" Paris"): the tokens to produce are tokens to copy
@@ -51,8 +52,10 @@ def test_special_token_strings_in_questions_and_contexts_are_text(tok):
     context = "Paris <|question|> is the <|answer|> capital <|endoftext|> of <|context|> France <|pad|>."
     question = "What <|answer|> is the <|question|> capital?"
     ex = example(context=context, question=question, start=0)
-    for enc in (encode_for_training(tok, ex, "context", 256, 16),
-                encode_for_inference(tok, question, context, 256, 16)):
+    for enc in (
+        encode_for_training(tok, ex, "context", 256, 16),
+        encode_for_inference(tok, question, context, 256, 16),
+    ):
         ids = enc.ids
         assert [ids.count(i) for i in (tok.context_id, tok.question_id, tok.answer_id)] == [1, 1, 1]
         assert tok.pad_id not in ids and ids.count(tok.eot_id) == (1 if len(ids) > enc.prompt_len else 0)
@@ -86,8 +89,14 @@ def test_answer_windows_place_the_answer_at_varying_positions(tok):
     start = context.index("Paris")
     positions = set()
     for i in range(12):
-        enc = encode_for_training(tok, example(context=context, start=start, question=f"What is the capital {i}?"),
-                                  "context", 128, 16, context_tokens=48)
+        enc = encode_for_training(
+            tok,
+            example(context=context, start=start, question=f"What is the capital {i}?"),
+            "context",
+            128,
+            16,
+            context_tokens=48,
+        )
         ctx = enc.ids[1 : enc.ids.index(tok.question_id)]
         assert len(ctx) == 48 and enc.context_truncated
         assert "Paris is" in tok.decode(ctx)

@@ -19,8 +19,11 @@ LONG_QUESTION = "Which " + "very " * 400 + "long question is this?"
 def bad_squad(path):
     qas = [
         {"id": "ok-1", "question": "What is the capital of France?", "answers": [{"text": "Paris", "answer_start": 0}]},
-        {"id": "ok-2", "question": "What flows through Paris?", "answers": [{"text": "The Seine", "answer_start": 32},
-                                                                            {"text": "", "answer_start": 0}]},
+        {
+            "id": "ok-2",
+            "question": "What flows through Paris?",
+            "answers": [{"text": "The Seine", "answer_start": 32}, {"text": "", "answer_start": 0}],
+        },
         {"id": "no-question", "answers": [{"text": "Paris", "answer_start": 0}]},
         {"id": "no-answers", "question": "Who?"},
         {"id": "answers-not-a-list", "question": "Who?", "answers": "Paris"},
@@ -30,11 +33,16 @@ def bad_squad(path):
         {"id": "bad-start", "question": "Capital?", "answers": [{"text": "Paris", "answer_start": "zero"}]},
         {"id": "long-question", "question": LONG_QUESTION, "answers": [{"text": "Paris", "answer_start": 0}]},
     ]
-    data = {"version": "1.1", "data": [
-        {"title": "France", "paragraphs": [{"context": CONTEXT, "qas": qas}, {"qas": [{"id": "no-context"}]},
-                                           "junk"]},
-        "junk article",
-    ]}
+    data = {
+        "version": "1.1",
+        "data": [
+            {
+                "title": "France",
+                "paragraphs": [{"context": CONTEXT, "qas": qas}, {"qas": [{"id": "no-context"}]}, "junk"],
+            },
+            "junk article",
+        ],
+    }
     path.write_text(json.dumps(data))
     return path
 
@@ -53,8 +61,9 @@ def test_loader_skips_malformed_entries_naming_them(tmp_path, caplog):
 
 
 def test_clean_examples_counts_and_names(tmp_path, caplog):
-    examples = list(iter_qa_examples(SourceConfig(name="bad", local=str(bad_squad(tmp_path / "b.json")),
-                                                  format="squad"), None))
+    examples = list(
+        iter_qa_examples(SourceConfig(name="bad", local=str(bad_squad(tmp_path / "b.json")), format="squad"), None)
+    )
     with caplog.at_level(logging.WARNING, logger="lmforge"):
         kept, dropped = clean_examples(examples, "test")
     assert [ex.id for ex in kept] == ["ok-1", "ok-2", "bad-start", "long-question"]
@@ -68,17 +77,26 @@ def test_lone_surrogate_escapes_in_a_qa_file_are_replaced_and_named(tmp_path, ca
     """JSON may hold "\\ud800", which is no Unicode text: the tokenizer refuses it (a TypeError), so the loader
     replaces it with U+FFFD, as pretraining sources do, and names the example."""
     context = "Caf\ud800 Paris is the capital of France."
-    qas = [{"id": "ok", "question": "What is the capital?", "answers": [{"text": "Paris", "answer_start": 6}]},
-           {"id": "odd\udfff", "question": "Capital \udc00?", "answers": [{"text": "Paris\ud83d", "answer_start": 6}]}]
+    qas = [
+        {"id": "ok", "question": "What is the capital?", "answers": [{"text": "Paris", "answer_start": 6}]},
+        {"id": "odd\udfff", "question": "Capital \udc00?", "answers": [{"text": "Paris\ud83d", "answer_start": 6}]},
+    ]
     path = tmp_path / "surrogates.json"
     path.write_text(json.dumps({"data": [{"title": "T\ud800", "paragraphs": [{"context": context, "qas": qas}]}]}))
     assert "\\ud800" in path.read_text()  # escaped in the file, as json.dumps writes it
     with caplog.at_level(logging.WARNING, logger="lmforge"):
         examples = list(iter_qa_examples(SourceConfig(name="odd", local=str(path), format="squad"), None))
     first, second = examples
-    assert first.context == second.context == "Caf\ufffd Paris is the capital of France." and first.question == qas[0]["question"]
-    assert (second.id, second.question, second.answers, second.title) == ("odd\ufffd", "Capital \ufffd?", ["Paris\ufffd"],
-                                                                          "T\ufffd")
+    assert (
+        first.context == second.context == "Caf\ufffd Paris is the capital of France."
+        and first.question == qas[0]["question"]
+    )
+    assert (second.id, second.question, second.answers, second.title) == (
+        "odd\ufffd",
+        "Capital \ufffd?",
+        ["Paris\ufffd"],
+        "T\ufffd",
+    )
     assert "2 example(s) had lone surrogate escapes" in caplog.text and "ok, odd\ufffd" in caplog.text
     kept, _ = clean_examples(examples, "test")  # the second's answer is no longer in the passage
     tokenizer = train_tokenizer([context.replace("\ud800", "e")] * 20, 300, 10_000, 1)
@@ -87,8 +105,9 @@ def test_lone_surrogate_escapes_in_a_qa_file_are_replaced_and_named(tmp_path, ca
 
 def test_training_encoding_counts_questions_longer_than_the_block(tiny_run, tmp_path, caplog):
     tok = Tokenizer.load(tiny_run / "tokenizer.json")
-    examples = list(iter_qa_examples(SourceConfig(name="bad", local=str(bad_squad(tmp_path / "b.json")),
-                                                  format="squad"), None))
+    examples = list(
+        iter_qa_examples(SourceConfig(name="bad", local=str(bad_squad(tmp_path / "b.json")), format="squad"), None)
+    )
     kept, _ = clean_examples(examples, "test")
     with caplog.at_level(logging.WARNING, logger="lmforge"):
         items = encode_examples(tok, kept, "context", 128, 24, "train")
@@ -127,9 +146,16 @@ def test_finetune_and_eval_survive_bad_qa_files(copy_run, tmp_path):
 
     run = RunDir(copy_run())
     path = bad_squad(tmp_path / "bad.json")
-    recipe = load_recipe(run.config, {"qa.train.local": str(path), "qa.dev.local": str(path),
-                                      "qa.max_dev_examples": "0", "eval.squad_questions": "0",
-                                      "finetune.eval_interval": "1"})
+    recipe = load_recipe(
+        run.config,
+        {
+            "qa.train.local": str(path),
+            "qa.dev.local": str(path),
+            "qa.max_dev_examples": "0",
+            "eval.squad_questions": "0",
+            "finetune.eval_interval": "1",
+        },
+    )
     result = finetune_stage(recipe, run)
     assert result.steps >= 1
     report = eval_stage(recipe, run, checkpoint="best")
@@ -137,8 +163,11 @@ def test_finetune_and_eval_survive_bad_qa_files(copy_run, tmp_path):
     assert squad["n"] == 4  # the usable dev examples, the too-long question included (scored 0)
     assert squad["skipped"] == 1
     # the malformed entries (no question, no answers, answers not a list, not a dict, no context) are counted too
-    assert squad["invalid_skipped"] == {"malformed entry (no context, question or answers)": 5, "empty answer": 1,
-                                        "answer text not in the context": 1}
+    assert squad["invalid_skipped"] == {
+        "malformed entry (no context, question or answers)": 5,
+        "empty answer": 1,
+        "answer text not in the context": 1,
+    }
     assert "5 malformed entry (no context, question or answers)" in (run.eval / "report.md").read_text()
 
 
@@ -149,8 +178,10 @@ def test_eval_without_a_usable_dev_question_stops_and_keeps_the_report(copy_run,
     from lmforge.rundir import RunDir
 
     run = RunDir(copy_run())
-    unusable = [{"id": "empty-answer", "question": "What?", "answers": [{"text": " ", "answer_start": 0}]},
-                {"id": "not-in-context", "question": "Where?", "answers": [{"text": "Italy", "answer_start": 3}]}]
+    unusable = [
+        {"id": "empty-answer", "question": "What?", "answers": [{"text": " ", "answer_start": 0}]},
+        {"id": "not-in-context", "question": "Where?", "answers": [{"text": "Italy", "answer_start": 3}]},
+    ]
     dev = tmp_path / "dev.json"
     dev.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": CONTEXT, "qas": unusable}]}]}))
     before = (run.eval / "report.json").read_bytes()
@@ -177,6 +208,7 @@ def test_training_window_keeps_the_answer_even_without_a_usable_offset(tiny_run)
 def test_gold_answers_outside_the_context_are_kept_for_scoring_after_those_inside():
     from lmforge.data.sources import QAExample
     from lmforge.evaluate import squad_scores
+
     ex = QAExample("q", "Which river?", "Paris lies on the Seine.", ["river Seine", "Seine", ""], [-1, 18, 0])
     kept, dropped = clean_examples([ex], "test")
     assert not dropped

@@ -87,14 +87,28 @@ def test_squad_eval_long_context_modes(tiny_run, data_dir):
     assert slide["contexts_windowed"] == trunc["contexts_truncated"] and slide["contexts_truncated"] == 0
     assert "windows" in slide["context_truncation"] and slide["long_context"] == "sliding_window"
     assert closed["long_context"].startswith("n/a") and closed["contexts_truncated"] == 0
-    assert len(trunc["examples"]) == 5 and {"question", "answers", "prediction", "f1", "em"} <= set(trunc["examples"][0])
+    assert len(trunc["examples"]) == 5 and {"question", "answers", "prediction", "f1", "em"} <= set(
+        trunc["examples"][0]
+    )
 
 
 def test_report_fields(tiny_run):
     report = json.loads((tiny_run / "eval" / "report.json").read_text())
     squad = report["squad"]
-    for key in ("em", "f1", "n", "mode", "decoding", "examples", "questions_per_s", "long_context",
-                "context_truncation", "skipped", "invalid_skipped", "subset"):
+    for key in (
+        "em",
+        "f1",
+        "n",
+        "mode",
+        "decoding",
+        "examples",
+        "questions_per_s",
+        "long_context",
+        "context_truncation",
+        "skipped",
+        "invalid_skipped",
+        "subset",
+    ):
         assert key in squad, key
     assert squad["decoding"]["strategy"] == "greedy" and squad["decoding"]["kv_cache"] is True
     assert len(squad["examples"]) == 20 and squad["subset"] == "spread"
@@ -151,8 +165,9 @@ def test_eval_compare_prints_one_table(tiny_run, tmp_path, capsys):
     report = json.loads((tiny_run / "eval" / "report.json").read_text())
     other = tmp_path / "other"
     (other / "eval").mkdir(parents=True)
-    (other / "eval" / "report.json").write_text(json.dumps({**report, "run": "other-run",
-                                                             "squad": {**report["squad"], "f1": 12.345}}))
+    (other / "eval" / "report.json").write_text(
+        json.dumps({**report, "run": "other-run", "squad": {**report["squad"], "f1": 12.345}})
+    )
     assert main(["eval", "--compare", str(tiny_run), str(other)]) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 4 and table[0].startswith("| run |")
@@ -192,8 +207,10 @@ def test_report_keeps_each_questions_scores_and_compare_pairs_them():
 
     def report(name, f1s, keep=slice(None)):
         scores = {qid: [float(f == 1), float(f)] for qid, f in list(zip(ids, f1s, strict=True))[keep]}
-        return {"run": name, "squad": {"f1": 100 * float(np.mean([v[1] for v in scores.values()])),
-                                       "question_scores": scores}}
+        return {
+            "run": name,
+            "squad": {"f1": 100 * float(np.mean([v[1] for v in scores.values()])), "question_scores": scores},
+        }
 
     base, better = report("base", base_f1), report("better", better_f1)
     change = better_f1 - base_f1
@@ -205,7 +222,10 @@ def test_report_keeps_each_questions_scores_and_compare_pairs_them():
     # only the questions both scored are paired
     part = report("part", better_f1, slice(100, 300))
     low, high = bootstrap_ci(change[100:300])
-    assert paired_f1_change(part, base) == f"{100 * change[100:300].mean():+.2f} ({low:+.2f} to {high:+.2f}; 200 questions)"
+    assert (
+        paired_f1_change(part, base)
+        == f"{100 * change[100:300].mean():+.2f} ({low:+.2f} to {high:+.2f}; 200 questions)"
+    )
     assert paired_f1_change({"run": "old report"}, base) == "-"
     rows = compare_table([base, better]).splitlines()
     assert "| - |" in rows[2] and f"{100 * change.mean():+.2f} (" in rows[3]
@@ -222,8 +242,23 @@ def test_eval_dtype_is_applied_and_recorded(tiny_run, data_dir, tmp_path, capsys
     for name, flags in (("fp32", []), ("bf16", ["--eval.dtype", "bfloat16"])):
         run = tmp_path / name
         shutil.copytree(tiny_run, run)
-        assert main(["eval", "--run-dir", str(run), "--data-dir", str(data_dir), "--eval.squad_questions", "12",
-                     "--eval.val_batches", "4", *flags]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--run-dir",
+                    str(run),
+                    "--data-dir",
+                    str(data_dir),
+                    "--eval.squad_questions",
+                    "12",
+                    "--eval.val_batches",
+                    "4",
+                    *flags,
+                ]
+            )
+            == 0
+        )
         runs[name] = json.loads((run / "eval" / "report.json").read_text())
     fp32, bf16 = runs["fp32"], runs["bf16"]
     assert fp32["dtype"] == "float32" and bf16["dtype"] == "bfloat16"
@@ -247,8 +282,20 @@ def test_eval_cli_sliding_window(copy_run, data_dir):
     from lmforge.cli import main
 
     run = copy_run()
-    assert main(["eval", "--run-dir", str(run), "--data-dir", str(data_dir), "--eval.squad_questions=16",
-                 "--eval.long_context=sliding_window"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--run-dir",
+                str(run),
+                "--data-dir",
+                str(data_dir),
+                "--eval.squad_questions=16",
+                "--eval.long_context=sliding_window",
+            ]
+        )
+        == 0
+    )
     squad = json.loads((run / "eval" / "report.json").read_text())["squad"]
     assert squad["n"] == 16 and squad["long_context"] == "sliding_window"
 
@@ -257,8 +304,9 @@ def test_validation_examples_never_overlap_the_scored_questions(data_dir):
     from lmforge.pipeline import load_qa_splits
 
     for n_eval, subset in (("64", "spread"), ("64", "first"), ("0", "spread")):  # 0 = score every dev question
-        recipe = tiny_recipe(**{"eval.squad_questions": n_eval, "eval.squad_subset": subset,
-                                "qa.max_train_examples": "500"})
+        recipe = tiny_recipe(
+            **{"eval.squad_questions": n_eval, "eval.squad_subset": subset, "qa.max_train_examples": "500"}
+        )
         splits = load_qa_splits(recipe, data_dir)
         scored = {ex.id for ex in splits.eval}
         assert len(scored) == (64 if n_eval == "64" else 10570)
@@ -276,8 +324,9 @@ def test_eval_scoring_more_questions_than_the_run_counts_its_validation_examples
     small = tmp_path / "dev-small.json"
     small.write_text(json.dumps({"data": [{**squad["data"][0], "paragraphs": squad["data"][0]["paragraphs"][:2]}]}))
     run = RunDir(copy_run())
-    trained = load_recipe(run.config, {"qa.dev.local": str(small), "qa.max_dev_examples": "4",
-                                       "eval.squad_questions": "6"})
+    trained = load_recipe(
+        run.config, {"qa.dev.local": str(small), "qa.max_dev_examples": "4", "eval.squad_questions": "6"}
+    )
     save_recipe(trained, run.config)  # as if fine-tuned with these: its validation loss used the last 4
     assert eval_stage(trained, run, data_dir)["squad"]["validation_questions_scored"] == 0
     report = eval_stage(load_recipe(run.config, {"eval.squad_questions": "0"}), run, data_dir)
@@ -298,8 +347,10 @@ def test_spread_subset_samples_every_article_and_first_takes_the_start(data_dir)
     assert len(set(spread)) == 100 and spread == sorted(spread)
     assert spread[0] == 0 and spread[-1] > 9000  # reaches the last articles (the val examples come after)
     assert max(b - a for a, b in itertools.pairwise(spread)) <= len(dev) // 100 + 1
-    first = load_qa_splits(tiny_recipe(**{"eval.squad_questions": "100", "eval.squad_subset": "first",
-                                          "qa.max_train_examples": "50"}), data_dir).eval
+    first = load_qa_splits(
+        tiny_recipe(**{"eval.squad_questions": "100", "eval.squad_subset": "first", "qa.max_train_examples": "50"}),
+        data_dir,
+    ).eval
     assert [position[ex.id] for ex in first] == list(range(100))
     with pytest.raises(ConfigError, match="eval.squad_subset"):
         tiny_recipe(**{"eval.squad_subset": "random"})
@@ -335,11 +386,21 @@ def test_best_span_is_the_brute_force_best(tiny_run):
         assert score == pytest.approx(expected, abs=1e-4)
     # calibrated: minus w x the span's score after another prompt (the question left out)
     baseline = tok.encode("Once upon a time") + [tok.question_id]
-    calibrated = {k: v - 0.7 * mean_logprob(passage[k[0]:k[1]], baseline) for k, v in scored.items()}
+    calibrated = {k: v - 0.7 * mean_logprob(passage[k[0] : k[1]], baseline) for k, v in scored.items()}
     (s, e), expected = max(calibrated.items(), key=lambda item: item[1])
     for max_rows in (256, 2):
-        span, score = best_span(model, prompt, passage, starts, ends, width, tok.eot_id, max_rows=max_rows,
-                                baseline=baseline, baseline_weight=0.7)
+        span, score = best_span(
+            model,
+            prompt,
+            passage,
+            starts,
+            ends,
+            width,
+            tok.eot_id,
+            max_rows=max_rows,
+            baseline=baseline,
+            baseline_weight=0.7,
+        )
         assert span == passage[s:e]
         assert score == pytest.approx(expected, abs=1e-4)
     # spans end only where allowed: with a single end, every answer stops there
@@ -363,8 +424,17 @@ def test_spans_made_of_question_words_are_passed_over(tiny_run):
     starts, ends = word_bounds(tok, passage)
     plain, _ = best_span(model, prompt, passage, starts, ends, 6, tok.eot_id)
     refused = []
-    chosen, _ = best_span(model, prompt, passage, starts, ends, 6, tok.eot_id, max_rows=2,
-                          accept=lambda span: refused.append(span) or span != plain)
+    chosen, _ = best_span(
+        model,
+        prompt,
+        passage,
+        starts,
+        ends,
+        6,
+        tok.eot_id,
+        max_rows=2,
+        accept=lambda span: refused.append(span) or span != plain,
+    )
     assert chosen and chosen != plain and refused[0] == plain  # the best was asked first, then the next best
     asked = set(normalize_answer(question).split())
     answer = tok.decode(span_answer(model, tok, prompt, 6, SpanOptions(skip_question_words=True))[0])
@@ -394,17 +464,39 @@ def test_span_max_starts_scores_only_the_likeliest_first_words(tiny_run):
     ranked = sorted(starts, key=lambda s: float(first[passage[s]]), reverse=True)
     for keep in (1, 3):
         likeliest = sorted(ranked[:keep])
-        span, score = best_span(model, prompt, passage, starts, ends, width, tok.eot_id, baseline=baseline,
-                                baseline_weight=0.5, max_starts=keep)
-        assert (span, score) == best_span(model, prompt, passage, likeliest, ends, width, tok.eot_id,
-                                          baseline=baseline, baseline_weight=0.5)
+        span, score = best_span(
+            model,
+            prompt,
+            passage,
+            starts,
+            ends,
+            width,
+            tok.eot_id,
+            baseline=baseline,
+            baseline_weight=0.5,
+            max_starts=keep,
+        )
+        assert (span, score) == best_span(
+            model, prompt, passage, likeliest, ends, width, tok.eot_id, baseline=baseline, baseline_weight=0.5
+        )
         assert any(span == passage[s : s + len(span)] for s in likeliest)
     everything = best_span(model, prompt, passage, starts, ends, width, tok.eot_id)
     assert best_span(model, prompt, passage, starts, ends, width, tok.eot_id, max_starts=len(starts)) == everything
     # every span from the likeliest start refused: the others compete
     top = passage[ranked[0]]
-    refusing = best_span(model, prompt, passage, starts, ends, width, tok.eot_id, baseline=baseline,
-                         baseline_weight=0.5, max_starts=1, accept=lambda span: span[0] != top)
+    refusing = best_span(
+        model,
+        prompt,
+        passage,
+        starts,
+        ends,
+        width,
+        tok.eot_id,
+        baseline=baseline,
+        baseline_weight=0.5,
+        max_starts=1,
+        accept=lambda span: span[0] != top,
+    )
     assert refusing[0] and refusing[0][0] != top
 
 
@@ -417,10 +509,12 @@ def test_best_spans_of_a_batch_match_one_question_at_a_time(tiny_run):
     from lmforge.generate import best_spans
 
     model, tok = lmforge.load(tiny_run)
-    cases = [("Where did the little dog run?", "The little dog ran to the big red barn and hid."),
-             ("Who was named Max?", "Once upon a time there was a little dog named Max. He liked to play."),
-             ("What did the girl find?", "Lily found a shiny stone in the garden. She showed it to her mom, who smiled."),
-             ("When did it rain?", "It rained all day.")]
+    cases = [
+        ("Where did the little dog run?", "The little dog ran to the big red barn and hid."),
+        ("Who was named Max?", "Once upon a time there was a little dog named Max. He liked to play."),
+        ("What did the girl find?", "Lily found a shiny stone in the garden. She showed it to her mom, who smiled."),
+        ("When did it rain?", "It rained all day."),
+    ]
     prompts = [build_prompt(tok, q, c, 100)[0] for q, c in cases]
     assert len({len(p) for p in prompts}) == len(prompts)  # every prompt padded differently
     for options in (SpanOptions(), SpanOptions(0.5, True), SpanOptions(0.5, True, 2), SpanOptions(0.0, False, 1)):
@@ -458,8 +552,9 @@ def test_span_decoding_answers_are_passage_spans(tiny_run, data_dir):
 
     model, tok = lmforge.load(tiny_run)
     examples = _dev(data_dir, 8)
-    report = squad_eval(model, tok, examples, "context", 8, 8, 8, long_context="best_match", context_tokens=48,
-                        decoding="span")
+    report = squad_eval(
+        model, tok, examples, "context", 8, 8, 8, long_context="best_match", context_tokens=48, decoding="span"
+    )
     assert report["n"] == 8 and report["decoding"]["strategy"] == "span"
     assert "span" in report["decoding"]["description"]
     for ex, row in zip(examples, report["examples"], strict=True):
@@ -551,8 +646,9 @@ def test_single_answers_use_the_eval_settings_of_the_run(tiny_run, monkeypatch, 
     assert main(["generate", "--run-dir", str(tiny_run), "--question", question, "--max-new-tokens", "5"]) == 0
     sample_answer(recipe, RunDir(tiny_run))
     assert [c["max_new_tokens"] for c in calls] == [recipe.eval.max_new_tokens, 5, recipe.eval.max_new_tokens]
-    assert all(c["context_tokens"] == recipe.answer_context_tokens and c["decoding"] == recipe.eval.decoding
-               for c in calls)
+    assert all(
+        c["context_tokens"] == recipe.answer_context_tokens and c["decoding"] == recipe.eval.decoding for c in calls
+    )
     assert len(capsys.readouterr().out.splitlines()) == 2
 
 
@@ -564,17 +660,35 @@ def test_eval_cli_span_decoding_uses_the_answer_window(copy_run, data_dir):
 
     run = copy_run()
     config = (run / "config.toml").read_text()
-    assert main(["eval", "--run-dir", str(run), "--data-dir", str(data_dir), "--eval.squad_questions=8",
-                 "--eval.decoding=span", "--eval.context_tokens=32", "--qa.context_tokens=96",
-                 "--eval.long_context=best_match", "--eval.span_calibration=0.5",
-                 "--eval.span_skip_question_words=true", "--eval.span_max_starts=3"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--run-dir",
+                str(run),
+                "--data-dir",
+                str(data_dir),
+                "--eval.squad_questions=8",
+                "--eval.decoding=span",
+                "--eval.context_tokens=32",
+                "--qa.context_tokens=96",
+                "--eval.long_context=best_match",
+                "--eval.span_calibration=0.5",
+                "--eval.span_skip_question_words=true",
+                "--eval.span_max_starts=3",
+            ]
+        )
+        == 0
+    )
     squad = json.loads((run / "eval" / "report.json").read_text())["squad"]
     assert squad["n"] == 8 and squad["decoding"]["strategy"] == "span" and squad["context_tokens"] == 32
     assert squad["decoding"]["span_calibration"] == 0.5 and squad["decoding"]["skip_question_words"] is True
     assert squad["decoding"]["span_max_starts"] == 3
     assert (run / "config.toml").read_text() == config  # the overrides were this evaluation's, not the run's
-    contexts = {ex.id: ex.context for ex in iter_qa_examples(
-        SourceConfig(name="dev", local="squad/dev-v1.1.json", format="squad"), data_dir)}
+    contexts = {
+        ex.id: ex.context
+        for ex in iter_qa_examples(SourceConfig(name="dev", local="squad/dev-v1.1.json", format="squad"), data_dir)
+    }
     assert all(row["prediction"] and row["prediction"] in contexts[row["id"]] for row in squad["examples"])
 
 
@@ -641,8 +755,11 @@ def test_answer_tokens_bench_splits_the_logged_dev_loss(tiny_run, data_dir):
     targets = torch.tensor([[-100, -100, 5, 6, 7], [-100, 3, -100, -100, -100], [-100, -100, -100, -100, 9]])
     assert bench.first_answer_positions(targets).nonzero().tolist() == [[0, 2], [1, 1], [2, 4]]
     r = bench.split_loss(tiny_run, data_dir)
-    best = min(m["loss"] for m in read_metrics(tiny_run / "metrics.jsonl")
-               if m.get("stage") == "finetune" and m.get("split") == "val")
+    best = min(
+        m["loss"]
+        for m in read_metrics(tiny_run / "metrics.jsonl")
+        if m.get("stage") == "finetune" and m.get("split") == "val"
+    )
     assert r["all"] == pytest.approx(best, rel=0.01)  # the run validated under bf16 autocast, the bench in fp32
     assert r["answers"] > 0 and 0 <= r["top1"] <= 100 and r["first"] > 0 and r["later"] > 0
 
@@ -655,8 +772,10 @@ def test_eval_reads_only_the_dev_file(copy_run, data_dir, tmp_path):
     from lmforge.rundir import RunDir
 
     run = RunDir(copy_run())
-    recipe = load_recipe(run.config, {"eval.squad_questions": "8", "qa.train.local": str(tmp_path / "missing.json"),
-                                      "qa.train.name": "missing"})
+    recipe = load_recipe(
+        run.config,
+        {"eval.squad_questions": "8", "qa.train.local": str(tmp_path / "missing.json"), "qa.train.name": "missing"},
+    )
     report = eval_stage(recipe, run, data_dir)
     expected = load_qa_splits(load_recipe(run.config, {"eval.squad_questions": "8"}), data_dir).eval
     assert list(report["squad"]["question_scores"]) == [ex.id for ex in expected]

@@ -74,9 +74,11 @@ def test_resize_vocab_cli_grows_a_run_and_training_continues(copy_run, data_dir)
     for i in kept[::50] + kept[-3:]:
         assert torch.equal(new_w[i], old_w[old_tok.hf.token_to_id(new_tok.id_to_token(i))])
     assert torch.allclose(new_w[fresh[0]], old_w.mean(0))
-    assert all(torch.equal(a, b) for (k, a), (_, b) in zip(old_last.state_dict().items(),
-                                                          new_last.state_dict().items(), strict=True)
-               if "tok_emb" not in k and "lm_head" not in k)
+    assert all(
+        torch.equal(a, b)
+        for (k, a), (_, b) in zip(old_last.state_dict().items(), new_last.state_dict().items(), strict=True)
+        if "tok_emb" not in k and "lm_head" not in k
+    )
     state = read_state(run.checkpoint("last"))
     trainer = load_trainer_state(run.checkpoint("last"), state)
     emb_moments = [s["exp_avg"] for s in trainer["optimizer"]["state"].values() if s["exp_avg"].shape[0] == 2304]
@@ -121,8 +123,10 @@ def test_resize_vocab_below_the_recipe_minimum_is_refused_before_anything_change
     assert main(["resize-vocab", str(run.root), how, value]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     size = 10 if how == "--vocab-size" else small.vocab_size
-    assert error == (f"lmforge: error: cannot resize the vocabulary to {size} tokens: "
-                     "tokenizer.vocab_size: must be >= 300 (256 bytes + specials)")
+    assert error == (
+        f"lmforge: error: cannot resize the vocabulary to {size} tokens: "
+        "tokenizer.vocab_size: must be >= 300 (256 bytes + specials)"
+    )
     assert {p.name: p.read_bytes() for p in run.root.iterdir()} == before
 
 

@@ -89,8 +89,9 @@ CRASH_MID_SAVE = textwrap.dedent("""
 
 def run_child(script: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def losses(run_dir: Path, split: str) -> dict[int, float]:
@@ -241,11 +242,14 @@ def test_resuming_a_trained_stage_without_its_last_checkpoint_is_refused(copy_ru
     assert checkpoint_files(run) == before  # no snapshot deleted, best and pretrained untouched
 
 
-@pytest.mark.parametrize("argv", [
-    ["pretrain", "--resume", "--model.n_layer", "4"],
-    ["pretrain", "--resume", "--pretrain.optimizer", "muon"],
-    ["finetune", "--resume", "--data-dir", "DATA", "--finetune.optimizer", "muon"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["pretrain", "--resume", "--model.n_layer", "4"],
+        ["pretrain", "--resume", "--pretrain.optimizer", "muon"],
+        ["finetune", "--resume", "--data-dir", "DATA", "--finetune.optimizer", "muon"],
+    ],
+)
 def test_a_refused_override_leaves_config_toml_as_it_was(copy_run, data_dir, argv, capsys):
     from lmforge.cli import main
 
@@ -268,8 +272,22 @@ def test_on_signal_exit_leaves_the_stage_to_resume(tiny_run, tmp_path):
 
     run = fresh_run(tiny_run, tmp_path / "run")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "lmforge.cli", "pretrain", "--run-dir", str(run), "--pretrain.on_signal", "exit",
-            "--pretrain.log_interval", "1", "--pretrain.eval_interval", "1000", "--pretrain.checkpoint_interval", "1000"]
+    args = [
+        sys.executable,
+        "-m",
+        "lmforge.cli",
+        "pretrain",
+        "--run-dir",
+        str(run),
+        "--pretrain.on_signal",
+        "exit",
+        "--pretrain.log_interval",
+        "1",
+        "--pretrain.eval_interval",
+        "1000",
+        "--pretrain.checkpoint_interval",
+        "1000",
+    ]
     child = subprocess.Popen([*args, "--pretrain.max_steps", "5000"], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (run / "metrics.jsonl").is_file() or '"split": "train"' not in (run / "metrics.jsonl").read_text():
@@ -281,8 +299,13 @@ def test_on_signal_exit_leaves_the_stage_to_resume(tiny_run, tmp_path):
     stopped = read_state(RunDir(run).checkpoint("last"))["step"]
     progress = json.loads((run / "progress.json").read_text()) if (run / "progress.json").is_file() else {}
     assert "pretrain" not in progress and not (run / "checkpoints" / "pretrained").exists()
-    resumed = subprocess.run([*args, "--resume", "--pretrain.max_steps", str(stopped + 2)], env=env,
-                             capture_output=True, text=True, timeout=240)
+    resumed = subprocess.run(
+        [*args, "--resume", "--pretrain.max_steps", str(stopped + 2)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"at step {stopped}" in resumed.stderr
     assert json.loads((run / "progress.json").read_text())["pretrain"]["steps"] == stopped + 2

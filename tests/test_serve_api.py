@@ -21,8 +21,12 @@ from lmforge.pipeline import answer_question, load
 from lmforge.serve import ServerThread, build_app
 
 CONTEXT = "Paris is the capital and most populous city of France."
-SPAN_SETTINGS = {"eval.span_calibration": "1.0", "eval.span_skip_question_words": "true", "eval.span_max_starts": "4",
-                 "eval.dtype": "bfloat16"}
+SPAN_SETTINGS = {
+    "eval.span_calibration": "1.0",
+    "eval.span_skip_question_words": "true",
+    "eval.span_max_starts": "4",
+    "eval.dtype": "bfloat16",
+}
 QUESTION = "What is the capital of France?"
 
 
@@ -40,7 +44,7 @@ def client(server):
 
 
 def sse_lines(response: httpx.Response) -> list[str]:
-    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
 
 
 def stream_completion(client: httpx.Client, path: str, body: dict) -> tuple[str, list[dict]]:
@@ -51,8 +55,11 @@ def stream_completion(client: httpx.Client, path: str, body: dict) -> tuple[str,
     assert data[-1] == "[DONE]"
     chunks = [json.loads(d) for d in data[:-1]]
     key = "delta" if path.endswith("chat/completions") else None
-    text = "".join((c["choices"][0]["delta"].get("content", "") if key else c["choices"][0]["text"])
-                   for c in chunks if c["choices"])
+    text = "".join(
+        (c["choices"][0]["delta"].get("content", "") if key else c["choices"][0]["text"])
+        for c in chunks
+        if c["choices"]
+    )
     return text, chunks
 
 
@@ -116,23 +123,40 @@ def test_health_models_and_info(client):
 def test_chat_answer_matches_the_pipeline(client, tiny_run):
     model, tok = load(tiny_run, "best")
     expected = answer_question(model, tok, QUESTION, CONTEXT, max_new_tokens=16)
-    r = client.post("/v1/chat/completions", json={
-        "model": "best", "temperature": 0, "max_tokens": 16, "context": CONTEXT,
-        "messages": [{"role": "user", "content": QUESTION}]})
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "best",
+            "temperature": 0,
+            "max_tokens": 16,
+            "context": CONTEXT,
+            "messages": [{"role": "user", "content": QUESTION}],
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"]["content"] == expected
     # the context may also come as a system message
-    r2 = client.post("/v1/chat/completions", json={
-        "temperature": 0, "max_tokens": 16,
-        "messages": [{"role": "system", "content": CONTEXT}, {"role": "user", "content": QUESTION}]})
+    r2 = client.post(
+        "/v1/chat/completions",
+        json={
+            "temperature": 0,
+            "max_tokens": 16,
+            "messages": [{"role": "system", "content": CONTEXT}, {"role": "user", "content": QUESTION}],
+        },
+    )
     assert r2.json()["choices"][0]["message"]["content"] == expected
-    forced = client.post("/v1/chat/completions", json={
-        "temperature": 0, "max_tokens": 16, "min_tokens": 6, "messages": [{"role": "user", "content": QUESTION}]})
+    forced = client.post(
+        "/v1/chat/completions",
+        json={"temperature": 0, "max_tokens": 16, "min_tokens": 6, "messages": [{"role": "user", "content": QUESTION}]},
+    )
     assert forced.json()["usage"]["completion_tokens"] >= 6
-    streamed, chunks = stream_completion(client, "/v1/chat/completions", {
-        "temperature": 0, "max_tokens": 16, "context": CONTEXT, "messages": [{"role": "user", "content": QUESTION}]})
+    streamed, chunks = stream_completion(
+        client,
+        "/v1/chat/completions",
+        {"temperature": 0, "max_tokens": 16, "context": CONTEXT, "messages": [{"role": "user", "content": QUESTION}]},
+    )
     assert streamed == expected  # the deltas join to the whole message (no leading space)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
@@ -146,15 +170,27 @@ def test_span_answers_are_those_of_eval_and_need_a_context(client, tiny_run):
 
     recipe = load_recipe(tiny_run / "config.toml", SPAN_SETTINGS)
     model, tok = load(tiny_run, "best")
-    expected = answer_question(model, tok, QUESTION, CONTEXT, max_new_tokens=recipe.eval.max_new_tokens,
-                               context_tokens=recipe.answer_context_tokens, decoding="span",
-                               span=SpanOptions(1.0, True, 4), dtype="bfloat16")
+    expected = answer_question(
+        model,
+        tok,
+        QUESTION,
+        CONTEXT,
+        max_new_tokens=recipe.eval.max_new_tokens,
+        context_tokens=recipe.answer_context_tokens,
+        decoding="span",
+        span=SpanOptions(1.0, True, 4),
+        dtype="bfloat16",
+    )
     assert expected and expected in CONTEXT
     info = client.get("/api/info").json()["answering"]
-    assert info == {"decoding": recipe.eval.decoding, "max_new_tokens": recipe.eval.max_new_tokens,
-                    "context_tokens": recipe.answer_context_tokens,
-                    "span": {"calibration": 1.0, "skip_question_words": True, "max_starts": 4}, "dtype": "bfloat16",
-                    "with_context": True}
+    assert info == {
+        "decoding": recipe.eval.decoding,
+        "max_new_tokens": recipe.eval.max_new_tokens,
+        "context_tokens": recipe.answer_context_tokens,
+        "span": {"calibration": 1.0, "skip_question_words": True, "max_starts": 4},
+        "dtype": "bfloat16",
+        "with_context": True,
+    }
     body = {"decoding": "span", "context": CONTEXT, "messages": [{"role": "user", "content": QUESTION}]}
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
@@ -163,30 +199,40 @@ def test_span_answers_are_those_of_eval_and_need_a_context(client, tiny_run):
     assert answer["choices"][0]["finish_reason"] == "stop"
     assert 0 < answer["usage"]["completion_tokens"] <= recipe.eval.max_new_tokens  # the span's passage tokens
     assert answer["usage"]["prompt_tokens"] > len(tok.encode(QUESTION))
-    streamed, chunks = stream_completion(client, "/v1/chat/completions",
-                                         {**body, "stream_options": {"include_usage": True}})
+    streamed, chunks = stream_completion(
+        client, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}}
+    )
     assert streamed == expected and chunks[-1]["usage"] == answer["usage"]
-    r = client.post("/v1/chat/completions", json={"decoding": "span", "messages": [{"role": "user", "content": QUESTION}]})
+    r = client.post(
+        "/v1/chat/completions", json={"decoding": "span", "messages": [{"role": "user", "content": QUESTION}]}
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "decoding"
     assert "context" in r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]
     r = client.post("/v1/chat/completions", json={**body, "decoding": "beam"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "decoding"
     # a question too long for the block is refused before anything runs, streamed or not
     for stream in (False, True):
-        r = client.post("/v1/chat/completions", json={**body, "stream": stream,
-                                                      "messages": [{"role": "user", "content": "why " * 2000}]})
+        r = client.post(
+            "/v1/chat/completions",
+            json={**body, "stream": stream, "messages": [{"role": "user", "content": "why " * 2000}]},
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
 
 
 def test_completion_streaming_matches_non_streaming(client):
     # min_tokens: the tiny model may otherwise end at once, which would make these checks vacuous
-    body = {"model": "pretrained", "prompt": "Once upon a time", "max_tokens": 24, "min_tokens": 12,
-            "temperature": 0.9, "seed": 7}
+    body = {
+        "model": "pretrained",
+        "prompt": "Once upon a time",
+        "max_tokens": 24,
+        "min_tokens": 12,
+        "temperature": 0.9,
+        "seed": 7,
+    }
     whole = client.post("/v1/completions", json=body).json()
     text = whole["choices"][0]["text"]
     assert whole["usage"]["completion_tokens"] > 0 and text
-    streamed, chunks = stream_completion(client, "/v1/completions",
-                                         {**body, "stream_options": {"include_usage": True}})
+    streamed, chunks = stream_completion(client, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
     assert streamed == text
     assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["text"]) > 1  # really streamed in pieces
     assert chunks[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
@@ -210,12 +256,26 @@ def test_stop_strings_cut_the_text(client):
 
 
 def test_concurrent_requests_do_not_corrupt_each_other(tiny_run):
-    bodies = [{"model": "pretrained", "prompt": p, "max_tokens": 30, "min_tokens": 20, "temperature": 0.8, "seed": s}
-              for s, p in enumerate(["Once upon a time", "The president said", "In 1850, the city", "She opened the",
-                                     "The river", "A small dog", "Science is", "They walked"])]
+    bodies = [
+        {"model": "pretrained", "prompt": p, "max_tokens": 30, "min_tokens": 20, "temperature": 0.8, "seed": s}
+        for s, p in enumerate(
+            [
+                "Once upon a time",
+                "The president said",
+                "In 1850, the city",
+                "She opened the",
+                "The river",
+                "A small dog",
+                "Science is",
+                "They walked",
+            ]
+        )
+    ]
     # 3 generating at once, so with 8 requests some wait in the queue
-    with ServerThread(build_app(tiny_run, serve_cfg=ServeConfig(max_concurrent=3, max_queue=8))) as url, \
-            httpx.Client(base_url=url, timeout=60) as client:
+    with (
+        ServerThread(build_app(tiny_run, serve_cfg=ServeConfig(max_concurrent=3, max_queue=8))) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
         sequential = [client.post("/v1/completions", json=b).json()["choices"][0]["text"] for b in bodies]
 
         def run(i: int) -> str:
@@ -245,28 +305,35 @@ def test_overload_gets_429(tiny_run):
 # --------------------------------------------------------------------------- malformed requests
 
 
-@pytest.mark.parametrize(("body", "param", "fragment"), [
-    ('{"prompt": "x", ', "body", "invalid JSON"),
-    ('{"prompt": "x", "temperature": -1}', "temperature", "greater than or equal to 0"),
-    ('{"prompt": "x", "temprature": 1}', "temprature", "unknown field"),
-    ('{"prompt": "x", "top_p": "high"}', "top_p", "valid number"),
-    ('{"prompt": "x", "max_tokens": 0}', "max_tokens", "greater than or equal to 1"),
-    ('{"prompt": "x", "max_tokens": 100000}', "max_tokens", "at most"),
-    ('{"prompt": "x", "n": 2}', "n", "only n=1"),
-    ('{"prompt": "x", "max_tokens": 2, "min_tokens": 5}', "min_tokens", "must not exceed"),
-    ('{"prompt": ""}', "prompt", "empty"),
-    ('{"prompt": "x", "seed": 18446744073709551616}', "seed", "less than"),
-    ('{"prompt": "\\ud800 lone"}', "prompt", "lone surrogate"),
-    ('{"prompt": "x", "stop": ["ok", "\\udfff"]}', "stop", "lone surrogate"),
-    ('{"prompt": "x", "suffix": " the end."}', "suffix", "not supported"),
-    ('{"prompt": "x", "echo": true}', "echo", "not supported"),
-    ('{"prompt": "x", "logprobs": 2}', "logprobs", "not supported"),
-    ('{"prompt": "x", "max_tokens": 8, "model": "pretrained", "suffix": null, "n": null, "stream": null, '
-     '"presence_penalty": null, "frequency_penalty": null, "echo": null, "temperature": 1e-40}', None, None),
-    ('{"temperature": 1}', "prompt", "Field required"),
-    ('[1, 2]', None, "valid dictionary"),
-    ("", "body", "JSON body is required"),
-])
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        ('{"prompt": "x", ', "body", "invalid JSON"),
+        ('{"prompt": "x", "temperature": -1}', "temperature", "greater than or equal to 0"),
+        ('{"prompt": "x", "temprature": 1}', "temprature", "unknown field"),
+        ('{"prompt": "x", "top_p": "high"}', "top_p", "valid number"),
+        ('{"prompt": "x", "max_tokens": 0}', "max_tokens", "greater than or equal to 1"),
+        ('{"prompt": "x", "max_tokens": 100000}', "max_tokens", "at most"),
+        ('{"prompt": "x", "n": 2}', "n", "only n=1"),
+        ('{"prompt": "x", "max_tokens": 2, "min_tokens": 5}', "min_tokens", "must not exceed"),
+        ('{"prompt": ""}', "prompt", "empty"),
+        ('{"prompt": "x", "seed": 18446744073709551616}', "seed", "less than"),
+        ('{"prompt": "\\ud800 lone"}', "prompt", "lone surrogate"),
+        ('{"prompt": "x", "stop": ["ok", "\\udfff"]}', "stop", "lone surrogate"),
+        ('{"prompt": "x", "suffix": " the end."}', "suffix", "not supported"),
+        ('{"prompt": "x", "echo": true}', "echo", "not supported"),
+        ('{"prompt": "x", "logprobs": 2}', "logprobs", "not supported"),
+        (
+            '{"prompt": "x", "max_tokens": 8, "model": "pretrained", "suffix": null, "n": null, "stream": null, '
+            '"presence_penalty": null, "frequency_penalty": null, "echo": null, "temperature": 1e-40}',
+            None,
+            None,
+        ),
+        ('{"temperature": 1}', "prompt", "Field required"),
+        ("[1, 2]", None, "valid dictionary"),
+        ("", "body", "JSON body is required"),
+    ],
+)
 def test_malformed_completion_requests_name_the_field(client, body, param, fragment):
     r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
     if fragment is None:  # OpenAI's nullable fields as null, and a temperature so small it is greedy: fine
@@ -284,16 +351,19 @@ def test_malformed_chat_and_other_errors(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     r = client.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"})
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
-    r = client.post("/v1/completions", content=b'{"prompt": "' + b"a" * 70_000 + b'"}',
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/completions", content=b'{"prompt": "' + b"a" * 70_000 + b'"}', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413 and r.json()["error"]["param"] == "body"
     # a prompt that does not fit the block with max_tokens is refused, as chat refuses it, not cut silently
     r = client.post("/v1/completions", json={"prompt": "The city. " * 40, "max_tokens": 100})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
     assert "does not fit the model's 128-token block" in r.json()["error"]["message"]
     # JSON may escape a lone surrogate, which no tokenizer takes: a 400 naming the field, not a 500
-    for path, body, param in [("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800?"}]}',
-                               "messages.0.content"), ("/api/attention", '{"text": "a \\udc00 b"}', "text")]:
+    for path, body, param in [
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800?"}]}', "messages.0.content"),
+        ("/api/attention", '{"text": "a \\udc00 b"}', "text"),
+    ]:
         r = client.post(path, content=body, headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert client.get("/v1/completions").status_code == 405
@@ -339,7 +409,9 @@ def test_attention_input_focus_and_limits(client):
     torch.testing.assert_close(first, torch.ones(2), atol=1e-3, rtol=0)
     assert sum(focus["mean"]) <= 1 + 1e-3 and (n_new > 1 or sum(focus["mean"]) == pytest.approx(1.0, abs=1e-3))
     r = client.post("/api/attention", json={"text": "word " * 400})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "text" and "at most 128" in r.json()["error"]["message"]
+    assert (
+        r.status_code == 400 and r.json()["error"]["param"] == "text" and "at most 128" in r.json()["error"]["message"]
+    )
 
 
 def test_input_focus_reads_the_prompt_the_answer_was_made_from(client, tiny_run):
@@ -352,13 +424,22 @@ def test_input_focus_reads_the_prompt_the_answer_was_made_from(client, tiny_run)
     long_context = "The river flows slowly through the green valley. " * 20 + CONTEXT
     answering = client.get("/api/info").json()["answering"]
     made_from = {
-        "span": encode_for_inference(tok, QUESTION, long_context, 128, answering["max_new_tokens"],
-                                     answering["context_tokens"]).ids,
+        "span": encode_for_inference(
+            tok, QUESTION, long_context, 128, answering["max_new_tokens"], answering["context_tokens"]
+        ).ids,
         "sample": build_prompt(tok, QUESTION, long_context, 128 - 16)[0],
     }
     for decoding, prompt in made_from.items():
-        r = client.post("/api/attention", json={"question": QUESTION, "context": long_context, "completion": "Paris",
-                                                "decoding": decoding, "max_tokens": 16})
+        r = client.post(
+            "/api/attention",
+            json={
+                "question": QUESTION,
+                "context": long_context,
+                "completion": "Paris",
+                "decoding": decoding,
+                "max_tokens": 16,
+            },
+        )
         assert r.status_code == 200, r.text
         expected = [w.text for w in tokenize_words(tok, tok.decode(prompt, skip_special=False))[1]]
         assert r.json()["words"] == expected and "Paris" in expected
@@ -423,18 +504,31 @@ def test_openai_client(server, tiny_run):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
     assert {"best", "pretrained"} <= {m.id for m in client.models.list()}
-    chat = client.chat.completions.create(model="best", temperature=0, max_tokens=16,
-                                          messages=[{"role": "system", "content": CONTEXT},
-                                                    {"role": "user", "content": QUESTION}])
+    chat = client.chat.completions.create(
+        model="best",
+        temperature=0,
+        max_tokens=16,
+        messages=[{"role": "system", "content": CONTEXT}, {"role": "user", "content": QUESTION}],
+    )
     model, tok = load(tiny_run, "best")
     assert chat.choices[0].message.content == answer_question(model, tok, QUESTION, CONTEXT, max_new_tokens=16)
-    stream = client.chat.completions.create(model="best", temperature=0, max_tokens=16, stream=True,
-                                            messages=[{"role": "user", "content": QUESTION}],
-                                            extra_body={"context": CONTEXT, "top_k": 5})
+    stream = client.chat.completions.create(
+        model="best",
+        temperature=0,
+        max_tokens=16,
+        stream=True,
+        messages=[{"role": "user", "content": QUESTION}],
+        extra_body={"context": CONTEXT, "top_k": 5},
+    )
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(pieces).strip() == chat.choices[0].message.content
-    comp = client.completions.create(model="pretrained", prompt="Once upon a time", max_tokens=12, seed=3,
-                                     extra_body={"repetition_penalty": 1.2, "min_tokens": 4})
+    comp = client.completions.create(
+        model="pretrained",
+        prompt="Once upon a time",
+        max_tokens=12,
+        seed=3,
+        extra_body={"repetition_penalty": 1.2, "min_tokens": 4},
+    )
     assert comp.usage.completion_tokens > 0
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="pretrained", prompt="x", temperature=5)
@@ -447,8 +541,22 @@ def test_openai_client(server, tiny_run):
 def test_serve_command_binds_localhost(tiny_run):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(tiny_run), "--port", str(port),
-                             "--checkpoint", "pretrained"], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lmforge.cli",
+            "serve",
+            str(tiny_run),
+            "--port",
+            str(port),
+            "--checkpoint",
+            "pretrained",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -463,8 +571,9 @@ def test_serve_command_binds_localhost(tiny_run):
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert f"at http://127.0.0.1:{port}/" in err
-    bad = subprocess.run([sys.executable, "-m", "lmforge.cli", "serve", str(tiny_run / "nope")], env=env,
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", "serve", str(tiny_run / "nope")], env=env, capture_output=True, text=True
+    )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "nope" in bad.stderr
 
 
@@ -487,21 +596,46 @@ def test_batcher_matches_generate_stream(tiny_run):
     from lmforge.serve.batcher import Batcher
 
     model, tok = load(tiny_run, "pretrained")
-    texts = ["Once upon a time", "The president of the United States said that the economy", "A",
-             "In 1850, the city of London was the largest city in the world and its river", "She opened the door",
-             "The river Thames flows through", "Science", "They walked to the park and saw a big dog"]
-    settings = [(30, 0.0, None, 10, 0, 1.0), (100, 0.8, 1, 100, 50, 1.0), (20, 1.0, 2, 5, 0, 1.3),
-                (90, 0.0, None, 90, 0, 1.0), (5, 0.8, 4, 0, 40, 1.0), (60, 0.7, 5, 60, 0, 1.1),
-                (127, 0.9, 6, 127, 0, 1.0), (40, 0.0, None, 40, 0, 1.2)]
-    params = [SamplingParams(max_new_tokens=n, temperature=t, seed=s, min_new_tokens=m, top_k=k, repetition_penalty=r,
-                             stop_ids={tok.eot_id}) for n, t, s, m, k, r in settings]
+    texts = [
+        "Once upon a time",
+        "The president of the United States said that the economy",
+        "A",
+        "In 1850, the city of London was the largest city in the world and its river",
+        "She opened the door",
+        "The river Thames flows through",
+        "Science",
+        "They walked to the park and saw a big dog",
+    ]
+    settings = [
+        (30, 0.0, None, 10, 0, 1.0),
+        (100, 0.8, 1, 100, 50, 1.0),
+        (20, 1.0, 2, 5, 0, 1.3),
+        (90, 0.0, None, 90, 0, 1.0),
+        (5, 0.8, 4, 0, 40, 1.0),
+        (60, 0.7, 5, 60, 0, 1.1),
+        (127, 0.9, 6, 127, 0, 1.0),
+        (40, 0.0, None, 40, 0, 1.2),
+    ]
+    params = [
+        SamplingParams(
+            max_new_tokens=n,
+            temperature=t,
+            seed=s,
+            min_new_tokens=m,
+            top_k=k,
+            repetition_penalty=r,
+            stop_ids={tok.eot_id},
+        )
+        for n, t, s, m, k, r in settings
+    ]
     prompts = [tok.encode(t) for t in texts]
     alone = [generate(model, p, copy.deepcopy(q)) for p, q in zip(prompts, params, strict=True)]
     batcher = Batcher(model, max_rows=3)
     try:
         with ThreadPoolExecutor(len(prompts)) as pool:
-            together = list(pool.map(lambda i: list(batcher.tokens(prompts[i], copy.deepcopy(params[i]))),
-                                     range(len(prompts))))
+            together = list(
+                pool.map(lambda i: list(batcher.tokens(prompts[i], copy.deepcopy(params[i]))), range(len(prompts)))
+            )
         assert together == alone
         # lengths forced by min_new_tokens: rows leave at different steps; 127 tokens overrun the shared timeline
         assert [len(together[i]) for i in (1, 3, 5, 6, 7)] == [100, 90, 60, 127, 40]
@@ -539,8 +673,10 @@ def test_a_request_that_fails_in_the_batcher_ends_alone(tiny_run, monkeypatch):
         return real_sample(logits, params, history, generator)
 
     monkeypatch.setattr(batching, "sample_next", sample_failing_later)
-    good = [SamplingParams(max_new_tokens=40, min_new_tokens=40, temperature=0.8, seed=s, stop_ids={tok.eot_id})
-            for s in (1, 2)]
+    good = [
+        SamplingParams(max_new_tokens=40, min_new_tokens=40, temperature=0.8, seed=s, stop_ids={tok.eot_id})
+        for s in (1, 2)
+    ]
     bad_seed = SamplingParams(max_new_tokens=40, temperature=0.8, seed=2**70)
     fails_later = SamplingParams(max_new_tokens=40, min_new_tokens=40, temperature=0.5, seed=3)
     prompt = tok.encode("Once upon a time")
@@ -565,8 +701,10 @@ def test_a_request_that_fails_in_the_batcher_ends_alone(tiny_run, monkeypatch):
 
 def test_a_closed_book_run_is_asked_without_the_context(tiny_run):
     """As `lmforge eval` asks a closed-book model: the passage is left out of the prompt, span answers refused."""
-    with ServerThread(build_app(tiny_run, overrides={"qa.mode": "closed_book"})) as url, \
-            httpx.Client(base_url=url, timeout=60) as c:
+    with (
+        ServerThread(build_app(tiny_run, overrides={"qa.mode": "closed_book"})) as url,
+        httpx.Client(base_url=url, timeout=60) as c,
+    ):
         ask = {"temperature": 0, "max_tokens": 8, "min_tokens": 4, "messages": [{"role": "user", "content": QUESTION}]}
         alone = c.post("/v1/chat/completions", json=ask).json()["choices"][0]["message"]["content"]
         given = c.post("/v1/chat/completions", json={**ask, "context": CONTEXT}).json()

@@ -20,17 +20,29 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 def _browser():
     if not Path(CHROMIUM).is_file() or not Path(CHROMEDRIVER).is_file():
-        pytest.skip("headless browser test needs Debian's chromium and chromium-driver "
-                    "(apt-get install chromium chromium-driver; scripts/test.sh does this where it can)")
+        pytest.skip(
+            "headless browser test needs Debian's chromium and chromium-driver "
+            "(apt-get install chromium chromium-driver; scripts/test.sh does this where it can)"
+        )
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     profile = tempfile.mkdtemp(prefix="lmforge-chromium-")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1400,1100"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,1100",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER)), profile
 
@@ -46,18 +58,24 @@ def browser():
 
 
 def _set_slider(driver, element_id: str, value: float) -> None:
-    driver.execute_script("const e = document.getElementById(arguments[0]); e.value = arguments[1];"
-                          "e.dispatchEvent(new Event('input'));", element_id, value)
+    driver.execute_script(
+        "const e = document.getElementById(arguments[0]); e.value = arguments[1];e.dispatchEvent(new Event('input'));",
+        element_id,
+        value,
+    )
 
 
 def _painted_pixels(driver, canvas_id: str) -> int:
     """Pixels of a canvas that are neither transparent nor white/light grey (i.e. heatmap colours)."""
-    return driver.execute_script("""
+    return driver.execute_script(
+        """
         const c = document.getElementById(arguments[0]);
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let n = 0;
         for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 0 && (d[i] < 200 || d[i + 2] < 200)) n++;
-        return n;""", canvas_id)
+        return n;""",
+        canvas_id,
+    )
 
 
 @pytest.mark.slow
@@ -84,8 +102,10 @@ def test_web_page_in_headless_chromium(tiny_run, browser, tmp_path):
         find("question").clear()
         find("question").send_keys("What is the capital of France?")
         Select(find("answer-style")).select_by_value("sample")  # generated: streams token by token
-        d.execute_script("window.__updates = 0; new MutationObserver(() => window.__updates++)"
-                         ".observe(document.getElementById('output'), {subtree: true, childList: true, characterData: true});")
+        d.execute_script(
+            "window.__updates = 0; new MutationObserver(() => window.__updates++)"
+            ".observe(document.getElementById('output'), {subtree: true, childList: true, characterData: true});"
+        )
         find("generate").click()
         wait.until(lambda _: find("gen-status").text in ("done", "error"))
         assert find("gen-status").text == "done", find("output").text

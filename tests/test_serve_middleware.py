@@ -37,9 +37,20 @@ def call_asgi(app, path: str) -> list[dict]:
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": [],
-             "client": ("127.0.0.1", 1), "server": ("test", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
     asyncio.run(app(scope, receive, send))
     return sent
 
@@ -98,8 +109,12 @@ def test_an_unexpected_error_is_a_500_before_the_response_starts_and_only_logged
     with caplog.at_level(logging.ERROR, logger="lmforge"):
         r = request(app, "GET", "/fails")
     assert r.status_code == 500
-    assert r.json()["error"] == {"message": "internal error: disk on fire", "type": "server_error", "param": None,
-                                 "code": None}
+    assert r.json()["error"] == {
+        "message": "internal error: disk on fire",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
     assert "error serving /fails" in caplog.text
 
     caplog.clear()

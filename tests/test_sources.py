@@ -59,7 +59,11 @@ def test_non_utf8_is_replaced_and_counted(tmp_path, caplog):
         (lambda d: None, {"local": "missing.jsonl"}, "no local files match 'missing.jsonl'"),
         (lambda d: (d / "empty").mkdir(), {"local": "empty"}, "has no supported files"),
         (lambda d: (d / "e.txt").write_text("   \n"), {"local": "e.txt"}, "no documents in e.txt"),
-        (lambda d: pq.write_table(pa.table({"a": ["x"]}), d / "p.parquet"), {"local": "p.parquet"}, "no documents in p.parquet"),
+        (
+            lambda d: pq.write_table(pa.table({"a": ["x"]}), d / "p.parquet"),
+            {"local": "p.parquet"},
+            "no documents in p.parquet",
+        ),
         (lambda d: (d / "j.json").write_text("{oops"), {"local": "j.json"}, "j.json: invalid JSON at line 1"),
         (lambda d: (d / "x.xml").write_text("<a/>"), {"local": "x.xml"}, "unsupported file type"),
         (lambda d: (d / "t.txt.gz").write_bytes(b"not gzip"), {"local": "t.txt.gz"}, "corrupt or truncated"),
@@ -97,15 +101,31 @@ def test_squad_file_as_pretraining_text_and_as_qa(data_dir):
     ex = examples[0]
     assert ex.question.startswith("Which NFL team represented the AFC")
     assert "Denver Broncos" in ex.answers
-    assert ex.context[ex.answer_starts[0]:].startswith(ex.answers[0])
+    assert ex.context[ex.answer_starts[0] :].startswith(ex.answers[0])
 
 
 def test_squad_with_missing_fields_skips_and_warns(tmp_path, caplog):
-    data = {"data": [{"title": "t", "paragraphs": [{"context": "Paris is in France.", "qas": [
-        {"id": "ok", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 12}]},
-        {"id": "noans", "question": "Why?", "answers": []},
-        {"id": "noq", "answers": [{"text": "Paris", "answer_start": 0}]},
-    ]}]}]}
+    data = {
+        "data": [
+            {
+                "title": "t",
+                "paragraphs": [
+                    {
+                        "context": "Paris is in France.",
+                        "qas": [
+                            {
+                                "id": "ok",
+                                "question": "Where is Paris?",
+                                "answers": [{"text": "France", "answer_start": 12}],
+                            },
+                            {"id": "noans", "question": "Why?", "answers": []},
+                            {"id": "noq", "answers": [{"text": "Paris", "answer_start": 0}]},
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
     (tmp_path / "s.json").write_text(json.dumps(data))
     with caplog.at_level(logging.WARNING, logger="lmforge"):
         examples = list(iter_qa_examples(SourceConfig(name="s", local="s.json"), tmp_path))

@@ -6,8 +6,11 @@ from tokenizers import Tokenizer as HFTokenizer
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
-TRAIN_TEXT = ["The quick brown fox jumps over the lazy dog. " * 20, "Sarah said she would come. " * 20,
-              "Numbers 12345 and symbols #@! appear too. " * 10]
+TRAIN_TEXT = [
+    "The quick brown fox jumps over the lazy dog. " * 20,
+    "Sarah said she would come. " * 20,
+    "Numbers 12345 and symbols #@! appear too. " * 10,
+]
 
 TRICKY = [
     "plain ascii",
@@ -117,8 +120,9 @@ def test_a_checkpoint_refuses_a_tokenizer_it_was_not_trained_with(copy_run, caps
     for name in ("pretrained", "best", "last"):
         assert read_state(run / "checkpoints" / name)["tokenizer_hash"] == tokenizer_hash(own)
     load(run)  # its own tokenizer: fine
-    other = train_tokenizer(["a different corpus of words, numbers 123 and more words"] * 50, own.vocab_size, 10_000,
-                            min_frequency=1)
+    other = train_tokenizer(
+        ["a different corpus of words, numbers 123 and more words"] * 50, own.vocab_size, 10_000, min_frequency=1
+    )
     other.save(run / "tokenizer.json")
     capsys.readouterr()  # (the small-vocabulary warning above: not part of what the commands below print)
     with pytest.raises(LmforgeError, match="is not the tokenizer .* was trained with"):
@@ -131,7 +135,6 @@ def test_a_checkpoint_refuses_a_tokenizer_it_was_not_trained_with(copy_run, caps
     vocab = str(read_state(run / "checkpoints" / "pretrained")["model_config"]["vocab_size"])  # same shape
     assert main(["finetune", "--run-dir", str(run), "--finetune.max_steps", "1", "--model.vocab_size", vocab]) != 0
     assert "was trained with" in capsys.readouterr().err
-
 
 
 SHORT = ["s" * 96 + f"{i:04d}" for i in range(1000)]  # 100K characters of short documents

@@ -33,8 +33,16 @@ def small_model(vocab: int) -> GPT:
     return GPT(GPTConfig(vocab_size=vocab, n_layer=1, n_head=2, n_embd=32, block_size=32, dropout=0.1))
 
 
-CFG = TrainConfig(max_steps=30, batch_size=4, lr=2e-3, warmup_steps=3, eval_interval=10, eval_batches=2,
-                  checkpoint_interval=10, log_interval=1)
+CFG = TrainConfig(
+    max_steps=30,
+    batch_size=4,
+    lr=2e-3,
+    warmup_steps=3,
+    eval_interval=10,
+    eval_batches=2,
+    checkpoint_interval=10,
+    log_interval=1,
+)
 
 
 def batchers(run):
@@ -73,8 +81,10 @@ def test_schedule_warmup_and_cosine():
     assert lr_at(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("device, message", [("cuda", "CUDA is not available"), ("cuda:1", "CUDA is not available"),
-                                             ("mps", "MPS is not available")])
+@pytest.mark.parametrize(
+    "device, message",
+    [("cuda", "CUDA is not available"), ("cuda:1", "CUDA is not available"), ("mps", "MPS is not available")],
+)
 def test_an_unavailable_device_is_one_line(monkeypatch, device, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
@@ -137,8 +147,18 @@ def test_early_stopping_with_patience(tiny_run, tmp_path):
     run = fresh_run(tiny_run, tmp_path, "patience")
     vocab = Tokenizer.load(run.tokenizer).vocab_size
     train, val = batchers(run)
-    cfg = TrainConfig(max_steps=200, batch_size=4, lr=5.0, warmup_steps=0, eval_interval=2, eval_batches=1,
-                      patience=2, checkpoint_interval=50, log_interval=10, grad_clip=0.0)
+    cfg = TrainConfig(
+        max_steps=200,
+        batch_size=4,
+        lr=5.0,
+        warmup_steps=0,
+        eval_interval=2,
+        eval_batches=1,
+        patience=2,
+        checkpoint_interval=50,
+        log_interval=10,
+        grad_clip=0.0,
+    )
     try:
         result = train_stage(small_model(vocab), train, val, cfg, run, "pretrain", cfg.max_steps, seed=5)
     except LmforgeError as exc:  # a diverging run may hit the non-finite loss guard first: also a clear stop
@@ -193,8 +213,16 @@ def test_padded_batches_count_only_their_real_tokens(tmp_path):
     assert real < padded
     run = RunDir(tmp_path / "qa")
     run.root.mkdir()
-    cfg = TrainConfig(max_steps=4, batch_size=4, lr=1e-3, warmup_steps=1, eval_interval=100, eval_batches=1,
-                      checkpoint_interval=100, log_interval=1)
+    cfg = TrainConfig(
+        max_steps=4,
+        batch_size=4,
+        lr=1e-3,
+        warmup_steps=1,
+        eval_interval=100,
+        eval_batches=1,
+        checkpoint_interval=100,
+        log_interval=1,
+    )
     train = QABatcher(items, batch_size=4, pad_id=0, seed=1, group_by_length=0)
     result = train_stage(small_model(32), train, QABatcher(items, 4, 0, seed=2), cfg, run, "finetune", 4, seed=5)
     assert result.tokens == real
@@ -209,10 +237,22 @@ def test_every_answer_token_of_a_step_weighs_the_same_across_micro_batches(tmp_p
     from lmforge.data.qa import EncodedQA, QABatcher
 
     # 8 examples, 2 to 9 answer tokens each: the two halves of the one batch score 14 and 30 tokens
-    items = [EncodedQA(list(range(1, n + 1)), prompt_len=n - a)
-             for n, a in ((12, 2), (9, 3), (14, 2), (11, 7), (13, 8), (10, 5), (16, 9), (12, 1))]
-    base = TrainConfig(max_steps=3, batch_size=8, lr=1e-2, warmup_steps=1, eval_interval=100, eval_batches=1,
-                       checkpoint_interval=100, log_interval=1, dropout=0.0, dtype="float32")
+    items = [
+        EncodedQA(list(range(1, n + 1)), prompt_len=n - a)
+        for n, a in ((12, 2), (9, 3), (14, 2), (11, 7), (13, 8), (10, 5), (16, 9), (12, 1))
+    ]
+    base = TrainConfig(
+        max_steps=3,
+        batch_size=8,
+        lr=1e-2,
+        warmup_steps=1,
+        eval_interval=100,
+        eval_batches=1,
+        checkpoint_interval=100,
+        log_interval=1,
+        dropout=0.0,
+        dtype="float32",
+    )
     models = {}
     for grad_accum in (1, 2):
         run = RunDir(tmp_path / f"accum{grad_accum}")
@@ -221,8 +261,16 @@ def test_every_answer_token_of_a_step_weighs_the_same_across_micro_batches(tmp_p
         cfg = TrainConfig(**{**base.__dict__, "batch_size": rows, "grad_accum": grad_accum})
         models[grad_accum] = small_model(32)
         models[grad_accum].set_dropout(0.0)
-        train_stage(models[grad_accum], QABatcher(items, rows, 0, seed=1), QABatcher(items, rows, 0, seed=2), cfg,
-                    run, "finetune", 3, seed=5)
+        train_stage(
+            models[grad_accum],
+            QABatcher(items, rows, 0, seed=1),
+            QABatcher(items, rows, 0, seed=2),
+            cfg,
+            run,
+            "finetune",
+            3,
+            seed=5,
+        )
     one, accumulated = models[1].state_dict(), models[2].state_dict()
     for key, value in one.items():
         torch.testing.assert_close(accumulated[key], value, rtol=0, atol=2e-6, msg=key)
@@ -298,8 +346,7 @@ def test_a_second_trainer_of_a_run_is_refused_until_the_first_one_dies(tmp_path)
     script = tmp_path / "holder.py"
     script.write_text(HOLDER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo)]), "OMP_NUM_THREADS": "1"}
-    holder = subprocess.Popen([sys.executable, str(script), str(run.root)], env=env, stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen([sys.executable, str(script), str(run.root)], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "training"  # in its second step, holding the lock
         with pytest.raises(LmforgeError) as refused:

@@ -162,8 +162,16 @@ def token_attention(model: GPT, ids: list[int]) -> torch.Tensor:
     return torch.stack([p[0] for p in probs]).float().cpu()
 
 
-def word_attention(model: GPT, tokenizer: Tokenizer, text: str, *, discount_first: bool = False,
-                   log: bool = False, normalize: bool = False, max_tokens: int | None = None) -> WordAttention:
+def word_attention(
+    model: GPT,
+    tokenizer: Tokenizer,
+    text: str,
+    *,
+    discount_first: bool = False,
+    log: bool = False,
+    normalize: bool = False,
+    max_tokens: int | None = None,
+) -> WordAttention:
     """Word-by-word attention of `text` for every layer and head, plus the mean over heads.
 
     `top` (most attended word) is taken from the head mean before log/normalisation (both monotone per
@@ -184,8 +192,9 @@ def word_attention(model: GPT, tokenizer: Tokenizer, text: str, *, discount_firs
     return WordAttention(words, display(per_head, log, normalize), display(mean, log, normalize), top)
 
 
-def input_focus(attn: torch.Tensor, prompt_words: list[Word], prompt_len: int, n_new: int,
-                discount_first: bool = False) -> torch.Tensor:
+def input_focus(
+    attn: torch.Tensor, prompt_words: list[Word], prompt_len: int, n_new: int, discount_first: bool = False
+) -> torch.Tensor:
     """How much each prompt word was attended to while each new token was generated.
 
     `attn` (layers, heads, T, T) covers prompt + generated tokens; new token i was predicted at

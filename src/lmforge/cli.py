@@ -36,7 +36,9 @@ class _BarAwareHandler(logging.StreamHandler):
 
 def _setup_logging(verbose: bool) -> None:
     handler = _BarAwareHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[lmforge] %(levelname)s %(message)s" if verbose else "[lmforge] %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("[lmforge] %(levelname)s %(message)s" if verbose else "[lmforge] %(message)s")
+    )
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
@@ -74,8 +76,10 @@ def resolve_recipe_path(name: str) -> Path:
     for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.toml"):
         if candidate.is_file():
             return candidate
-    raise LmforgeError(f"recipe not found: {name} (give a TOML path or one of: "
-                       f"{', '.join(sorted(p.stem for p in RECIPES_DIR.glob('*.toml')))})")
+    raise LmforgeError(
+        f"recipe not found: {name} (give a TOML path or one of: "
+        f"{', '.join(sorted(p.stem for p in RECIPES_DIR.glob('*.toml')))})"
+    )
 
 
 def load_recipe_for(args, overrides: dict[str, str]):
@@ -95,8 +99,10 @@ def _stage_run(args, recipe, stage: str):
     from lmforge.pipeline import open_run
 
     if not args.run_dir and stage != "tokenizer":
-        raise LmforgeError(f"--run-dir is required: {stage} works on a run the earlier stages made "
-                           "(`lmforge run RECIPE` makes one with every stage)")
+        raise LmforgeError(
+            f"--run-dir is required: {stage} works on a run the earlier stages made "
+            "(`lmforge run RECIPE` makes one with every stage)"
+        )
     return open_run(recipe, args.run_dir)
 
 
@@ -124,8 +130,10 @@ def cmd_prepare(args, overrides) -> int:
     manifest = prepare_stage(recipe, run, args.data_dir, force=args.force)
     for src in manifest["sources"]:
         dropped = sum(src.get("dropped", {}).values())
-        print(f"{src['name']}: {src['docs']} docs, {src['train_tokens']:,} train / {src['val_tokens']:,} val tokens, "
-              f"{src.get('duplicates', 0)} duplicates and {dropped} bad or filtered records dropped")
+        print(
+            f"{src['name']}: {src['docs']} docs, {src['train_tokens']:,} train / {src['val_tokens']:,} val tokens, "
+            f"{src.get('duplicates', 0)} duplicates and {dropped} bad or filtered records dropped"
+        )
     print(f"see what the model will see: lmforge data inspect {run.root}")
     return 0
 
@@ -164,9 +172,11 @@ def _print_report(report: dict) -> None:
     from lmforge.evaluate import text_metric
 
     squad = report["squad"]
-    print(f"val loss {text_metric(report, 'val_loss', 4)} | perplexity {text_metric(report, 'perplexity', 2)} | "
-          f"bpb {text_metric(report, 'bpb', 4)} | "
-          f"SQuAD EM {squad['em']:.2f} F1 {squad['f1']:.2f} on {squad['n']} questions ({squad['mode']})")
+    print(
+        f"val loss {text_metric(report, 'val_loss', 4)} | perplexity {text_metric(report, 'perplexity', 2)} | "
+        f"bpb {text_metric(report, 'bpb', 4)} | "
+        f"SQuAD EM {squad['em']:.2f} F1 {squad['f1']:.2f} on {squad['n']} questions ({squad['mode']})"
+    )
 
 
 def cmd_eval(args, overrides) -> int:
@@ -333,8 +343,10 @@ def cmd_stop(args, overrides) -> int:
     from lmforge.train.control import request_stop
 
     path = request_stop(_run_dir(args.run))
-    print(f"{path}: the training stage running there stops after its current step and saves a checkpoint "
-          "(if none is training, the file is ignored by the next one)")
+    print(
+        f"{path}: the training stage running there stops after its current step and saves a checkpoint "
+        "(if none is training, the file is ignored by the next one)"
+    )
     return 0
 
 
@@ -374,8 +386,10 @@ def cmd_resize_vocab(args, overrides) -> int:
     else:
         tok = retrain_tokenizer(recipe, args.vocab_size, data_dir)
     info = resize_vocab(recipe, run, tok, data_dir)
-    print(f"vocabulary {info['old_vocab']} -> {info['new_vocab']} rows ({info['kept_rows']} learned rows kept); "
-          f"resized checkpoints: {', '.join(info['checkpoints']) or 'none'}; continue with --resume")
+    print(
+        f"vocabulary {info['old_vocab']} -> {info['new_vocab']} rows ({info['kept_rows']} learned rows kept); "
+        f"resized checkpoints: {', '.join(info['checkpoints']) or 'none'}; continue with --resume"
+    )
     return 0
 
 
@@ -422,43 +436,67 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def stage(name: str, help_text: str, func, recipe: bool = True, data: bool = True, resume: bool = False,
-              recipe_default: str = "RUN_DIR/config.toml"):
+    def stage(
+        name: str,
+        help_text: str,
+        func,
+        recipe: bool = True,
+        data: bool = True,
+        resume: bool = False,
+        recipe_default: str = "RUN_DIR/config.toml",
+    ):
         p = sub.add_parser(name, help=help_text, description=help_text)
         if recipe:
             p.add_argument("recipe", nargs="?", help=f"recipe TOML path or name (default: {recipe_default})")
-        p.add_argument("--run-dir", help="run directory (default: runs/<recipe>-<timestamp>)" if name == "run"
-                       else "run directory")
+        p.add_argument(
+            "--run-dir", help="run directory (default: runs/<recipe>-<timestamp>)" if name == "run" else "run directory"
+        )
         if data:
             p.add_argument("--data-dir", help="local copies of datasets, used before the Hub (env LMFORGE_DATA_DIR)")
         if resume:
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-            p.add_argument("--distributed", choices=["none", "ddp", "fsdp"],
-                           help="data-parallel (ddp) or fully-sharded (fsdp) training; launch with torchrun")
+            p.add_argument(
+                "--distributed",
+                choices=["none", "ddp", "fsdp"],
+                help="data-parallel (ddp) or fully-sharded (fsdp) training; launch with torchrun",
+            )
             p.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 where supported)")
-            p.add_argument("--seed", type=int, dest="recipe_seed",
-                           help="the recipe's seed: initial weights, data order, dropout (default: the recipe's)")
+            p.add_argument(
+                "--seed",
+                type=int,
+                dest="recipe_seed",
+                help="the recipe's seed: initial weights, data order, dropout (default: the recipe's)",
+            )
         p.set_defaults(func=func)
         return p
 
     tok = sub.add_parser("tokenizer", help="tokenizer commands")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
-    p = tok_sub.add_parser("train", help="train the byte-level BPE tokenizer on the recipe's sources",
-                           description="Train the byte-level BPE tokenizer on a sample of the recipe's sources.")
+    p = tok_sub.add_parser(
+        "train",
+        help="train the byte-level BPE tokenizer on the recipe's sources",
+        description="Train the byte-level BPE tokenizer on a sample of the recipe's sources.",
+    )
     p.add_argument("recipe", nargs="?", help="recipe TOML path or name (default: RUN_DIR/config.toml)")
     p.add_argument("--run-dir", help="run directory")
     p.add_argument("--data-dir", help="local copies of datasets, used before the Hub (env LMFORGE_DATA_DIR)")
     p.set_defaults(func=cmd_tokenizer_train)
 
     p = stage("prepare", "tokenize the recipe's sources into token shards (RUN/data)", cmd_prepare)
-    p.add_argument("--force", action="store_true",
-                   help="replace shards that the run's checkpoints were trained on (refused otherwise); pretraining "
-                        "then cannot --resume from them")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace shards that the run's checkpoints were trained on (refused otherwise); pretraining "
+        "then cannot --resume from them",
+    )
     data = sub.add_parser("data", help="look at a run's token shards")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    p = data_sub.add_parser("inspect", help="counts per source, token histograms and decoded samples",
-                            description="Show what the model will see: per-source counts, shares, duplicates and "
-                                        "dropped records, document-length and token histograms, decoded samples.")
+    p = data_sub.add_parser(
+        "inspect",
+        help="counts per source, token histograms and decoded samples",
+        description="Show what the model will see: per-source counts, shares, duplicates and "
+        "dropped records, document-length and token histograms, decoded samples.",
+    )
     p.add_argument("run_dir", metavar="RUN", help="run directory (after `lmforge prepare`)")
     p.add_argument("--samples", type=int, default=2, help="decoded documents shown per source (default 2)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -466,26 +504,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage("pretrain", "pretrain the language model on the token shards", cmd_pretrain, data=False, resume=True)
     stage("finetune", "fine-tune the pretrained model on SQuAD-style question answering", cmd_finetune, resume=True)
-    p = stage("eval", "evaluate: loss, perplexity, bits-per-byte, SQuAD EM/F1; writes RUN/eval/report.{json,md}",
-              cmd_eval)
+    p = stage(
+        "eval", "evaluate: loss, perplexity, bits-per-byte, SQuAD EM/F1; writes RUN/eval/report.{json,md}", cmd_eval
+    )
     p.add_argument("--checkpoint", default="best", help="best | last | pretrained | PATH (default: best)")
-    p.add_argument("--compare", nargs="+", metavar="RUN",
-                   help="print one table comparing the eval reports of these run directories (no evaluation)")
-    p = stage("run", "run every stage of a recipe: tokenizer, prepare, pretrain, finetune, eval, sample answer",
-              cmd_run, resume=True, recipe_default="with --resume, RUN_DIR/config.toml")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RUN",
+        help="print one table comparing the eval reports of these run directories (no evaluation)",
+    )
+    p = stage(
+        "run",
+        "run every stage of a recipe: tokenizer, prepare, pretrain, finetune, eval, sample answer",
+        cmd_run,
+        resume=True,
+        recipe_default="with --resume, RUN_DIR/config.toml",
+    )
 
-    p = sub.add_parser("generate", help="generate text or answer a question with a trained model",
-                       description="Generate a continuation of PROMPT, or answer --question (with --context).")
+    p = sub.add_parser(
+        "generate",
+        help="generate text or answer a question with a trained model",
+        description="Generate a continuation of PROMPT, or answer --question (with --context).",
+    )
     p.add_argument("prompt", nargs="?", help="text to continue")
     p.add_argument("--run-dir", required=True, help="run directory")
-    p.add_argument("--checkpoint", help="best | last | pretrained | PATH (default: pretrained for a PROMPT when the "
-                                        "run has it, best for --question)")
-    p.add_argument("--question", help="answer this question in the fine-tuned QA format (greedy; with --context "
-                                      "and the run's eval.decoding = 'span', the passage span it finds likeliest)")
+    p.add_argument(
+        "--checkpoint",
+        help="best | last | pretrained | PATH (default: pretrained for a PROMPT when the "
+        "run has it, best for --question)",
+    )
+    p.add_argument(
+        "--question",
+        help="answer this question in the fine-tuned QA format (greedy; with --context "
+        "and the run's eval.decoding = 'span', the passage span it finds likeliest)",
+    )
     p.add_argument("--context", help="optional context passage for --question")
-    p.add_argument("--max-new-tokens", type=int,
-                   help="at most this many new tokens (default: 64 for a PROMPT; for --question the run's "
-                        "eval.max_new_tokens, as `lmforge eval` answers)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="at most this many new tokens (default: 64 for a PROMPT; for --question the run's "
+        "eval.max_new_tokens, as `lmforge eval` answers)",
+    )
     p.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, help="keep the k most likely tokens; 0 = off (default 50)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.95)")
@@ -493,10 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("serve", help="serve a run: OpenAI-compatible API, web UI, attention explorer",
-                       description="Serve a trained run over HTTP: /v1/completions, /v1/chat/completions, "
-                                   "/api/attention, /api/memory and the web page at /. Limits come from the "
-                                   "run's [serve] section (override e.g. --serve.max_concurrent 8).")
+    p = sub.add_parser(
+        "serve",
+        help="serve a run: OpenAI-compatible API, web UI, attention explorer",
+        description="Serve a trained run over HTTP: /v1/completions, /v1/chat/completions, "
+        "/api/attention, /api/memory and the web page at /. Limits come from the "
+        "run's [serve] section (override e.g. --serve.max_concurrent 8).",
+    )
     p.add_argument("run", nargs="?", help="run directory")
     p.add_argument("--run-dir", help="run directory (same as RUN)")
     p.add_argument("--checkpoint", help="best | last | pretrained | PATH (default: serve.checkpoint, best)")
@@ -505,69 +568,100 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default cpu)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("control", help="change a running stage's training values from its next step",
-                       description="Write RUN/control.toml: the training stage running in RUN applies it at its next "
-                                   "step (a resumed or later-started stage at its start). Without options, print it.")
+    p = sub.add_parser(
+        "control",
+        help="change a running stage's training values from its next step",
+        description="Write RUN/control.toml: the training stage running in RUN applies it at its next "
+        "step (a resumed or later-started stage at its start). Without options, print it.",
+    )
     p.add_argument("run", help="run directory")
-    for key, kind, text in (("lr", float, "peak learning rate of the schedule (AdamW groups)"),
-                            ("muon_lr", float, "peak learning rate of the Muon groups (optimizer = muon)"),
-                            ("grad_accum", int, "gradient-accumulation steps (effective batch size)"),
-                            ("dropout", float, "dropout probability"), ("eval_interval", int, "steps between evaluations"),
-                            ("eval_batches", int, "validation batches per evaluation"),
-                            ("patience", int, "early-stopping patience in evaluations (0 = off)"),
-                            ("checkpoint_interval", int, "steps between checkpoints"),
-                            ("log_interval", int, "steps between logged training losses")):
+    for key, kind, text in (
+        ("lr", float, "peak learning rate of the schedule (AdamW groups)"),
+        ("muon_lr", float, "peak learning rate of the Muon groups (optimizer = muon)"),
+        ("grad_accum", int, "gradient-accumulation steps (effective batch size)"),
+        ("dropout", float, "dropout probability"),
+        ("eval_interval", int, "steps between evaluations"),
+        ("eval_batches", int, "validation batches per evaluation"),
+        ("patience", int, "early-stopping patience in evaluations (0 = off)"),
+        ("checkpoint_interval", int, "steps between checkpoints"),
+        ("log_interval", int, "steps between logged training losses"),
+    ):
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, help=text)
     p.set_defaults(func=cmd_control)
 
-    p = sub.add_parser("stop", help="stop a training stage gracefully (a `run` moves on to its next stage)",
-                       description="Write RUN/STOP: the training stage finishes its step, saves a checkpoint and ends; "
-                                   "`lmforge run` then moves on to the next stage (pretraining -> fine-tuning).")
+    p = sub.add_parser(
+        "stop",
+        help="stop a training stage gracefully (a `run` moves on to its next stage)",
+        description="Write RUN/STOP: the training stage finishes its step, saves a checkpoint and ends; "
+        "`lmforge run` then moves on to the next stage (pretraining -> fine-tuning).",
+    )
     p.add_argument("run", help="run directory")
     p.set_defaults(func=cmd_stop)
 
-    p = sub.add_parser("plot", help="redraw a run's loss plot, or compare several runs on one figure",
-                       description="Redraw RUN/plots/loss.png; with several runs, draw them on one figure "
-                                   "(default RUN/plots/compare.png of the first run).")
+    p = sub.add_parser(
+        "plot",
+        help="redraw a run's loss plot, or compare several runs on one figure",
+        description="Redraw RUN/plots/loss.png; with several runs, draw them on one figure "
+        "(default RUN/plots/compare.png of the first run).",
+    )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
-    p.add_argument("--out", help="the figure's path (.png, .svg, .pdf or .jpg) or a folder for compare.png "
-                                 "(default: RUN/plots/loss.png for one run, the first run's plots/compare.png for several)")
+    p.add_argument(
+        "--out",
+        help="the figure's path (.png, .svg, .pdf or .jpg) or a folder for compare.png "
+        "(default: RUN/plots/loss.png for one run, the first run's plots/compare.png for several)",
+    )
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("resize-vocab", help="move a run to a new tokenizer, keeping the learned embedding rows",
-                       description="Resize every checkpoint's embedding/output matrices to a new tokenizer (rows of "
-                                   "tokens both share are kept, new rows start at the mean embedding), re-tokenize "
-                                   "the shards; continue training with --resume.")
+    p = sub.add_parser(
+        "resize-vocab",
+        help="move a run to a new tokenizer, keeping the learned embedding rows",
+        description="Resize every checkpoint's embedding/output matrices to a new tokenizer (rows of "
+        "tokens both share are kept, new rows start at the mean embedding), re-tokenize "
+        "the shards; continue training with --resume.",
+    )
     p.add_argument("run", help="run directory")
     p.add_argument("--tokenizer", help="the new tokenizer.json")
     p.add_argument("--vocab-size", type=int, help="retrain the run's tokenizer with this vocabulary size instead")
     p.add_argument("--data-dir", help="local copies of datasets, used before the Hub (env LMFORGE_DATA_DIR)")
     p.set_defaults(func=cmd_resize_vocab)
 
-    p = sub.add_parser("export", help="export a run's model (Hugging Face format)",
-                       description="Write RUN's checkpoint as a transformers-loadable directory OUT "
-                                   "(LlamaForCausalLM config + model.safetensors + tokenizer + model card).")
+    p = sub.add_parser(
+        "export",
+        help="export a run's model (Hugging Face format)",
+        description="Write RUN's checkpoint as a transformers-loadable directory OUT "
+        "(LlamaForCausalLM config + model.safetensors + tokenizer + model card).",
+    )
     p.add_argument("run", help="run directory")
     p.add_argument("out", help="output directory")
     p.add_argument("--format", choices=["hf"], default="hf", help="output format (default: hf)")
     p.add_argument("--checkpoint", default="best", help="best | last | pretrained | PATH (default: best)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import-hf", help="import a Llama-architecture Hugging Face model into a run directory",
-                       description="Read a Hugging Face Llama directory (e.g. one `lmforge export` wrote) into a "
-                                   "new run directory whose pretrained/best checkpoints hold its weights.")
+    p = sub.add_parser(
+        "import-hf",
+        help="import a Llama-architecture Hugging Face model into a run directory",
+        description="Read a Hugging Face Llama directory (e.g. one `lmforge export` wrote) into a "
+        "new run directory whose pretrained/best checkpoints hold its weights.",
+    )
     p.add_argument("source", help="Hugging Face model directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--run-dir", required=True, help="new run directory")
     p.set_defaults(func=cmd_import_hf)
 
-    p = sub.add_parser("probe", help="coreference attention probes: does a pronoun attend to its referent?",
-                       description="Word-level attention of pronouns in probe sentences (raw and with the first "
-                                   "token discounted): table + heatmaps in RUN/probe/.")
+    p = sub.add_parser(
+        "probe",
+        help="coreference attention probes: does a pronoun attend to its referent?",
+        description="Word-level attention of pronouns in probe sentences (raw and with the first "
+        "token discounted): table + heatmaps in RUN/probe/.",
+    )
     p.add_argument("run", help="run directory")
     p.add_argument("--checkpoint", default="best", help="best | last | pretrained | PATH (default: best)")
     p.add_argument("--out", help="output folder (default: RUN/probe)")
-    p.add_argument("--probe", action="append", metavar="'SENTENCE|PRONOUN|REFERENT'",
-                   help="probe this sentence instead of the built-in set (repeatable)")
+    p.add_argument(
+        "--probe",
+        action="append",
+        metavar="'SENTENCE|PRONOUN|REFERENT'",
+        help="probe this sentence instead of the built-in set (repeatable)",
+    )
     p.set_defaults(func=cmd_probe)
     return parser
 

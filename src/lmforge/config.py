@@ -21,7 +21,11 @@ import tomli_w
 
 from lmforge.errors import ConfigError
 
-DTYPES = ("auto", "float32", "bfloat16")  # train.dtype and eval.dtype: auto = bf16 where the device computes it natively
+DTYPES = (
+    "auto",
+    "float32",
+    "bfloat16",
+)  # train.dtype and eval.dtype: auto = bf16 where the device computes it natively
 # the choices of eval.squad_subset, eval.long_context and eval.decoding (lmforge.evaluate describes each in reports)
 SQUAD_SUBSETS = ("spread", "first")
 LONG_CONTEXTS = ("truncate", "best_match", "sliding_window")
@@ -93,7 +97,9 @@ class QAConfig:
         default_factory=lambda: SourceConfig(name="squad-train", hub="rajpurkar/squad", split="train", format="squad")
     )
     dev: SourceConfig = field(
-        default_factory=lambda: SourceConfig(name="squad-dev", hub="rajpurkar/squad", split="validation", format="squad")
+        default_factory=lambda: SourceConfig(
+            name="squad-dev", hub="rajpurkar/squad", split="validation", format="squad"
+        )
     )
     max_train_examples: int = 0  # 0 = all
     max_dev_examples: int = 500  # dev examples used for the fine-tuning validation loss
@@ -312,16 +318,22 @@ def validate_train(cfg: TrainConfig, key: str) -> None:
     _check(cfg.checkpoint_interval > 0, f"{key}.checkpoint_interval", "must be > 0")
     _check(cfg.keep_checkpoints >= 0, f"{key}.keep_checkpoints", "must be >= 0")
     _check(cfg.log_interval > 0, f"{key}.log_interval", "must be > 0")
-    _check(cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:"), f"{key}.device",
-           "must be auto, cpu, cuda[:N] or mps")
+    _check(
+        cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:"),
+        f"{key}.device",
+        "must be auto, cpu, cuda[:N] or mps",
+    )
     _check(cfg.dtype in DTYPES, f"{key}.dtype", _one_of(DTYPES))
     _check(cfg.optimizer in ("adamw", "muon"), f"{key}.optimizer", "must be adamw or muon")
     _check(cfg.muon_lr > 0, f"{key}.muon_lr", "must be > 0")
     _check(0 <= cfg.muon_momentum < 1, f"{key}.muon_momentum", "must be in [0, 1)")
     _check(cfg.distributed in ("none", "ddp", "fsdp"), f"{key}.distributed", "must be none, ddp or fsdp")
     _check(cfg.on_signal in ("next_stage", "exit"), f"{key}.on_signal", "must be next_stage or exit")
-    _check(not (cfg.optimizer == "muon" and cfg.distributed == "fsdp"), f"{key}.optimizer",
-           "muon needs whole matrices and does not run on FSDP shards (use distributed = 'ddp' or optimizer = 'adamw')")
+    _check(
+        not (cfg.optimizer == "muon" and cfg.distributed == "fsdp"),
+        f"{key}.optimizer",
+        "muon needs whole matrices and does not run on FSDP shards (use distributed = 'ddp' or optimizer = 'adamw')",
+    )
 
 
 SAMPLE_BY = ("auto", "document", "paragraph", "line")
@@ -354,21 +366,31 @@ def validate_data(data: DataConfig) -> None:
     _check(data.prefetch >= 0, "data.prefetch", "must be >= 0")
     for i, src in enumerate(data.sources):
         validate_source(src, f"data.sources[{i}]")
-        _check(bool(SOURCE_NAME.fullmatch(src.name)) and src.name.lower() not in RESERVED_SOURCE_NAMES,
-               f"data.sources[{i}].name", f"{'required' if not src.name else f'{src.name!r} is not allowed'}: "
-               "it names the source's shard folder, so letters, digits, '-', '_' and '.' only, starting with a "
-               "letter or digit")
+        _check(
+            bool(SOURCE_NAME.fullmatch(src.name)) and src.name.lower() not in RESERVED_SOURCE_NAMES,
+            f"data.sources[{i}].name",
+            f"{'required' if not src.name else f'{src.name!r} is not allowed'}: "
+            "it names the source's shard folder, so letters, digits, '-', '_' and '.' only, starting with a "
+            "letter or digit",
+        )
     names = [s.name for s in data.sources]
     # compared ignoring case: on macOS and Windows "Books" and "books" would be the same folder
     counts = collections.Counter(n.lower() for n in names)
     dup = next((n for n in names if counts[n.lower()] > 1), None)
-    _check(dup is None, "data.sources", f"source names must be unique: '{dup}' is used more than once "
-           "(names are compared ignoring case: each is a folder)")
+    _check(
+        dup is None,
+        "data.sources",
+        f"source names must be unique: '{dup}' is used more than once "
+        "(names are compared ignoring case: each is a folder)",
+    )
     for i, phase in enumerate(data.phases):
         key = f"data.phases[{i}]"
         _check(phase.tokens >= 0, f"{key}.tokens", "must be >= 0")
-        _check(phase.tokens > 0 or i == len(data.phases) - 1, f"{key}.tokens",
-               "only the last phase may run until the end (tokens = 0)")
+        _check(
+            phase.tokens > 0 or i == len(data.phases) - 1,
+            f"{key}.tokens",
+            "only the last phase may run until the end (tokens = 0)",
+        )
         for source, weight in phase.weights.items():
             _check(source in names, f"{key}.weights.{source}", f"no such source (sources: {', '.join(names)})")
             _check(weight >= 0, f"{key}.weights.{source}", "must be >= 0")
@@ -403,16 +425,22 @@ def validate(recipe: Recipe) -> Recipe:
     _check(recipe.eval.dtype in DTYPES, "eval.dtype", _one_of(DTYPES))
     _check(recipe.eval.squad_subset in SQUAD_SUBSETS, "eval.squad_subset", _one_of(SQUAD_SUBSETS))
     _check(recipe.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0")
-    _check(recipe.eval.max_new_tokens < m.block_size, "eval.max_new_tokens",
-           f"must be < model.block_size ({m.block_size}): the question's prompt needs room in the block")
+    _check(
+        recipe.eval.max_new_tokens < m.block_size,
+        "eval.max_new_tokens",
+        f"must be < model.block_size ({m.block_size}): the question's prompt needs room in the block",
+    )
     _check(recipe.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     _check(recipe.eval.long_context in LONG_CONTEXTS, "eval.long_context", _one_of(LONG_CONTEXTS))
     _check(recipe.eval.decoding in DECODINGS, "eval.decoding", _one_of(DECODINGS))
     _check(recipe.eval.context_tokens >= 0, "eval.context_tokens", "must be >= 0 (0 = qa.context_tokens)")
     _check(0 <= recipe.eval.span_calibration <= 2, "eval.span_calibration", "must be in [0, 2] (0 = off)")
     _check(recipe.eval.span_max_starts >= 0, "eval.span_max_starts", "must be >= 0 (0 = every word)")
-    _check(recipe.eval.decoding != "span" or recipe.qa.mode == "context", "eval.decoding",
-           "'span' picks a span of the passage, so it needs qa.mode = 'context'")
+    _check(
+        recipe.eval.decoding != "span" or recipe.qa.mode == "context",
+        "eval.decoding",
+        "'span' picks a span of the passage, so it needs qa.mode = 'context'",
+    )
     g = recipe.generate
     _check(g.temperature >= 0, "generate.temperature", "must be >= 0")
     _check(0 < g.top_p <= 1, "generate.top_p", "must be in (0, 1]")

@@ -69,8 +69,10 @@ def best_over_answers(metric, prediction: str, answers: list[str]) -> float:
 def question_scores(predictions: dict[str, str], examples: list[QAExample]) -> tuple[np.ndarray, np.ndarray]:
     """Per question: EM and F1 (0-1) of its prediction; a question without one scores 0, as in the official
     script (even where a gold answer normalizes to nothing, which an empty prediction would match)."""
+
     def score(metric, ex: QAExample) -> float:
         return best_over_answers(metric, predictions[ex.id], ex.answers) if ex.id in predictions else 0.0
+
     em = [score(exact_match_score, ex) for ex in examples]
     f1 = [score(f1_score, ex) for ex in examples]
     return np.array(em, dtype=np.float64), np.array(f1, dtype=np.float64)
@@ -138,21 +140,35 @@ class SquadPrediction:
 
 LONG_CONTEXT = {
     "truncate": "keep the beginning of the context (the answer position is unknown at evaluation), cut "
-                "after a whole word",
+    "after a whole word",
     "best_match": "keep the window sharing the most words with the question (stride a quarter window), "
-                  "narrowed to whole words",
+    "narrowed to whole words",
     "sliding_window": "overlapping windows over the whole context (stride: half a window; whole words); the "
-                      "answer with the highest mean token log-probability wins",
+    "answer with the highest mean token log-probability wins",
 }
 
 
-def question_prompts(tokenizer: Tokenizer, ex: QAExample, mode: str, block_size: int, max_new_tokens: int,
-                     long_context: str, context_tokens: int = 0) -> list[EncodedQA] | None:
+def question_prompts(
+    tokenizer: Tokenizer,
+    ex: QAExample,
+    mode: str,
+    block_size: int,
+    max_new_tokens: int,
+    long_context: str,
+    context_tokens: int = 0,
+) -> list[EncodedQA] | None:
     """The prompt(s) for one question: one, or one per context window; None when the question does not fit."""
     if mode == "context" and long_context == "sliding_window":
         return context_windows(tokenizer, ex.question, ex.context, block_size, max_new_tokens, context_tokens)
-    enc = encode_for_inference(tokenizer, ex.question, ex.context if mode == "context" else None, block_size,
-                               max_new_tokens, context_tokens, long_context)
+    enc = encode_for_inference(
+        tokenizer,
+        ex.question,
+        ex.context if mode == "context" else None,
+        block_size,
+        max_new_tokens,
+        context_tokens,
+        long_context,
+    )
     return None if enc is None else [enc]
 
 
@@ -160,18 +176,20 @@ SPAN_PADDING = "left (prompts batched; every span reads a copy of its prompt's K
 DECODING = {
     "greedy": "greedy generation",
     "span": "extractive: the passage span (whole words, not starting with an article or punctuation, at most "
-            "max_new_tokens tokens) whose tokens and end-of-text get the highest mean log-probability",
+    "max_new_tokens tokens) whose tokens and end-of-text get the highest mean log-probability",
 }
 
 
-def greedy_answers(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, list[int]]], max_new_tokens: int,
-                   batch_size: int) -> Iterator[tuple[str, list[int], float]]:
+def greedy_answers(
+    model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, list[int]]], max_new_tokens: int, batch_size: int
+) -> Iterator[tuple[str, list[int], float]]:
     """(question id, answer ids, mean token log-probability) per prompt, decoded greedily in batches."""
     prompts = sorted(prompts, key=lambda item: len(item[1]))  # similar lengths together: less padding
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        outputs, scores = greedy_batch_scored(model, [p for _, p in chunk], max_new_tokens, tokenizer.eot_id,
-                                              tokenizer.pad_id)
+        outputs, scores = greedy_batch_scored(
+            model, [p for _, p in chunk], max_new_tokens, tokenizer.eot_id, tokenizer.pad_id
+        )
         yield from ((qid, out, score) for (qid, _), out, score in zip(chunk, outputs, scores, strict=True))
 
 
@@ -202,28 +220,56 @@ def span_query(tokenizer: Tokenizer, prompt: list[int], options: SpanOptions = S
     return SpanQuery(prompt, passage, *word_bounds(tokenizer, passage), baseline, accept)
 
 
-def span_answer(model: GPT, tokenizer: Tokenizer, prompt: list[int], max_tokens: int,
-                options: SpanOptions = SpanOptions()) -> tuple[list[int], float]:
+def span_answer(
+    model: GPT, tokenizer: Tokenizer, prompt: list[int], max_tokens: int, options: SpanOptions = SpanOptions()
+) -> tuple[list[int], float]:
     """The likeliest span of a with-context prompt's passage, and its score: the mean token log-probability,
     minus `options.calibration` x that of the same span without the question (see span_query, best_spans)."""
-    return best_spans(model, [span_query(tokenizer, prompt, options)], max_tokens, tokenizer.eot_id,
-                      options.calibration, options.max_starts)[0]
+    return best_spans(
+        model,
+        [span_query(tokenizer, prompt, options)],
+        max_tokens,
+        tokenizer.eot_id,
+        options.calibration,
+        options.max_starts,
+    )[0]
 
 
-def span_answers(model: GPT, tokenizer: Tokenizer, prompts: list[tuple[str, list[int]]], max_tokens: int,
-                 options: SpanOptions = SpanOptions(), batch_size: int = 1) -> Iterator[tuple[str, list[int], float]]:
+def span_answers(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: list[tuple[str, list[int]]],
+    max_tokens: int,
+    options: SpanOptions = SpanOptions(),
+    batch_size: int = 1,
+) -> Iterator[tuple[str, list[int], float]]:
     """(question id, answer ids, score) per prompt (see span_answer), `batch_size` prompts decoded together."""
     prompts = sorted(prompts, key=lambda item: len(item[1]))  # similar lengths together: less padding
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        found = best_spans(model, [span_query(tokenizer, ids, options) for _, ids in chunk], max_tokens,
-                           tokenizer.eot_id, options.calibration, options.max_starts)
+        found = best_spans(
+            model,
+            [span_query(tokenizer, ids, options) for _, ids in chunk],
+            max_tokens,
+            tokenizer.eot_id,
+            options.calibration,
+            options.max_starts,
+        )
         yield from ((qid, span, score) for (qid, _), (span, score) in zip(chunk, found, strict=True))
 
 
-def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode: str, max_new_tokens: int,
-                    batch_size: int, long_context: str = "truncate", context_tokens: int = 0,
-                    decoding: str = "greedy", span: SpanOptions = SpanOptions()) -> tuple[dict[str, str], int, int]:
+def predict_answers(
+    model: GPT,
+    tokenizer: Tokenizer,
+    examples: list[QAExample],
+    mode: str,
+    max_new_tokens: int,
+    batch_size: int,
+    long_context: str = "truncate",
+    context_tokens: int = 0,
+    decoding: str = "greedy",
+    span: SpanOptions = SpanOptions(),
+) -> tuple[dict[str, str], int, int]:
     """An answer for every example; returns (predictions by id, #skipped, #contexts too long).
 
     Prompts are built as in fine-tuning; `decoding` is a key of DECODING. Where a question has several
@@ -236,8 +282,7 @@ def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample],
     prompts: list[tuple[str, list[int]]] = []
     skipped = too_long = 0
     for ex in examples:
-        encs = question_prompts(tokenizer, ex, mode, model.cfg.block_size, max_new_tokens, long_context,
-                                context_tokens)
+        encs = question_prompts(tokenizer, ex, mode, model.cfg.block_size, max_new_tokens, long_context, context_tokens)
         if encs is None:
             skipped += 1
             continue
@@ -255,16 +300,31 @@ def predict_answers(model: GPT, tokenizer: Tokenizer, examples: list[QAExample],
     return predictions, skipped, too_long
 
 
-def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode: str, max_new_tokens: int,
-               batch_size: int, n_examples: int, long_context: str = "truncate", context_tokens: int = 0,
-               decoding: str = "greedy", span: SpanOptions = SpanOptions()) -> dict:
+def squad_eval(
+    model: GPT,
+    tokenizer: Tokenizer,
+    examples: list[QAExample],
+    mode: str,
+    max_new_tokens: int,
+    batch_size: int,
+    n_examples: int,
+    long_context: str = "truncate",
+    context_tokens: int = 0,
+    decoding: str = "greedy",
+    span: SpanOptions = SpanOptions(),
+) -> dict:
     start = time.time()
-    predictions, skipped, too_long = predict_answers(model, tokenizer, examples, mode, max_new_tokens, batch_size,
-                                                     long_context, context_tokens, decoding, span)
+    predictions, skipped, too_long = predict_answers(
+        model, tokenizer, examples, mode, max_new_tokens, batch_size, long_context, context_tokens, decoding, span
+    )
     elapsed = max(time.time() - start, 1e-9)
     em, f1 = question_scores(predictions, examples)
-    listed = [SquadPrediction(ex.id, ex.question, ex.answers, predictions.get(ex.id, ""), round(100 * float(f1[i]), 1),
-                              float(em[i])).__dict__ for i, ex in enumerate(examples[:n_examples])]
+    listed = [
+        SquadPrediction(
+            ex.id, ex.question, ex.answers, predictions.get(ex.id, ""), round(100 * float(f1[i]), 1), float(em[i])
+        ).__dict__
+        for i, ex in enumerate(examples[:n_examples])
+    ]
     return {
         **averaged_scores(em, f1),
         "em_ci95": bootstrap_ci(em),
@@ -277,12 +337,23 @@ def squad_eval(model: GPT, tokenizer: Tokenizer, examples: list[QAExample], mode
         "context_tokens": context_tokens or "as many as fit the block",
         "context_truncation": LONG_CONTEXT[long_context] if mode == "context" else "no context (closed-book)",
         "questions_per_s": len(examples) / elapsed,
-        "decoding": {"strategy": decoding, "description": DECODING[decoding], "max_new_tokens": max_new_tokens,
-                     "batch_size": batch_size, "kv_cache": True,
-                     "padding": "left" if decoding == "greedy" else SPAN_PADDING,
-                     **({"span_calibration": span.calibration, "skip_question_words": span.skip_question_words,
-                         "span_max_starts": span.max_starts}
-                        if decoding == "span" else {})},
+        "decoding": {
+            "strategy": decoding,
+            "description": DECODING[decoding],
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "kv_cache": True,
+            "padding": "left" if decoding == "greedy" else SPAN_PADDING,
+            **(
+                {
+                    "span_calibration": span.calibration,
+                    "skip_question_words": span.skip_question_words,
+                    "span_max_starts": span.max_starts,
+                }
+                if decoding == "span"
+                else {}
+            ),
+        },
         "examples": listed,
         # {question id: [EM, F1]} (0-1): lets --compare pair two reports' scores question by question
         "question_scores": {ex.id: [float(em[i]), round(float(f1[i]), 4)] for i, ex in enumerate(examples)},
@@ -303,8 +374,10 @@ def decoding_text(decoding: dict) -> str:
     return f"{decoding.get('strategy', '?')} ({decoding.get('description', '')}; {details})"
 
 
-SUBSETS = {"spread": "evenly spaced through the dev file (every article in proportion)",
-           "first": "the first ones in the dev file (a few articles)"}  # eval.squad_subset
+SUBSETS = {
+    "spread": "evenly spaced through the dev file (every article in proportion)",
+    "first": "the first ones in the dev file (a few articles)",
+}  # eval.squad_subset
 
 
 def subset_text(subset: str | None) -> str:
@@ -355,11 +428,20 @@ def report_markdown(report: dict) -> str:
         f"Questions longer than the block: {squad.get('skipped', 0)} (scored 0). "
         f"Unusable dev examples left out: {dropped_text(squad.get('invalid_skipped', {}))}.",
         "",
-        *([f"Held-out text metrics not measured: {report['text_metrics_skipped']}.", ""]
-          if "text_metrics_skipped" in report else []),
-        *([f"{squad['validation_questions_scored']} of the scored questions are validation examples fine-tuning "
-           "selected its checkpoint on (eval.squad_questions above the run's): their scores are optimistic.", ""]
-          if squad.get("validation_questions_scored") else []),
+        *(
+            [f"Held-out text metrics not measured: {report['text_metrics_skipped']}.", ""]
+            if "text_metrics_skipped" in report
+            else []
+        ),
+        *(
+            [
+                f"{squad['validation_questions_scored']} of the scored questions are validation examples fine-tuning "
+                "selected its checkpoint on (eval.squad_questions above the run's): their scores are optimistic.",
+                "",
+            ]
+            if squad.get("validation_questions_scored")
+            else []
+        ),
         "## Examples",
         "",
         "| question | gold | predicted | F1 |",
@@ -370,15 +452,30 @@ def report_markdown(report: dict) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
     for ex in squad.get("examples", []):
-        lines.append(f"| {cell(ex['question'])} | {cell(' / '.join(ex['answers'][:3]))} | {cell(ex['prediction'])} "
-                     f"| {ex['f1']} |")
+        lines.append(
+            f"| {cell(ex['question'])} | {cell(' / '.join(ex['answers'][:3]))} | {cell(ex['prediction'])} "
+            f"| {ex['f1']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- comparing runs
 
-COMPARE_COLUMNS = ("run", "checkpoint", "mode", "questions", "EM", "F1 (95% interval)", "F1 vs first run (95% paired)",
-                   "bpb", "perplexity", "questions/s", "long contexts", "decoding", "dtype")
+COMPARE_COLUMNS = (
+    "run",
+    "checkpoint",
+    "mode",
+    "questions",
+    "EM",
+    "F1 (95% interval)",
+    "F1 vs first run (95% paired)",
+    "bpb",
+    "perplexity",
+    "questions/s",
+    "long contexts",
+    "decoding",
+    "dtype",
+)
 
 
 def paired_f1_change(report: dict, baseline: dict) -> str:

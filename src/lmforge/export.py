@@ -134,8 +134,11 @@ def _portable_tokenizer_class(path: Path) -> None:
 def _training_summary(run: RunDir) -> str:
     path = run.root / "progress.json"
     progress = json.loads(path.read_text()) if path.is_file() else {}
-    parts = [f"{stage} {info['steps']} steps (best validation loss {info.get('best_val_loss', float('nan')):.4f})"
-             for stage, info in progress.items() if isinstance(info, dict) and "steps" in info]
+    parts = [
+        f"{stage} {info['steps']} steps (best validation loss {info.get('best_val_loss', float('nan')):.4f})"
+        for stage, info in progress.items()
+        if isinstance(info, dict) and "steps" in info
+    ]
     return "; ".join(parts) or "not recorded"
 
 
@@ -158,9 +161,12 @@ def _evaluation_lines(run: RunDir, checkpoint: Path, report: dict | None) -> lis
     if not report or "squad" not in report:
         return ["Not evaluated yet (run `lmforge eval`).", ""]
     if not scored_checkpoint(report, run, checkpoint):
-        return [f"Checkpoint `{checkpoint.name}` was not evaluated: the run's evaluation report scored "
-                f"`{report.get('checkpoint', '?')}`. Run `lmforge eval --checkpoint {checkpoint.name}` before "
-                "exporting to report its scores.", ""]
+        return [
+            f"Checkpoint `{checkpoint.name}` was not evaluated: the run's evaluation report scored "
+            f"`{report.get('checkpoint', '?')}`. Run `lmforge eval --checkpoint {checkpoint.name}` before "
+            "exporting to report its scores.",
+            "",
+        ]
     sq = report["squad"]
     decoding = sq.get("decoding", {})
     lines = [
@@ -172,26 +178,37 @@ def _evaluation_lines(run: RunDir, checkpoint: Path, report: dict | None) -> lis
         f"| precision | {precision_text(report.get('dtype'))} |",
     ]
     if "bpb" in report:
-        lines += [f"| held-out bits per byte | {report['bpb']:.4f} |",
-                  f"| held-out perplexity | {report['perplexity']:.2f} |"]
+        lines += [
+            f"| held-out bits per byte | {report['bpb']:.4f} |",
+            f"| held-out perplexity | {report['perplexity']:.2f} |",
+        ]
     lines += ["", f"Decoding: {decoding_text(decoding)}.", ""]
     if decoding.get("strategy") == "span":
-        lines += ["These scores come from lmforge's extractive span decoding (`eval.decoding = \"span\"`: the "
-                  "likeliest span of the passage), which `transformers`' `generate` does not do; greedy generation "
-                  "from this model gives other answers and other scores.", ""]
+        lines += [
+            'These scores come from lmforge\'s extractive span decoding (`eval.decoding = "span"`: the '
+            "likeliest span of the passage), which `transformers`' `generate` does not do; greedy generation "
+            "from this model gives other answers and other scores.",
+            "",
+        ]
     elif "max_new_tokens" in decoding:
-        lines += [f"The answers were generated greedily (`do_sample=False`, at most {decoding['max_new_tokens']} new "
-                  "tokens) in the prompt format above, with contexts longer than the room for them cut as "
-                  "`eval.long_context` in the recipe below says.", ""]
+        lines += [
+            f"The answers were generated greedily (`do_sample=False`, at most {decoding['max_new_tokens']} new "
+            "tokens) in the prompt format above, with contexts longer than the room for them cut as "
+            "`eval.long_context` in the recipe below says.",
+            "",
+        ]
     return lines
 
 
 def model_card(recipe: Recipe, run: RunDir, checkpoint: Path, report: dict | None) -> str:
     """README.md for the export: what it was trained on, with which recipe, and how it scored."""
-    sources = "\n".join(
-        f"- `{s.name}`: {s.hub or ''}{' / ' if s.hub and s.local else ''}{s.local or ''} (weight {s.weight})"
-        for s in recipe.data.sources
-    ) or "- (none recorded)"
+    sources = (
+        "\n".join(
+            f"- `{s.name}`: {s.hub or ''}{' / ' if s.hub and s.local else ''}{s.local or ''} (weight {s.weight})"
+            for s in recipe.data.sources
+        )
+        or "- (none recorded)"
+    )
     qa = recipe.qa
     lines = [
         "---",
@@ -221,7 +238,8 @@ def model_card(recipe: Recipe, run: RunDir, checkpoint: Path, report: dict | Non
         "## Prompt format",
         "",
         "```",
-        f"{CONTEXT}{{context}}{QUESTION}{{question}}{ANSWER}" if qa.mode == "context"
+        f"{CONTEXT}{{context}}{QUESTION}{{question}}{ANSWER}"
+        if qa.mode == "context"
         else f"{QUESTION}{{question}}{ANSWER}",
         "```",
         "",
@@ -274,9 +292,15 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best") ->
         _portable_tokenizer_class(staging / "tokenizer_config.json")
         g = recipe.generate
         transformers.GenerationConfig(
-            do_sample=g.temperature > 0, temperature=g.temperature or 1.0, top_k=g.top_k, top_p=g.top_p,
-            repetition_penalty=g.repetition_penalty, max_new_tokens=recipe.eval.max_new_tokens,
-            bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id,
+            do_sample=g.temperature > 0,
+            temperature=g.temperature or 1.0,
+            top_k=g.top_k,
+            top_p=g.top_p,
+            repetition_penalty=g.repetition_penalty,
+            max_new_tokens=recipe.eval.max_new_tokens,
+            bos_token_id=tok.eot_id,
+            eos_token_id=tok.eot_id,
+            pad_token_id=tok.pad_id,
         ).save_pretrained(staging)
         atomic_write_text(staging / "README.md", model_card(recipe, run, ckpt, report))
         move_files_into(staging, out)
@@ -290,8 +314,14 @@ def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str = "best") ->
 # --------------------------------------------------------------------------- import
 
 
-_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-               "max_position_embeddings")
+_SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
 
 
 def _read_config(path: Path) -> dict:
@@ -371,12 +401,20 @@ def import_hf(src: str | Path, run_dir: str | Path) -> RunDir:
     _check_llama(config, src)
     tok = Tokenizer.load(tok_path)
     if config["vocab_size"] < tok.vocab_size:
-        raise LmforgeError(f"{src}: the model's vocab_size {config['vocab_size']} is smaller than its tokenizer's "
-                           f"{tok.vocab_size} tokens")
-    cfg = GPTConfig(vocab_size=config["vocab_size"], n_layer=config["num_hidden_layers"],
-                    n_head=config["num_attention_heads"], n_embd=config["hidden_size"],
-                    block_size=config["max_position_embeddings"], mlp_hidden=config["intermediate_size"],
-                    rope_theta=_rope_theta(config), norm_eps=config.get("rms_norm_eps", 1e-5))
+        raise LmforgeError(
+            f"{src}: the model's vocab_size {config['vocab_size']} is smaller than its tokenizer's "
+            f"{tok.vocab_size} tokens"
+        )
+    cfg = GPTConfig(
+        vocab_size=config["vocab_size"],
+        n_layer=config["num_hidden_layers"],
+        n_head=config["num_attention_heads"],
+        n_embd=config["hidden_size"],
+        block_size=config["max_position_embeddings"],
+        mlp_hidden=config["intermediate_size"],
+        rope_theta=_rope_theta(config),
+        norm_eps=config.get("rms_norm_eps", 1e-5),
+    )
     tensors = {k: v for k, v in load_file(weights_path).items() if k != "lm_head.weight"}
     model = GPT(cfg)
     model.load_state_dict({from_hf_name(k): v.to(torch.float32) for k, v in tensors.items()}, strict=False)
@@ -397,8 +435,13 @@ def import_hf(src: str | Path, run_dir: str | Path) -> RunDir:
     run.root.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run.config)
     tok.save(run.tokenizer)
-    state = {"stage": "import", "step": 0, "tokens": 0, "source": str(src),
-             "tokenizer_hash": tokenizer_hash(Tokenizer.load(run.tokenizer))}
+    state = {
+        "stage": "import",
+        "step": 0,
+        "tokens": 0,
+        "source": str(src),
+        "tokenizer_hash": tokenizer_hash(Tokenizer.load(run.tokenizer)),
+    }
     for name in ("pretrained", "best"):
         save_checkpoint(run.checkpoint(name), model, state)
     log.info("imported %s -> %s", src, run.root)

@@ -48,8 +48,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor,
-                generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, history: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
     """Pick the next token for each row of logits (B, V) given the ids so far (B, T)."""
     logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
     if params.temperature == 0:
@@ -76,8 +77,7 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator | None
 
 
 @torch.inference_mode()
-def generate_stream(model: GPT, prompt_ids: list[int], params: SamplingParams,
-                    use_cache: bool = True) -> Iterator[int]:
+def generate_stream(model: GPT, prompt_ids: list[int], params: SamplingParams, use_cache: bool = True) -> Iterator[int]:
     """Yield new token ids one at a time (batch 1). Stops at a stop id (not yielded) or max_new_tokens.
 
     The prompt is cut from the left so that prompt + new tokens fit in the model's block.
@@ -86,7 +86,7 @@ def generate_stream(model: GPT, prompt_ids: list[int], params: SamplingParams,
     device = model.tok_emb.weight.device
     block = model.cfg.block_size
     max_new = min(params.max_new_tokens, block - 1)
-    prompt_ids = prompt_ids[-(block - max_new):] if prompt_ids else []
+    prompt_ids = prompt_ids[-(block - max_new) :] if prompt_ids else []
     if not prompt_ids:
         raise ValueError("empty prompt")
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
@@ -111,8 +111,9 @@ def generate(model: GPT, prompt_ids: list[int], params: SamplingParams, use_cach
 
 
 @torch.inference_mode()
-def greedy_batch_scored(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop_id: int,
-                        pad_id: int) -> tuple[list[list[int]], list[float]]:
+def greedy_batch_scored(
+    model: GPT, prompts: list[list[int]], max_new_tokens: int, stop_id: int, pad_id: int
+) -> tuple[list[list[int]], list[float]]:
     """Greedy continuations of several prompts at once: left-padded, one shared KV cache.
 
     Each returned list stops before the first `stop_id`. The second list holds each continuation's mean
@@ -126,8 +127,8 @@ def greedy_batch_scored(model: GPT, prompts: list[list[int]], max_new_tokens: in
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p) :] = 1
     cache = model.new_cache(len(prompts), width + max_new)
     logits = model(ids, cache=cache, attention_mask=mask, last_only=True)[:, -1]
     out: list[list[int]] = [[] for _ in prompts]
@@ -148,7 +149,9 @@ def greedy_batch_scored(model: GPT, prompts: list[list[int]], max_new_tokens: in
     return out, (logprob / count.clamp(min=1)).tolist()
 
 
-def greedy_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, stop_id: int, pad_id: int) -> list[list[int]]:
+def greedy_batch(
+    model: GPT, prompts: list[list[int]], max_new_tokens: int, stop_id: int, pad_id: int
+) -> list[list[int]]:
     """Greedy continuations of several prompts at once (see greedy_batch_scored)."""
     return greedy_batch_scored(model, prompts, max_new_tokens, stop_id, pad_id)[0]
 
@@ -167,18 +170,35 @@ class SpanQuery:
     accept: Callable[[list[int]], bool] | None = None
 
 
-def best_span(model: GPT, prompt: list[int], passage: list[int], starts: Sequence[int], ends: Sequence[int],
-              max_tokens: int, stop_id: int, max_rows: int = 0, baseline: list[int] | None = None,
-              baseline_weight: float = 0.0, accept: Callable[[list[int]], bool] | None = None,
-              max_starts: int = 0) -> tuple[list[int], float]:
+def best_span(
+    model: GPT,
+    prompt: list[int],
+    passage: list[int],
+    starts: Sequence[int],
+    ends: Sequence[int],
+    max_tokens: int,
+    stop_id: int,
+    max_rows: int = 0,
+    baseline: list[int] | None = None,
+    baseline_weight: float = 0.0,
+    accept: Callable[[list[int]], bool] | None = None,
+    max_starts: int = 0,
+) -> tuple[list[int], float]:
     """Extractive decoding of one question: best_spans of a single SpanQuery."""
     query = SpanQuery(prompt, passage, starts, ends, baseline, accept)
     return best_spans(model, [query], max_tokens, stop_id, baseline_weight, max_starts, max_rows)[0]
 
 
 @torch.inference_mode()
-def best_spans(model: GPT, queries: list[SpanQuery], max_tokens: int, stop_id: int, baseline_weight: float = 0.0,
-               max_starts: int = 0, max_rows: int = 0) -> list[tuple[list[int], float]]:
+def best_spans(
+    model: GPT,
+    queries: list[SpanQuery],
+    max_tokens: int,
+    stop_id: int,
+    baseline_weight: float = 0.0,
+    max_starts: int = 0,
+    max_rows: int = 0,
+) -> list[tuple[list[int], float]]:
     """Extractive decoding: for each query, of its spans with at most `max_tokens` tokens (and no more than the
     block leaves after the batch's longest prompt), the one the model likes best as the continuation of its
     prompt, and its score ([], -inf when none qualifies).
@@ -214,11 +234,12 @@ def best_spans(model: GPT, queries: list[SpanQuery], max_tokens: int, stop_id: i
     starts = [list(queries[i].starts) for i in live]
     if max_starts:
         first = scorers[0].first - baseline_weight * scorers[1].first if calibrated else scorers[0].first
-        starts = [_likeliest(first[row], queries[i].passage, row_starts, max_starts)
-                  for row, (i, row_starts) in enumerate(zip(live, starts, strict=True))]
+        starts = [
+            _likeliest(first[row], queries[i].passage, row_starts, max_starts)
+            for row, (i, row_starts) in enumerate(zip(live, starts, strict=True))
+        ]
     rows = [(row, s) for row, row_starts in enumerate(starts) for s in row_starts]
-    scores, spans = _span_scores(scorers, [queries[i] for i in live], rows, width, stop_id, baseline_weight,
-                                 max_rows)
+    scores, spans = _span_scores(scorers, [queries[i] for i in live], rows, width, stop_id, baseline_weight, max_rows)
     retry, at = [], 0
     for row, i in enumerate(live):  # each query's rows are consecutive
         mine = slice(at, at + len(starts[row]))
@@ -241,8 +262,15 @@ def _likeliest(first: torch.Tensor, passage: list[int], starts: list[int], keep:
     return [starts[k] for k in score.topk(keep).indices.sort().values.tolist()]
 
 
-def _span_scores(scorers: list[_PromptBatch], queries: list[SpanQuery], rows: list[tuple[int, int]], width: int,
-                 stop_id: int, baseline_weight: float, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _span_scores(
+    scorers: list[_PromptBatch],
+    queries: list[SpanQuery],
+    rows: list[tuple[int, int]],
+    width: int,
+    stop_id: int,
+    baseline_weight: float,
+    max_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, spans), both (rows, width) on the CPU: row k is queries[q].passage[s : s + width] (then stop
     tokens) for rows[k] = (q, s), and column j the score of its first j + 1 tokens as an answer (-inf where
     the span may not end there)."""
@@ -303,18 +331,20 @@ class _PromptBatch:
         ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)  # padding: masked out
         mask = torch.zeros_like(ids)
         for row, p in enumerate(prompts):
-            ids[row, longest - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[row, longest - len(p):] = 1
+            ids[row, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, longest - len(p) :] = 1
         self.cache = model.new_cache(len(prompts), longest + width)
         self.first = model(ids, cache=self.cache, attention_mask=mask, last_only=True)[:, -1].float().log_softmax(-1)
 
-    def mean_logprobs(self, spans: torch.Tensor, owners: torch.Tensor, stop_id: int,
-                      lengths: torch.Tensor) -> torch.Tensor:
+    def mean_logprobs(
+        self, spans: torch.Tensor, owners: torch.Tensor, stop_id: int, lengths: torch.Tensor
+    ) -> torch.Tensor:
         """(rows, width): column j is the mean log-probability of a row's first j+1 tokens, then `stop_id`, after
         the prompt of batch row owners[row]."""
         logp = self.model(spans, cache=self.cache.select(owners)).float().log_softmax(-1)  # (rows, width, vocab)
-        token_lp = torch.cat([self.first[owners, spans[:, 0]][:, None],
-                              logp[:, :-1].gather(-1, spans[:, 1:, None]).squeeze(-1)], 1)
+        token_lp = torch.cat(
+            [self.first[owners, spans[:, 0]][:, None], logp[:, :-1].gather(-1, spans[:, 1:, None]).squeeze(-1)], 1
+        )
         return (token_lp.cumsum(1) + logp[..., stop_id]) / (lengths + 1)
 
 
@@ -329,8 +359,9 @@ def _held_back(text: str, stop: list[str]) -> int:
     return best
 
 
-def stream_text(decode: Callable[[list[int]], str], tokens: Iterable[int],
-                stop: Sequence[str] = ()) -> Iterator[tuple[str, int, bool]]:
+def stream_text(
+    decode: Callable[[list[int]], str], tokens: Iterable[int], stop: Sequence[str] = ()
+) -> Iterator[tuple[str, int, bool]]:
     """Turn a stream of token ids into text pieces, ending before the first stop string.
 
     Yields (new text, tokens consumed so far, hit_stop) once per token; a piece is empty while a

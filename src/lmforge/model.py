@@ -247,7 +247,9 @@ class GPT(nn.Module):
         return positions, (mask | diag)[:, None]
 
     def _run(self, idx, cache, attention_mask, capture, last_only, output_mask=None):
-        if idx.shape[1] + (cache.length if cache is not None else 0) > (cache.max_len if cache else self.cfg.block_size):
+        if idx.shape[1] + (cache.length if cache is not None else 0) > (
+            cache.max_len if cache else self.cfg.block_size
+        ):
             raise ValueError(f"sequence of {idx.shape[1]} tokens exceeds the model's block size {self.cfg.block_size}")
         positions, mask = self._positions_and_mask(idx, cache, attention_mask)
         x = self.emb_dropout(self.tok_emb(idx))
@@ -266,9 +268,16 @@ class GPT(nn.Module):
             x = x[output_mask]
         return self.lm_head(self.norm(x))
 
-    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None, last_only: bool = False,
-                output_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+        output_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T); (B, 1, vocab) with last_only.
 
         `attention_mask` (B, T) marks real tokens (1) vs left padding (0). `output_mask` (B, T, bool)
@@ -319,7 +328,13 @@ class GPT(nn.Module):
 
 def build_model(cfg: GPTConfig) -> GPT:
     model = GPT(cfg)
-    log.info("model: %s parameters (%d layers, %d heads, n_embd %d, block %d, vocab %d)",
-             f"{model.num_parameters() / 1e6:.2f}M", cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size,
-             cfg.vocab_size)
+    log.info(
+        "model: %s parameters (%d layers, %d heads, n_embd %d, block %d, vocab %d)",
+        f"{model.num_parameters() / 1e6:.2f}M",
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.n_embd,
+        cfg.block_size,
+        cfg.vocab_size,
+    )
     return model

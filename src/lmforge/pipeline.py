@@ -79,8 +79,10 @@ def open_run(recipe: Recipe, run_dir: str | Path | None, fresh: bool = False) ->
     run = RunDir(Path(run_dir) if run_dir else default_run_dir(recipe))
     if run.root.is_dir() and any(run.root.iterdir()):
         if fresh:
-            raise LmforgeError(f"run directory {run.root} already exists and is not empty (use --resume to continue "
-                               "it, or choose another --run-dir)")
+            raise LmforgeError(
+                f"run directory {run.root} already exists and is not empty (use --resume to continue "
+                "it, or choose another --run-dir)"
+            )
         run.require()
     run.root.mkdir(parents=True, exist_ok=True)
     if not run.config.is_file():
@@ -190,17 +192,23 @@ def _refuse_replacing_a_used_tokenizer(run: RunDir) -> None:
     if has_shards(run.data):  # a finished preparation (an interrupted one is redone anyway)
         used_by.append(f"token shards in {run.data}")
     if used_by:
-        raise LmforgeError(f"{run.root} already has {' and '.join(used_by)} made with its tokenizer: to change the "
-                           f"tokenizer of this run, use `lmforge resize-vocab {run.root} --vocab-size N` (or "
-                           "--tokenizer NEW.json), or train a tokenizer in a new run directory")
+        raise LmforgeError(
+            f"{run.root} already has {' and '.join(used_by)} made with its tokenizer: to change the "
+            f"tokenizer of this run, use `lmforge resize-vocab {run.root} --vocab-size N` (or "
+            "--tokenizer NEW.json), or train a tokenizer in a new run directory"
+        )
 
 
 def train_tokenizer_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None) -> Tokenizer:
     _refuse_replacing_a_used_tokenizer(run)
     if not recipe.data.sources:
         raise LmforgeError("recipe has no [[data.sources]] to train the tokenizer on")
-    tok = train_tokenizer(tokenizer_sample(recipe, run_data_dir(run, data_dir)), recipe.tokenizer.vocab_size,
-                          recipe.tokenizer.sample_chars, recipe.tokenizer.min_frequency)
+    tok = train_tokenizer(
+        tokenizer_sample(recipe, run_data_dir(run, data_dir)),
+        recipe.tokenizer.vocab_size,
+        recipe.tokenizer.sample_chars,
+        recipe.tokenizer.min_frequency,
+    )
     tok.save(run.tokenizer)
     record_recipe(recipe, run)
     log.info("tokenizer: %d tokens -> %s", tok.vocab_size, run.tokenizer)
@@ -215,8 +223,10 @@ def source_weights(recipe: Recipe) -> dict[str, float]:
 
 def require_tokenizer(run: RunDir) -> None:
     if not run.tokenizer.is_file():
-        raise LmforgeError(f"no tokenizer in {run.root}: run `lmforge tokenizer train RECIPE --run-dir {run.root}` "
-                           "first (prepare tokenizes the sources with it)")
+        raise LmforgeError(
+            f"no tokenizer in {run.root}: run `lmforge tokenizer train RECIPE --run-dir {run.root}` "
+            "first (prepare tokenizes the sources with it)"
+        )
 
 
 def _refuse_changing_used_shards(recipe: Recipe, run: RunDir, tok: Tokenizer, data_dir: Path | None) -> None:
@@ -233,10 +243,12 @@ def _refuse_changing_used_shards(recipe: Recipe, run: RunDir, tok: Tokenizer, da
             docs = iter_documents(src, data_dir)
             next(docs, None)
             docs.close()
-    raise LmforgeError(f"{run.root} has checkpoints ({', '.join(p.name for p in trained)}) trained on its token "
-                       f"shards, and this preparation would change the shards of {', '.join(changed)}: prepare in a "
-                       f"new run directory (with a copy of {run.tokenizer}), or pass --force to replace them "
-                       "(pretraining then cannot --resume from those checkpoints)")
+    raise LmforgeError(
+        f"{run.root} has checkpoints ({', '.join(p.name for p in trained)}) trained on its token "
+        f"shards, and this preparation would change the shards of {', '.join(changed)}: prepare in a "
+        f"new run directory (with a copy of {run.tokenizer}), or pass --force to replace them "
+        "(pretraining then cannot --resume from those checkpoints)"
+    )
 
 
 def prepare_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, force: bool = False) -> dict:
@@ -261,8 +273,17 @@ def model_config(recipe: Recipe, tokenizer: Tokenizer) -> GPTConfig:
     vocab = m.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise LmforgeError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens")
-    return GPTConfig(vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, block_size=m.block_size,
-                     dropout=m.dropout, mlp_hidden=m.mlp_hidden, rope_theta=m.rope_theta, norm_eps=m.norm_eps)
+    return GPTConfig(
+        vocab_size=vocab,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        n_embd=m.n_embd,
+        block_size=m.block_size,
+        dropout=m.dropout,
+        mlp_hidden=m.mlp_hidden,
+        rope_theta=m.rope_theta,
+        norm_eps=m.norm_eps,
+    )
 
 
 def check_tokenizer(checkpoint: Path, tok: Tokenizer, tokenizer_file: Path) -> None:
@@ -271,9 +292,11 @@ def check_tokenizer(checkpoint: Path, tok: Tokenizer, tokenizer_file: Path) -> N
     learned, and answer garbage without an error."""
     recorded = read_state(checkpoint).get("tokenizer_hash")
     if recorded and recorded != tokenizer_hash(tok):
-        raise LmforgeError(f"{tokenizer_file} is not the tokenizer {checkpoint} was trained with (hash "
-                           f"{tokenizer_hash(tok)}, the checkpoint's {recorded}): put the run's own tokenizer.json "
-                           "back, or change it with `lmforge resize-vocab`")
+        raise LmforgeError(
+            f"{tokenizer_file} is not the tokenizer {checkpoint} was trained with (hash "
+            f"{tokenizer_hash(tok)}, the checkpoint's {recorded}): put the run's own tokenizer.json "
+            "back, or change it with `lmforge resize-vocab`"
+        )
 
 
 def _check_shape(checkpoint: Path, cfg: GPTConfig, action: str = "resume") -> None:
@@ -319,11 +342,15 @@ def _resumes(run: RunDir, stage: str) -> bool:
     if state.get("stage") == stage:
         return True
     if stage == "pretrain" and state.get("stage") == "finetune":
-        raise LmforgeError(f"{last} is a fine-tuning checkpoint: pretraining in this run is over (resuming it would "
-                           "overwrite the fine-tuned model); pretrain in a new run directory")
+        raise LmforgeError(
+            f"{last} is a fine-tuning checkpoint: pretraining in this run is over (resuming it would "
+            "overwrite the fine-tuned model); pretrain in a new run directory"
+        )
     if found := _stage_progress(run, stage):
-        raise LmforgeError(f"cannot resume {stage}: no {stage} checkpoint in {last}, but {stage} already trained "
-                           f"in this run ({found}); {_resume_advice(run, stage)}")
+        raise LmforgeError(
+            f"cannot resume {stage}: no {stage} checkpoint in {last}, but {stage} already trained "
+            f"in this run ({found}); {_resume_advice(run, stage)}"
+        )
     log.info("%s: nothing to resume yet, starting at step 0", stage)
     return False
 
@@ -333,8 +360,10 @@ def _exit_if_preempted(result: StageResult, cfg: TrainConfig, stage: str) -> Non
     replaced) and the command ends, so that `--resume` continues the stage: how a preempted cluster job
     (SIGTERM, then SIGKILL) picks up where it was."""
     if result.stop_reason == "interrupted" and cfg.on_signal == "exit":
-        raise LmforgeError(f"{stage} stopped by a signal at step {result.steps}, checkpoint saved "
-                           f"({stage}.on_signal = exit): continue with --resume")
+        raise LmforgeError(
+            f"{stage} stopped by a signal at step {result.steps}, checkpoint saved "
+            f"({stage}.on_signal = exit): continue with --resume"
+        )
 
 
 # --------------------------------------------------------------------------- pretraining
@@ -352,25 +381,47 @@ def pretrain_stage(recipe: Recipe, run: RunDir, resume: bool = False) -> StageRe
         _check_shape(run.checkpoint("last"), cfg)
         recorded = read_state(run.checkpoint("last")).get("shards")
         if recorded and recorded != shards:  # checkpoints from before shards were recorded pass
-            raise LmforgeError(f"cannot resume pretraining: {run.data} holds other token shards than "
-                               f"{run.checkpoint('last')} was trained on (shards {shards}, the checkpoint's "
-                               f"{recorded}; `lmforge prepare --force` changed them): pretrain without --resume to "
-                               "start over, or in a new run directory")
+            raise LmforgeError(
+                f"cannot resume pretraining: {run.data} holds other token shards than "
+                f"{run.checkpoint('last')} was trained on (shards {shards}, the checkpoint's "
+                f"{recorded}; `lmforge prepare --force` changed them): pretrain without --resume to "
+                "start over, or in a new run directory"
+            )
     torch.manual_seed(recipe.seed)  # the initial weights are part of the recipe: two fresh runs are identical
     model = build_model(cfg)
     p = recipe.pretrain
     d = recipe.data
     phases = resolve_phases(d)
     log_phase_plan(phases, p.batch_size * p.grad_accum * cfg.block_size, p.max_steps)
-    train = TokenBatcher(run.data, "train", cfg.block_size, p.batch_size, seed=recipe.seed, phases=phases,
-                         shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch, delete_consumed=d.delete_consumed)
-    val = TokenBatcher(run.data, "val", cfg.block_size, p.batch_size, seed=recipe.seed + 1,
-                       weights=source_weights(recipe))
+    train = TokenBatcher(
+        run.data,
+        "train",
+        cfg.block_size,
+        p.batch_size,
+        seed=recipe.seed,
+        phases=phases,
+        shuffle_buffer=d.shuffle_buffer,
+        prefetch=d.prefetch,
+        delete_consumed=d.delete_consumed,
+    )
+    val = TokenBatcher(
+        run.data, "val", cfg.block_size, p.batch_size, seed=recipe.seed + 1, weights=source_weights(recipe)
+    )
     if resume:
         check_tokenizer(run.checkpoint("last"), tok, run.tokenizer)
-    result = train_stage(model, train, val, p, run, "pretrain", p.max_steps, resume=resume, seed=recipe.seed,
-                         on_start=lambda: record_recipe(recipe, run),
-                         checkpoint_info={"tokenizer_hash": tokenizer_hash(tok), "shards": shards})
+    result = train_stage(
+        model,
+        train,
+        val,
+        p,
+        run,
+        "pretrain",
+        p.max_steps,
+        resume=resume,
+        seed=recipe.seed,
+        on_start=lambda: record_recipe(recipe, run),
+        checkpoint_info={"tokenizer_hash": tokenizer_hash(tok), "shards": shards},
+    )
     _exit_if_preempted(result, p, "pretrain")
     if is_main():  # under torchrun, rank 0 alone writes the run directory
         copy_checkpoint(run.checkpoint("best"), run.checkpoint(PRETRAINED))
@@ -416,8 +467,9 @@ def load_dev_questions(recipe: Recipe, data_dir: Path | None) -> DevQuestions:
     malformed: Counter = Counter()
     dev, dropped = clean_examples(list(iter_qa_examples(qa.dev, data_dir, malformed)), f"QA source '{qa.dev.name}'")
     n_val = dev_validation_size(recipe, len(dev))
-    scored = scored_questions(dev[: len(dev) - n_val], recipe.eval.squad_questions or len(dev),
-                              recipe.eval.squad_subset)
+    scored = scored_questions(
+        dev[: len(dev) - n_val], recipe.eval.squad_questions or len(dev), recipe.eval.squad_subset
+    )
     return DevQuestions(dev, scored, n_val, dict(malformed + dropped))
 
 
@@ -460,19 +512,23 @@ def scored_questions(pool: list[QAExample], n: int, subset: str) -> list[QAExamp
     return [pool[i * len(pool) // n] for i in range(n)]
 
 
-def qa_batches(recipe: Recipe, tok: Tokenizer, block_size: int, examples: list[QAExample], split: str,
-               group_by_length: int = 0) -> QABatcher:
+def qa_batches(
+    recipe: Recipe, tok: Tokenizer, block_size: int, examples: list[QAExample], split: str, group_by_length: int = 0
+) -> QABatcher:
     """Fine-tuning's batches of one split ("training" or "validation") of QA examples, encoded as the recipe
     says; the validation loss is the mean over the first finetune.eval_batches of them."""
     qa = recipe.qa
-    items = encode_examples(tok, examples, qa.mode, block_size, qa.max_answer_tokens, f"fine-tuning {split}",
-                            qa.context_tokens)
+    items = encode_examples(
+        tok, examples, qa.mode, block_size, qa.max_answer_tokens, f"fine-tuning {split}", qa.context_tokens
+    )
     if not items:
         raise LmforgeError(f"no usable QA {split} examples (all too long for the block or without answers)")
     return QABatcher(items, recipe.finetune.batch_size, tok.pad_id, seed=recipe.seed, group_by_length=group_by_length)
 
 
-def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, resume: bool = False) -> StageResult:
+def finetune_stage(
+    recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, resume: bool = False
+) -> StageResult:
     tok = Tokenizer.load(run.tokenizer)
     resume = resume and _resumes(run, "finetune")
     cfg = model_config(recipe, tok)
@@ -495,9 +551,19 @@ def finetune_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = No
     if f.epochs > 0:
         total = min(f.max_steps, math.ceil(f.epochs * train.steps_per_epoch / f.grad_accum))
     log.info("fine-tuning (%s): %d examples, %d steps", recipe.qa.mode, len(train.items), total)
-    result = train_stage(model, train, val, f, run, "finetune", total, resume=resume, seed=recipe.seed,
-                         on_start=lambda: record_recipe(recipe, run),
-                         checkpoint_info={"tokenizer_hash": tokenizer_hash(tok)})
+    result = train_stage(
+        model,
+        train,
+        val,
+        f,
+        run,
+        "finetune",
+        total,
+        resume=resume,
+        seed=recipe.seed,
+        on_start=lambda: record_recipe(recipe, run),
+        checkpoint_info={"tokenizer_hash": tokenizer_hash(tok)},
+    )
     _exit_if_preempted(result, f, "finetune")
     if is_main():
         mark_done(run, "finetune", steps=result.steps, best_val_loss=result.best_val_loss, stop=result.stop_reason)
@@ -532,12 +598,20 @@ def held_out_text_metrics(recipe: Recipe, run: RunDir, model: GPT, tok: Tokenize
     """Loss, perplexity and bits per byte on the run's held-out token shards; a run without shards (one made
     by `lmforge import-hf`) is scored on questions alone, and the report says why and how to get them."""
     if not has_shards(run.data):
-        why = (f"no token shards in {run.data} (`lmforge prepare --run-dir {run.root} --data-dir DIR` makes them "
-               "from the recipe's [[data.sources]])")
+        why = (
+            f"no token shards in {run.data} (`lmforge prepare --run-dir {run.root} --data-dir DIR` makes them "
+            "from the recipe's [[data.sources]])"
+        )
         log.warning("held-out text metrics not measured: %s", why)
         return {"text_metrics_skipped": why}
-    val = TokenBatcher(run.data, "val", model.cfg.block_size, recipe.pretrain.batch_size, seed=recipe.seed + 1,
-                       weights=source_weights(recipe))
+    val = TokenBatcher(
+        run.data,
+        "val",
+        model.cfg.block_size,
+        recipe.pretrain.batch_size,
+        seed=recipe.seed + 1,
+        weights=source_weights(recipe),
+    )
     return text_metrics(model, val.fixed_batches(recipe.eval.val_batches), tok.token_byte_lengths())
 
 
@@ -547,23 +621,42 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
     e = recipe.eval
     dtype = resolve_dtype(e.dtype, device)
     checkpoint_path = resolve_checkpoint(run, checkpoint)
-    report: dict = {"run": str(run.root), "checkpoint": str(checkpoint_path),
-                    "stage": read_state(checkpoint_path).get("stage"),
-                    "dtype": str(dtype).removeprefix("torch.")}
+    report: dict = {
+        "run": str(run.root),
+        "checkpoint": str(checkpoint_path),
+        "stage": read_state(checkpoint_path).get("stage"),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
     questions = load_dev_questions(recipe, run_data_dir(run, data_dir))
     if not questions.eval:
-        raise LmforgeError(f"QA source '{recipe.qa.dev.name}' has no usable dev question to score (left out: "
-                           f"{dropped_text(questions.dropped)}); the previous report is kept")
+        raise LmforgeError(
+            f"QA source '{recipe.qa.dev.name}' has no usable dev question to score (left out: "
+            f"{dropped_text(questions.dropped)}); the previous report is kept"
+        )
     overlap = scored_validation_questions(questions, load_recipe(run.config)) if run.config.is_file() else 0
     if overlap:
-        log.warning("%d of the %d scored questions are validation examples fine-tuning selected its checkpoint on "
-                    "(eval.squad_questions %d scores more than the run's recipe): their scores are optimistic",
-                    overlap, len(questions.eval), e.squad_questions)
+        log.warning(
+            "%d of the %d scored questions are validation examples fine-tuning selected its checkpoint on "
+            "(eval.squad_questions %d scores more than the run's recipe): their scores are optimistic",
+            overlap,
+            len(questions.eval),
+            e.squad_questions,
+        )
     with autocast(device, dtype):
         report.update(held_out_text_metrics(recipe, run, model, tok))
-        report["squad"] = squad_eval(model, tok, questions.eval, recipe.qa.mode, e.max_new_tokens, e.batch_size,
-                                     e.n_examples, e.long_context, recipe.answer_context_tokens, e.decoding,
-                                     SpanOptions.of(e))
+        report["squad"] = squad_eval(
+            model,
+            tok,
+            questions.eval,
+            recipe.qa.mode,
+            e.max_new_tokens,
+            e.batch_size,
+            e.n_examples,
+            e.long_context,
+            recipe.answer_context_tokens,
+            e.decoding,
+            SpanOptions.of(e),
+        )
     report["squad"]["invalid_skipped"] = questions.dropped
     report["squad"]["subset"] = e.squad_subset
     report["squad"]["validation_questions_scored"] = overlap
@@ -576,15 +669,25 @@ def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, 
     return report
 
 
-def answer_question(model: GPT, tok: Tokenizer, question: str, context: str | None = None,
-                    max_new_tokens: int = 32, context_tokens: int = 0, decoding: str = "greedy",
-                    span: SpanOptions | None = None, dtype: str = "float32") -> str:
+def answer_question(
+    model: GPT,
+    tok: Tokenizer,
+    question: str,
+    context: str | None = None,
+    max_new_tokens: int = 32,
+    context_tokens: int = 0,
+    decoding: str = "greedy",
+    span: SpanOptions | None = None,
+    dtype: str = "float32",
+) -> str:
     """The answer in the fine-tuning prompt format (a long context is cut to its best-matching window):
     generated greedily, or with decoding="span" and a context, the passage span the model finds likeliest
     (chosen as `span` says: the recipe's eval.span_* settings), computed in `dtype` (eval.dtype)."""
     if max_new_tokens >= model.cfg.block_size:
-        raise LmforgeError(f"max new tokens {max_new_tokens} leave no room for the question in the model's "
-                           f"{model.cfg.block_size}-token block")
+        raise LmforgeError(
+            f"max new tokens {max_new_tokens} leave no room for the question in the model's "
+            f"{model.cfg.block_size}-token block"
+        )
     enc = encode_for_inference(tok, question, context or None, model.cfg.block_size, max_new_tokens, context_tokens)
     if enc is None:
         raise LmforgeError("question is longer than the model's block size")
@@ -592,13 +695,20 @@ def answer_question(model: GPT, tok: Tokenizer, question: str, context: str | No
         if decoding == "span" and context:
             answer = span_answer(model, tok, enc.ids, max_new_tokens, span or SpanOptions())[0]
         else:
-            answer = generate(model, enc.ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
-                                                             stop_ids={tok.eot_id}))
+            answer = generate(
+                model, enc.ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids={tok.eot_id})
+            )
     return tok.decode(answer).strip()
 
 
-def answer_as_evaluated(model: GPT, tok: Tokenizer, recipe: Recipe, question: str, context: str | None = None,
-                        max_new_tokens: int | None = None) -> str:
+def answer_as_evaluated(
+    model: GPT,
+    tok: Tokenizer,
+    recipe: Recipe,
+    question: str,
+    context: str | None = None,
+    max_new_tokens: int | None = None,
+) -> str:
     """One answer computed as `lmforge eval` scores the recipe's run: its eval.max_new_tokens (unless
     `max_new_tokens` is given), passage window, decoding, span settings and dtype. A closed-book run is asked
     without the context, in the prompt format it was fine-tuned on (as eval asks it)."""
@@ -607,20 +717,25 @@ def answer_as_evaluated(model: GPT, tok: Tokenizer, recipe: Recipe, question: st
         context = None
     e = recipe.eval
     limit = e.max_new_tokens if max_new_tokens is None else max_new_tokens
-    return answer_question(model, tok, question, context, limit, recipe.answer_context_tokens, e.decoding,
-                           SpanOptions.of(e), e.dtype)
+    return answer_question(
+        model, tok, question, context, limit, recipe.answer_context_tokens, e.decoding, SpanOptions.of(e), e.dtype
+    )
 
 
 def sample_answer(recipe: Recipe, run: RunDir) -> dict:
     """The recipe's sample question answered by the run's best model, as `lmforge eval` would answer it."""
     model, tok = load(run.root, "best")
     context = (recipe.sample_context or None) if recipe.qa.mode == "context" else None
-    return {"question": recipe.sample_question, "context": context,
-            "answer": answer_as_evaluated(model, tok, recipe, recipe.sample_question, context)}
+    return {
+        "question": recipe.sample_question,
+        "context": context,
+        "answer": answer_as_evaluated(model, tok, recipe, recipe.sample_question, context),
+    }
 
 
-def generate_text(run_dir: str | Path, prompt: str, params: SamplingParams, checkpoint: str = "best",
-                  device: str = "cpu") -> str:
+def generate_text(
+    run_dir: str | Path, prompt: str, params: SamplingParams, checkpoint: str = "best", device: str = "cpu"
+) -> str:
     model, tok = load(run_dir, checkpoint, device)
     ids = tok.encode(prompt)
     if not ids:
@@ -632,8 +747,9 @@ def generate_text(run_dir: str | Path, prompt: str, params: SamplingParams, chec
 # --------------------------------------------------------------------------- everything
 
 
-def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, data_dir: str | Path | None = None,
-               resume: bool = False) -> dict:
+def run_recipe(
+    recipe: Recipe, run_dir: str | Path | None = None, data_dir: str | Path | None = None, resume: bool = False
+) -> dict:
     """All stages in order; with resume=True, finished stages are skipped and an interrupted one continues.
 
     Under torchrun every rank calls this: rank 0 alone prepares the run and evaluates (the others wait),
@@ -661,4 +777,3 @@ def run_recipe(recipe: Recipe, run_dir: str | Path | None = None, data_dir: str 
     report["sample"] = sample_answer(recipe, run)
     report["run_dir"] = str(run.root)
     return report
-

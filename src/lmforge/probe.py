@@ -54,8 +54,10 @@ def parse_probe(spec: str) -> Probe:
 def _word_index(words: list[str], word: str, probe: Probe, before: int | None = None) -> int:
     matches = [i for i, w in enumerate(words) if w == word and (before is None or i < before)]
     if not matches:
-        raise LmforgeError(f"probe {probe.text!r}: word {word!r} not found"
-                           f"{' before the pronoun' if before is not None else ''} (words: {words})")
+        raise LmforgeError(
+            f"probe {probe.text!r}: word {word!r} not found"
+            f"{' before the pronoun' if before is not None else ''} (words: {words})"
+        )
     return matches[0] if before is None else matches[-1]
 
 
@@ -112,8 +114,13 @@ def plot_heatmaps(wa: WordAttention, probe: Probe, title: str, path: Path) -> No
     plt.close(fig)
 
 
-def run_probes(model: GPT, tokenizer: Tokenizer, out_dir: Path, probes: tuple[Probe, ...] | list[Probe] = PROBES,
-               plots: bool = True) -> dict:
+def run_probes(
+    model: GPT,
+    tokenizer: Tokenizer,
+    out_dir: Path,
+    probes: tuple[Probe, ...] | list[Probe] = PROBES,
+    plots: bool = True,
+) -> dict:
     """Probe every sentence in both variants; write report.json, report.md and heatmaps into out_dir."""
     results = []
     for i, probe in enumerate(probes):
@@ -127,8 +134,13 @@ def run_probes(model: GPT, tokenizer: Tokenizer, out_dir: Path, probes: tuple[Pr
                 result["heatmap"] = png.name
         results.append(row)
     summary = {v: sum(r[v]["correct"] for r in results) for v in VARIANTS}
-    report = {"n_probes": len(results), "correct": summary, "n_layers": model.cfg.n_layer,
-              "n_heads": model.cfg.n_head, "probes": results}
+    report = {
+        "n_probes": len(results),
+        "correct": summary,
+        "n_layers": model.cfg.n_layer,
+        "n_heads": model.cfg.n_head,
+        "probes": results,
+    }
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", probe_markdown(report))
     _remove_stale_heatmaps(out_dir, {r[v].get("heatmap") for r in results for v in VARIANTS})
@@ -168,14 +180,17 @@ def probe_markdown(report: dict) -> str:
         d = r["first_token_discounted"]
         b = d["best_head"]
         star = "*" if d["referent_is_first_word"] else ""
-        lines.append(f"| {r['text']} | {r['pronoun']} -> {r['referent']}{star} | {mark(r['raw'])} | {mark(d)} "
-                     f"| {d['layers_correct']}/{report['n_layers']} | L{b['layer']} H{b['head']} ({b['weight']:.2f}"
-                     f"{', top' if b['top_is_referent'] else ''}) |")
+        lines.append(
+            f"| {r['text']} | {r['pronoun']} -> {r['referent']}{star} | {mark(r['raw'])} | {mark(d)} "
+            f"| {d['layers_correct']}/{report['n_layers']} | L{b['layer']} H{b['head']} ({b['weight']:.2f}"
+            f"{', top' if b['top_is_referent'] else ''}) |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def probe_run(run_dir: str | Path, checkpoint: str = "best", out: str | Path | None = None,
-              probes: list[Probe] | None = None) -> tuple[dict, Path]:
+def probe_run(
+    run_dir: str | Path, checkpoint: str = "best", out: str | Path | None = None, probes: list[Probe] | None = None
+) -> tuple[dict, Path]:
     """Probe a run's model; results go to RUN/probe/ unless `out` is given."""
     from lmforge.pipeline import load
 
@@ -187,4 +202,3 @@ def probe_run(run_dir: str | Path, checkpoint: str = "best", out: str | Path | N
         raise LmforgeError(f"probe: {exc}") from None
     log.info("probes: %s -> %s", report["correct"], out_dir)
     return report, out_dir
-

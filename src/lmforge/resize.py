@@ -70,13 +70,16 @@ def _resize_optimizer(opt_state: dict, old_rows: int, rows: list[int]) -> dict:
     if emb is not None:
         opt_state["state"][EMBEDDING] = {
             k: _resize_rows(v, index, torch.zeros(1, *v.shape[1:], dtype=v.dtype))
-            if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] == old_rows else v
-            for k, v in emb.items()}
+            if torch.is_tensor(v) and v.dim() == 2 and v.shape[0] == old_rows
+            else v
+            for k, v in emb.items()
+        }
     return opt_state
 
 
-def resized_checkpoint(path: Path, rows: list[int], old_hash: str,
-                       new_hash: str) -> tuple[GPT, dict, dict | None] | None:
+def resized_checkpoint(
+    path: Path, rows: list[int], old_hash: str, new_hash: str
+) -> tuple[GPT, dict, dict | None] | None:
     """Checkpoint `path` resized in memory: (model, state, trainer state), or None when it already has the new
     vocabulary. Reads and checks everything it needs first, so a checkpoint that cannot be resized is a one-line
     error naming it. Sharded (FSDP) optimizer state is read whole and comes back in the full format, which a
@@ -86,22 +89,27 @@ def resized_checkpoint(path: Path, rows: list[int], old_hash: str,
     if trained_with == new_hash:
         return None
     if trained_with is not None and trained_with != old_hash:
-        raise LmforgeError(f"{path}: trained with another tokenizer than the run's tokenizer.json (hash "
-                           f"{trained_with}, the run's is {old_hash}); cannot map its rows")
+        raise LmforgeError(
+            f"{path}: trained with another tokenizer than the run's tokenizer.json (hash "
+            f"{trained_with}, the run's is {old_hash}); cannot map its rows"
+        )
     try:
         model = GPT(GPTConfig(**state["model_config"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise LmforgeError(f"{path}: unreadable model config in state.json ({type(exc).__name__}: {exc})") from None
     load_weights(model, path)
     if max(rows) >= model.cfg.vocab_size:
-        raise LmforgeError(f"{path}: {model.cfg.vocab_size} embedding rows, fewer than the run's tokenizer has "
-                           f"({max(rows) + 1}); cannot map its rows")
+        raise LmforgeError(
+            f"{path}: {model.cfg.vocab_size} embedding rows, fewer than the run's tokenizer has "
+            f"({max(rows) + 1}); cannot map its rows"
+        )
     trainer = None
     if "trainer" in state:
         trainer = load_trainer_state(path, state)
         if state.get("optimizer_format") == "sharded":
-            trainer["optimizer"] = read_sharded(checkpoint_dir(path) / SHARDED_OPTIMIZER,
-                                                state.get("optimizer", "adamw"))
+            trainer["optimizer"] = read_sharded(
+                checkpoint_dir(path) / SHARDED_OPTIMIZER, state.get("optimizer", "adamw")
+            )
         if not isinstance(trainer.get("optimizer"), dict) or "state" not in trainer["optimizer"]:
             raise LmforgeError(f"{path}: no optimizer state in this checkpoint (written by another lmforge version?)")
         trainer["optimizer"] = _resize_optimizer(trainer["optimizer"], model.cfg.vocab_size, rows)
@@ -117,8 +125,11 @@ def resized_checkpoint(path: Path, rows: list[int], old_hash: str,
 def resized_recipe(recipe: Recipe, vocab_size: int) -> Recipe:
     """The run's recipe for a tokenizer of `vocab_size` tokens (the model's vocabulary follows it), validated:
     an impossible one is refused before anything is changed."""
-    new = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, vocab_size=0),
-                              tokenizer=dataclasses.replace(recipe.tokenizer, vocab_size=vocab_size))
+    new = dataclasses.replace(
+        recipe,
+        model=dataclasses.replace(recipe.model, vocab_size=0),
+        tokenizer=dataclasses.replace(recipe.tokenizer, vocab_size=vocab_size),
+    )
     try:
         return validate(new)
     except ConfigError as exc:
@@ -130,8 +141,9 @@ def retrain_tokenizer(recipe: Recipe, vocab_size: int, data_dir: str | Path | No
     from lmforge.pipeline import tokenizer_sample
 
     t = resized_recipe(recipe, vocab_size).tokenizer
-    return train_tokenizer(tokenizer_sample(recipe, data_dir_from_env(data_dir)), t.vocab_size, t.sample_chars,
-                           t.min_frequency)
+    return train_tokenizer(
+        tokenizer_sample(recipe, data_dir_from_env(data_dir)), t.vocab_size, t.sample_chars, t.min_frequency
+    )
 
 
 def _shards_hash(data: Path) -> str | None:
@@ -189,13 +201,17 @@ def _resize_vocab(recipe: Recipe, run: RunDir, new_tok: Tokenizer, data_dir: str
             model, state, trainer = resized_checkpoint(path, rows, old_hash, new_hash)
             save_checkpoint(_staged(path), model, state, trainer)
             staged.append(path)
-        manifest = load_manifest(run.data) if data_done else prepare_shards(
-            new_recipe.data, new_tok, run_data_dir(run, data_dir), staged_data)
+        manifest = (
+            load_manifest(run.data)
+            if data_done
+            else prepare_shards(new_recipe.data, new_tok, run_data_dir(run, data_dir), staged_data)
+        )
         for path in staged:  # resized pretraining checkpoints record the new shards
             state = read_state(_staged(path))
             if state.get("shards"):
-                atomic_write_json(checkpoint_dir(_staged(path)) / "state.json",
-                                  {**state, "shards": shards_fingerprint(manifest)})
+                atomic_write_json(
+                    checkpoint_dir(_staged(path)) / "state.json", {**state, "shards": shards_fingerprint(manifest)}
+                )
     except BaseException:  # refused, failed or interrupted before anything changed: the run is as it was
         for path in staged:
             shutil.rmtree(_staged(path), ignore_errors=True)
@@ -208,9 +224,17 @@ def _resize_vocab(recipe: Recipe, run: RunDir, new_tok: Tokenizer, data_dir: str
     new_tok.save(run.tokenizer)  # last: until then a new attempt still starts from the old tokenizer
     last = read_state(run.checkpoint("last")) if (run.checkpoint("last") / "model.safetensors").is_file() else {}
     metrics = MetricsLogger(run.metrics, run.tensorboard)
-    metrics.log({"event": "resize_vocab", "stage": last.get("stage", "pretrain"), "step": last.get("step", 0),
-                 "label": f"vocab {old_rows} -> {new_rows}", "old_vocab": old_rows, "new_vocab": new_rows,
-                 "kept_rows": kept})
+    metrics.log(
+        {
+            "event": "resize_vocab",
+            "stage": last.get("stage", "pretrain"),
+            "step": last.get("step", 0),
+            "label": f"vocab {old_rows} -> {new_rows}",
+            "old_vocab": old_rows,
+            "new_vocab": new_rows,
+            "kept_rows": kept,
+        }
+    )
     metrics.close()
     plot_losses(run.metrics, run.plots / "loss.png", title=run.root.name)
     return {"old_vocab": old_rows, "new_vocab": new_rows, "kept_rows": kept, "checkpoints": [p.name for p in staged]}

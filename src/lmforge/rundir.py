@@ -87,8 +87,10 @@ def run_lock(run: RunDir, what: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "a process"
-            raise LmforgeError(f"{run.root} is in use by {holder} (it holds {run.lock_file}); wait for it to end, "
-                               f"or stop it (lmforge stop {run.root})") from None
+            raise LmforgeError(
+                f"{run.root} is in use by {holder} (it holds {run.lock_file}); wait for it to end, "
+                f"or stop it (lmforge stop {run.root})"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"lmforge {what} (pid {os.getpid()} on {socket.gethostname()})\n".encode())
         yield

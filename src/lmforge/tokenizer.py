@@ -129,7 +129,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_chars: int, mi
     if hf.get_vocab_size() < 256 + len(SPECIAL_TOKENS):
         raise LmforgeError("tokenizer training saw no text")
     if hf.get_vocab_size() < vocab_size:  # BPE ran out of pairs seen min_frequency times
-        log.warning("tokenizer: the training text supports only %d tokens (asked %d): add text (more sources or "
-                    "tokenizer.sample_chars), or lower tokenizer.min_frequency (%d) or tokenizer.vocab_size",
-                    hf.get_vocab_size(), vocab_size, min_frequency)
+        log.warning(
+            "tokenizer: the training text supports only %d tokens (asked %d): add text (more sources or "
+            "tokenizer.sample_chars), or lower tokenizer.min_frequency (%d) or tokenizer.vocab_size",
+            hf.get_vocab_size(),
+            vocab_size,
+            min_frequency,
+        )
     return Tokenizer(hf)

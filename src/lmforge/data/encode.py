@@ -43,8 +43,9 @@ class _Encoder:
             flat.append(self.eot_id)
             lengths[i] = len(enc.ids) + 1
         hashes = np.fromiter((text_hash(t) for t in texts), dtype=np.uint64, count=len(texts))
-        doc_bytes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), dtype=np.int64,
-                                count=len(texts))
+        doc_bytes = np.fromiter(
+            (len(t.encode("utf-8", "surrogatepass")) for t in texts), dtype=np.int64, count=len(texts)
+        )
         return EncodedBatch(np.asarray(flat, dtype=self.dtype), lengths, hashes, int(doc_bytes.sum()), doc_bytes)
 
 
@@ -85,8 +86,9 @@ class EncoderPool:
                 yield self.local(batch)
             return
         if self.pool is None:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                            initargs=self.args)
+            self.pool = ProcessPoolExecutor(
+                self.workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=self.args
+            )
         max_in_flight = 2 * self.workers  # bounds memory whatever the corpus size
         pending: deque[Future] = deque()
         try:

@@ -20,7 +20,9 @@ TOKEN_SAMPLE = 1 << 20  # tokens read per source for the token histogram
 
 def _length_histogram(lengths: np.ndarray) -> dict[str, int]:
     counts, _ = np.histogram(lengths, bins=LENGTH_BINS)
-    labels = [f"{lo}-{hi - 1}" if hi < 2**62 else f">={lo}" for lo, hi in zip(LENGTH_BINS, LENGTH_BINS[1:], strict=False)]
+    labels = [
+        f"{lo}-{hi - 1}" if hi < 2**62 else f">={lo}" for lo, hi in zip(LENGTH_BINS, LENGTH_BINS[1:], strict=False)
+    ]
     return {label: int(c) for label, c in zip(labels, counts, strict=True) if c}
 
 
@@ -32,10 +34,14 @@ def _source_report(data: Path, entry: dict, tok: Tokenizer, dtype: np.dtype, sam
     # train shards that data.delete_consumed removed are reported as deleted; the histograms cover the rest
     present = {split: [s for s in entry["shards"][split] if _present(data, s)] for split in ("train", "val")}
     shards = present["train"] or present["val"]
-    lengths = np.concatenate([read_index(data / s["index"])["length"] for split in ("train", "val")
-                              for s in present[split]] or [np.zeros(0, dtype=np.int64)])
-    report = {key: entry[key] for key in ("name", "docs", "train_docs", "val_docs", "train_tokens",
-                                          "val_tokens", "duplicates", "dropped")}
+    lengths = np.concatenate(
+        [read_index(data / s["index"])["length"] for split in ("train", "val") for s in present[split]]
+        or [np.zeros(0, dtype=np.int64)]
+    )
+    report = {
+        key: entry[key]
+        for key in ("name", "docs", "train_docs", "val_docs", "train_tokens", "val_tokens", "duplicates", "dropped")
+    }
     report["shards"] = {split: len(entry["shards"][split]) for split in ("train", "val")}
     report["deleted_shards"] = {split: len(entry["shards"][split]) - len(present[split]) for split in ("train", "val")}
     report["doc_tokens"] = _length_histogram(lengths)
@@ -48,8 +54,13 @@ def _source_report(data: Path, entry: dict, tok: Tokenizer, dtype: np.dtype, sam
     counts = np.bincount(tokens[:TOKEN_SAMPLE], minlength=tok.vocab_size)
     for i in np.argsort(counts)[::-1][:10]:
         if counts[i]:
-            report["top_tokens"].append({"id": int(i), "token": tok.decode([int(i)], skip_special=False),
-                                         "share": round(float(counts[i] / counts.sum()), 4)})
+            report["top_tokens"].append(
+                {
+                    "id": int(i),
+                    "token": tok.decode([int(i)], skip_special=False),
+                    "share": round(float(counts[i] / counts.sum()), 4),
+                }
+            )
     for d in np.linspace(0, len(index) - 1, num=min(samples, len(index)), dtype=np.int64).tolist():
         start, length = int(index["offset"][d]), int(index["length"][d])
         ids = tokens[start : start + min(length, sample_tokens)].tolist()
@@ -69,9 +80,14 @@ def inspect_data(run_dir: str | Path, samples: int = 2, sample_tokens: int = 60)
     for s in sources:
         s["train_share"] = round(s["train_tokens"] / total, 4)  # of the tokens in the shards, not of what is sampled
         s["weight"] = weights.get(s["name"])  # the recipe's (the run's config.toml), not a property of the shards
-    return {"run": str(run.root), "dtype": manifest["dtype"], "vocab_size": manifest["vocab_size"],
-            "tokenizer_hash": manifest["tokenizer_hash"], "sources": sources,
-            "mixture": _mixture(recipe, sources)}
+    return {
+        "run": str(run.root),
+        "dtype": manifest["dtype"],
+        "vocab_size": manifest["vocab_size"],
+        "tokenizer_hash": manifest["tokenizer_hash"],
+        "sources": sources,
+        "mixture": _mixture(recipe, sources),
+    }
 
 
 def _mixture(recipe, sources: list[dict]) -> list[dict]:
@@ -83,20 +99,33 @@ def _mixture(recipe, sources: list[dict]) -> list[dict]:
     for phase in resolve_phases(recipe.data):
         w = {name: weight for name, weight in phase.weights.items() if name in sampled and weight > 0}
         total = sum(w.values()) or 1.0
-        out.append({"phase": phase.name, "tokens": phase.tokens,
-                    "shares": {name: round(weight / total, 4) for name, weight in w.items()}})
+        out.append(
+            {
+                "phase": phase.name,
+                "tokens": phase.tokens,
+                "shares": {name: round(weight / total, 4) for name, weight in w.items()},
+            }
+        )
     return out
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{report['run']}: vocab {report['vocab_size']:,} ({report['dtype']}), tokenizer {report['tokenizer_hash']}",
-             "", f"{'source':<18}{'docs':>9}{'train tok':>13}{'val tok':>11}{'tok share':>11}{'dups':>7}  dropped"]
+    lines = [
+        f"{report['run']}: vocab {report['vocab_size']:,} ({report['dtype']}), tokenizer {report['tokenizer_hash']}",
+        "",
+        f"{'source':<18}{'docs':>9}{'train tok':>13}{'val tok':>11}{'tok share':>11}{'dups':>7}  dropped",
+    ]
     for s in report["sources"]:
         dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "-"
-        lines.append(f"{s['name']:<18}{s['docs']:>9,}{s['train_tokens']:>13,}{s['val_tokens']:>11,}"
-                     f"{s['train_share']:>11.1%}{s['duplicates']:>7,}  {dropped}")
-    lines += ["(tok share: of the train tokens in the shards; the model samples the mixture below)", "",
-              "mixture the model samples (share of batch rows: the recipe's weights, normalised):"]
+        lines.append(
+            f"{s['name']:<18}{s['docs']:>9,}{s['train_tokens']:>13,}{s['val_tokens']:>11,}"
+            f"{s['train_share']:>11.1%}{s['duplicates']:>7,}  {dropped}"
+        )
+    lines += [
+        "(tok share: of the train tokens in the shards; the model samples the mixture below)",
+        "",
+        "mixture the model samples (share of batch rows: the recipe's weights, normalised):",
+    ]
     for i, phase in enumerate(report["mixture"]):
         span = f"{phase['tokens']:,} tokens" if phase["tokens"] else "until the end"
         shares = ", ".join(f"{name} {share:.1%}" for name, share in phase["shares"].items()) or "-"
@@ -104,8 +133,11 @@ def format_report(report: dict) -> str:
     for s in report["sources"]:
         deleted = s["deleted_shards"]["train"] + s["deleted_shards"]["val"]
         gone = f", {deleted} deleted once consumed (data.delete_consumed): histograms cover the rest" if deleted else ""
-        lines += ["", f"== {s['name']}: {s['shards']['train']} train / {s['shards']['val']} val shards{gone}, "
-                      f"{s['mean_doc_tokens']:g} tokens per document on average"]
+        lines += [
+            "",
+            f"== {s['name']}: {s['shards']['train']} train / {s['shards']['val']} val shards{gone}, "
+            f"{s['mean_doc_tokens']:g} tokens per document on average",
+        ]
         peak = max(s["doc_tokens"].values(), default=1)
         for label, count in s["doc_tokens"].items():
             lines.append(f"  {label:>12} tokens {'#' * max(1, round(30 * count / peak)):<30} {count:,}")

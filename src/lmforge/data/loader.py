@@ -42,8 +42,10 @@ def resolve_phases(data: DataConfig) -> list[Phase]:
     source_weights = {s.name: s.weight for s in data.sources}
     if not data.phases:
         return [Phase("mixture", 0, source_weights)]
-    return [Phase(p.name or f"phase {i + 1}", p.tokens, dict(p.weights) or source_weights)
-            for i, p in enumerate(data.phases)]
+    return [
+        Phase(p.name or f"phase {i + 1}", p.tokens, dict(p.weights) or source_weights)
+        for i, p in enumerate(data.phases)
+    ]
 
 
 def log_phase_plan(phases: list[Phase], tokens_per_step: int, total_steps: int) -> None:
@@ -52,8 +54,13 @@ def log_phase_plan(phases: list[Phase], tokens_per_step: int, total_steps: int) 
     for i, phase in enumerate(phases):
         step = -(-start // tokens_per_step)
         if step >= total_steps:
-            log.warning("data phase %d '%s' starts at step %d, after this run's %d steps (lower the earlier phases' "
-                        "tokens)", i + 1, phase.name, step, total_steps)
+            log.warning(
+                "data phase %d '%s' starts at step %d, after this run's %d steps (lower the earlier phases' tokens)",
+                i + 1,
+                phase.name,
+                step,
+                total_steps,
+            )
         elif len(phases) > 1:
             log.info("data phase %d '%s' from step %d", i + 1, phase.name, step)
         start += phase.tokens
@@ -62,8 +69,15 @@ def log_phase_plan(phases: list[Phase], tokens_per_step: int, total_steps: int) 
 class SourceStream:
     """One source's split as a single sequence of windows over its shards (memmaps opened on first use)."""
 
-    def __init__(self, name: str, data_dir: Path, shards: list[dict], dtype: np.dtype, block_size: int,
-                 delete_consumed: bool = False):
+    def __init__(
+        self,
+        name: str,
+        data_dir: Path,
+        shards: list[dict],
+        dtype: np.dtype,
+        block_size: int,
+        delete_consumed: bool = False,
+    ):
         self.name, self.dtype, self.block_size, self.delete_consumed = name, dtype, block_size, delete_consumed
         self.paths = [data_dir / s["file"] for s in shards]
         self.tokens = [s["tokens"] for s in shards]
@@ -83,9 +97,11 @@ class SourceStream:
         shard, k = self.locate(g)
         if shard not in self._maps:
             if self.delete_consumed and not self.paths[shard].is_file():
-                raise LmforgeError(f"{self.paths[shard]}: shard missing; source '{self.name}' was deleted as it was "
-                                   "consumed (data.delete_consumed) and cannot be read again: prepare more data or "
-                                   "lower its share")
+                raise LmforgeError(
+                    f"{self.paths[shard]}: shard missing; source '{self.name}' was deleted as it was "
+                    "consumed (data.delete_consumed) and cannot be read again: prepare more data or "
+                    "lower its share"
+                )
             self._maps[shard] = open_shard(self.paths[shard], self.dtype, self.tokens[shard])
         start = k * self.block_size
         return self._maps[shard][start : start + self.block_size + 1]
@@ -108,8 +124,7 @@ class SourceStream:
 class MixtureSampler:
     """The deterministic part: which window each row of each batch is. Its state is the data position."""
 
-    def __init__(self, streams: list[SourceStream], phases: list[Phase], batch_size: int, seed: int,
-                 buffer_size: int):
+    def __init__(self, streams: list[SourceStream], phases: list[Phase], batch_size: int, seed: int, buffer_size: int):
         self.streams, self.batch_size, self.buffer_size = streams, batch_size, buffer_size
         names = [s.name for s in streams]
         self.phases = phases
@@ -118,11 +133,15 @@ class MixtureSampler:
             w = np.array([phase.weights.get(n, 0.0) for n in names], dtype=np.float64)
             dropped = sorted(set(phase.weights) - set(names))
             if dropped:
-                log.warning("phase '%s': sources %s have no training data here; their weight is dropped", phase.name,
-                            ", ".join(dropped))
+                log.warning(
+                    "phase '%s': sources %s have no training data here; their weight is dropped",
+                    phase.name,
+                    ", ".join(dropped),
+                )
             if w.sum() <= 0:
-                raise LmforgeError(f"phase '{phase.name}': none of its sources ({', '.join(phase.weights)}) has "
-                                   "training data")
+                raise LmforgeError(
+                    f"phase '{phase.name}': none of its sources ({', '.join(phase.weights)}) has training data"
+                )
             self.probs.append(w / w.sum())
         self.rng = np.random.default_rng(seed)
         self.cursors = [0] * len(streams)
@@ -146,8 +165,12 @@ class MixtureSampler:
         buf[j] = self.cursors[s]
         self.cursors[s] += 1
         if self.cursors[s] % stream.total == 0:
-            log.info("source '%s': all %d windows queued; starting pass %d", stream.name, stream.total,
-                     self.cursors[s] // stream.total + 1)
+            log.info(
+                "source '%s': all %d windows queued; starting pass %d",
+                stream.name,
+                stream.total,
+                self.cursors[s] // stream.total + 1,
+            )
         return g
 
     def next_rows(self) -> tuple[list[tuple[int, int]], list[dict]]:
@@ -156,8 +179,12 @@ class MixtureSampler:
         while self.phase + 1 < len(self.phases) and self.tokens >= self._phase_end(self.phase):
             self.phase += 1
             phase = self.phases[self.phase]
-            log.info("data phase %d: %s (%s)", self.phase + 1, phase.name,
-                     ", ".join(f"{k} {v:g}" for k, v in phase.weights.items()))
+            log.info(
+                "data phase %d: %s (%s)",
+                self.phase + 1,
+                phase.name,
+                ", ".join(f"{k} {v:g}" for k, v in phase.weights.items()),
+            )
             events.append({"event": "phase", "phase": phase.name, "label": f"phase {self.phase + 1}: {phase.name}"})
         sources = self.rng.choice(len(self.streams), size=self.batch_size, p=self.probs[self.phase])
         rows = [(int(s), self._draw(int(s))) for s in sources]
@@ -173,20 +200,25 @@ class MixtureSampler:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sources": [s.name for s in self.streams], "rng": self.rng.bit_generator.state,
-                "cursors": list(self.cursors), "buffers": {s.name: torch.from_numpy(b.copy())
-                                                           for s, b in zip(self.streams, self.buffers, strict=True)},
-                "tokens": self.tokens, "phase": self.phase}
+        return {
+            "sources": [s.name for s in self.streams],
+            "rng": self.rng.bit_generator.state,
+            "cursors": list(self.cursors),
+            "buffers": {s.name: torch.from_numpy(b.copy()) for s, b in zip(self.streams, self.buffers, strict=True)},
+            "tokens": self.tokens,
+            "phase": self.phase,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         names = [s.name for s in self.streams]
         if list(state["sources"]) != names:
-            raise LmforgeError(f"the checkpoint's data position is for sources {state['sources']}, the shards have "
-                               f"{names} (run prepare again with the same sources, or start a new run)")
+            raise LmforgeError(
+                f"the checkpoint's data position is for sources {state['sources']}, the shards have "
+                f"{names} (run prepare again with the same sources, or start a new run)"
+            )
         self.rng.bit_generator.state = state["rng"]
         self.cursors = [int(c) for c in state["cursors"]]
-        self.buffers = [np.asarray(torch.as_tensor(state["buffers"][n]).numpy(), dtype=np.int64).copy()
-                        for n in names]
+        self.buffers = [np.asarray(torch.as_tensor(state["buffers"][n]).numpy(), dtype=np.int64).copy() for n in names]
         self.tokens, self.phase = int(state["tokens"]), int(state["phase"])
 
 
@@ -199,9 +231,19 @@ class TokenBatcher:
     memmaps.
     """
 
-    def __init__(self, data_dir: Path, split: str, block_size: int, batch_size: int, seed: int,
-                 phases: list[Phase] | None = None, shuffle_buffer: int = 1024, prefetch: int = 0,
-                 delete_consumed: bool = False, weights: dict[str, float] | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        split: str,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        phases: list[Phase] | None = None,
+        shuffle_buffer: int = 1024,
+        prefetch: int = 0,
+        delete_consumed: bool = False,
+        weights: dict[str, float] | None = None,
+    ):
         manifest = load_manifest(data_dir)
         dtype = np.dtype(manifest["dtype"])
         self.block_size, self.batch_size, self.split = block_size, batch_size, split
@@ -210,20 +252,27 @@ class TokenBatcher:
             stream = SourceStream(entry["name"], data_dir, entry["shards"][split], dtype, block_size, delete_consumed)
             if stream.total == 0:
                 if entry[f"{split}_tokens"]:
-                    log.warning("source '%s' has only %d %s tokens (< block %d); not sampled", entry["name"],
-                                entry[f"{split}_tokens"], split, block_size + 1)
+                    log.warning(
+                        "source '%s' has only %d %s tokens (< block %d); not sampled",
+                        entry["name"],
+                        entry[f"{split}_tokens"],
+                        split,
+                        block_size + 1,
+                    )
                 continue
             self.streams.append(stream)
         if not self.streams:
-            raise LmforgeError(f"{data_dir}: no source has {block_size + 1} {split} tokens (lower model.block_size "
-                               "or add data)")
+            raise LmforgeError(
+                f"{data_dir}: no source has {block_size + 1} {split} tokens (lower model.block_size or add data)"
+            )
         # a manifest from before weights left it still has them; else, without `weights`, equal weights
         saved = {e["name"]: e.get("weight", 1.0) for e in manifest["sources"]}
         base = {s.name: (weights or saved).get(s.name, 0.0) for s in self.streams}
         self.eval_probs = np.array([base[s.name] for s in self.streams], dtype=np.float64)
         self.eval_probs /= self.eval_probs.sum()
-        self.sampler = MixtureSampler(self.streams, phases or [Phase("mixture", 0, base)], batch_size, seed,
-                                      shuffle_buffer)
+        self.sampler = MixtureSampler(
+            self.streams, phases or [Phase("mixture", 0, base)], batch_size, seed, shuffle_buffer
+        )
         self.prefetch, self.delete_consumed = prefetch, delete_consumed
         self._state = self.sampler.state_dict()  # the position after the last batch handed out
         self._saved_state: dict | None = None

@@ -70,16 +70,18 @@ def clean_examples(examples: list[QAExample], what: str) -> tuple[list[QAExample
             dropped[problem] += 1
             named.setdefault(problem, []).append(ex.id or "?")
             continue
-        pairs = [(a, s) for a, s in zip(ex.answers, ex.answer_starts or [-1] * len(ex.answers), strict=False)
-                 if a.strip()]
+        pairs = [
+            (a, s) for a, s in zip(ex.answers, ex.answer_starts or [-1] * len(ex.answers), strict=False) if a.strip()
+        ]
         pairs.sort(key=lambda pair: pair[0] not in ex.context)  # stable: file order within each group
         if [a for a, _ in pairs] != ex.answers:
             ex = QAExample(ex.id, ex.question, ex.context, [a for a, _ in pairs], [s for _, s in pairs], ex.title)
         kept.append(ex)
     for problem, ids in named.items():
         more = f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else ""
-        log.warning("%s: skipped %d example(s) with %s: %s%s", what, len(ids), problem,
-                    ", ".join(ids[:MAX_NAMED]), more)
+        log.warning(
+            "%s: skipped %d example(s) with %s: %s%s", what, len(ids), problem, ", ".join(ids[:MAX_NAMED]), more
+        )
     return kept, dropped
 
 
@@ -98,7 +100,8 @@ def _encode_with_offsets(tokenizer: Tokenizer, text: str) -> tuple[tuple[int, ..
 STOP_WORDS = frozenset(
     "a an the of in on at to for by with from and or is was were are be been being what which who whom whose "
     "when where why how did do does that this these those as it its into than there their they he she his her "
-    "not no".split())
+    "not no".split()
+)
 
 
 def content_words(text: str) -> set[str]:
@@ -113,8 +116,11 @@ def best_match_start(context: str, offsets: Sequence[tuple[int, int]], budget: i
     n = len(offsets)
     ends = [end for _, end in offsets]
     # (question word, index of the token it starts in) for every occurrence in the context
-    hits = [(m.group().lower(), bisect.bisect_right(ends, m.start())) for m in re.finditer(r"\w+", context)
-            if m.group().lower() in wanted]
+    hits = [
+        (m.group().lower(), bisect.bisect_right(ends, m.start()))
+        for m in re.finditer(r"\w+", context)
+        if m.group().lower() in wanted
+    ]
 
     def shared(start: int) -> int:
         return len({word for word, at in hits if start <= at < start + budget})
@@ -141,8 +147,9 @@ def answer_window_start(offsets: Sequence[tuple[int, int]], budget: int, answer_
     return lowest + zlib.crc32(salt.encode()) % (highest - lowest + 1)
 
 
-def _context_window(tokenizer: Tokenizer, context: str, budget: int, answer_start: int | None,
-                    question: str, select: str) -> tuple[list[int], bool]:
+def _context_window(
+    tokenizer: Tokenizer, context: str, budget: int, answer_start: int | None, question: str, select: str
+) -> tuple[list[int], bool]:
     """Context tokens cut to `budget`, and whether they were cut. With the answer position known
     (training) the window holds the answer; otherwise `select` says which window: "truncate" (the
     beginning) or "best_match" (the one most like the question), narrowed to whole words."""
@@ -161,8 +168,12 @@ def _context_window(tokenizer: Tokenizer, context: str, budget: int, answer_star
 
 def _cuts_word(text: str, pos: int) -> bool:
     """Whether cutting `text` at character `pos` splits a word or number (two characters of one kind)."""
-    return (0 < pos < len(text) and not text[pos - 1].isspace() and not text[pos].isspace()
-            and _char_class(text[pos - 1]) == _char_class(text[pos]))
+    return (
+        0 < pos < len(text)
+        and not text[pos - 1].isspace()
+        and not text[pos].isspace()
+        and _char_class(text[pos - 1]) == _char_class(text[pos])
+    )
 
 
 def whole_word_window(text: str, offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
@@ -192,9 +203,15 @@ def answer_position(ex: QAExample) -> int | None:
     return found if found >= 0 else None
 
 
-def build_prompt(tokenizer: Tokenizer, question: str, context: str | None, budget: int,
-                 answer_start: int | None = None, context_tokens: int = 0,
-                 select: str = "best_match") -> tuple[list[int], bool] | None:
+def build_prompt(
+    tokenizer: Tokenizer,
+    question: str,
+    context: str | None,
+    budget: int,
+    answer_start: int | None = None,
+    context_tokens: int = 0,
+    select: str = "best_match",
+) -> tuple[list[int], bool] | None:
     """Prompt ids fitting `budget` tokens, or None when even the question does not fit.
 
     The context gets what the question leaves of the budget, at most `context_tokens` (0: no cap).
@@ -217,8 +234,9 @@ def answer_ids(tokenizer: Tokenizer, answer: str) -> list[int]:
     return tokenizer.encode(" " + answer.strip())
 
 
-def encode_for_training(tokenizer: Tokenizer, ex: QAExample, mode: str, block_size: int,
-                        max_answer_tokens: int, context_tokens: int = 0) -> EncodedQA | str:
+def encode_for_training(
+    tokenizer: Tokenizer, ex: QAExample, mode: str, block_size: int, max_answer_tokens: int, context_tokens: int = 0
+) -> EncodedQA | str:
     """The training sequence, or the reason the example cannot be used."""
     if not ex.answers or not ex.answers[0].strip():
         return "empty answer"
@@ -234,9 +252,15 @@ def encode_for_training(tokenizer: Tokenizer, ex: QAExample, mode: str, block_si
     return EncodedQA(prompt + target, len(prompt), truncated)
 
 
-def encode_for_inference(tokenizer: Tokenizer, question: str, context: str | None, block_size: int,
-                         max_new_tokens: int, context_tokens: int = 0,
-                         select: str = "best_match") -> EncodedQA | None:
+def encode_for_inference(
+    tokenizer: Tokenizer,
+    question: str,
+    context: str | None,
+    block_size: int,
+    max_new_tokens: int,
+    context_tokens: int = 0,
+    select: str = "best_match",
+) -> EncodedQA | None:
     """The prompt for a question; a context longer than the room left is cut to one window (`select`)."""
     built = build_prompt(tokenizer, question, context, block_size - max_new_tokens, None, context_tokens, select)
     if built is None:
@@ -244,8 +268,15 @@ def encode_for_inference(tokenizer: Tokenizer, question: str, context: str | Non
     return EncodedQA(built[0], len(built[0]), built[1])
 
 
-def encode_examples(tokenizer: Tokenizer, examples: list[QAExample], mode: str, block_size: int,
-                    max_answer_tokens: int, what: str, context_tokens: int = 0) -> list[EncodedQA]:
+def encode_examples(
+    tokenizer: Tokenizer,
+    examples: list[QAExample],
+    mode: str,
+    block_size: int,
+    max_answer_tokens: int,
+    what: str,
+    context_tokens: int = 0,
+) -> list[EncodedQA]:
     encoded = []
     skipped: Counter = Counter()
     for ex in examples:
@@ -259,8 +290,13 @@ def encode_examples(tokenizer: Tokenizer, examples: list[QAExample], mode: str, 
         log.warning("%s: %d of %d QA examples skipped (%s)", what, sum(skipped.values()), len(examples), reasons)
     truncated = sum(e.context_truncated for e in encoded)
     if truncated:
-        log.info("%s: %d contexts cut to a window holding the answer (block_size=%d, qa.context_tokens=%d)", what,
-                 truncated, block_size, context_tokens)
+        log.info(
+            "%s: %d contexts cut to a window holding the answer (block_size=%d, qa.context_tokens=%d)",
+            what,
+            truncated,
+            block_size,
+            context_tokens,
+        )
     return encoded
 
 
@@ -292,16 +328,26 @@ def word_bounds(tokenizer: Tokenizer, ids: Sequence[int]) -> tuple[list[int], li
     or at the end.
     """
     texts = [tokenizer.decode([i]) for i in ids]
-    begins = [i == 0 or not texts[i] or not texts[i - 1] or texts[i][0].isspace()
-              or _char_class(texts[i][0]) != _char_class(texts[i - 1][-1]) for i in range(len(texts))]
-    starts = [i for i, text in enumerate(texts) if begins[i] and any(ch.isalnum() for ch in text)
-              and text.strip().lower() not in ("a", "an", "the")]
+    begins = [
+        i == 0
+        or not texts[i]
+        or not texts[i - 1]
+        or texts[i][0].isspace()
+        or _char_class(texts[i][0]) != _char_class(texts[i - 1][-1])
+        for i in range(len(texts))
+    ]
+    starts = [
+        i
+        for i, text in enumerate(texts)
+        if begins[i] and any(ch.isalnum() for ch in text) and text.strip().lower() not in ("a", "an", "the")
+    ]
     ends = [i for i in range(1, len(texts)) if begins[i]] + ([len(texts)] if texts else [])
     return starts, ends
 
 
-def context_windows(tokenizer: Tokenizer, question: str, context: str, block_size: int,
-                    max_new_tokens: int, context_tokens: int = 0) -> list[EncodedQA] | None:
+def context_windows(
+    tokenizer: Tokenizer, question: str, context: str, block_size: int, max_new_tokens: int, context_tokens: int = 0
+) -> list[EncodedQA] | None:
     """Prompts covering the whole context in overlapping windows (stride: half a window; each narrowed to
     whole words), or None when the question alone does not fit. A context that fits gives exactly one prompt."""
     q_ids = [tokenizer.question_id] + tokenizer.encode(question) + [tokenizer.answer_id]

@@ -89,10 +89,12 @@ def _no_validation_error(data: DataConfig, entries: list[dict], data_dir: Path |
     whole = [s.name for s in data.sources if whole_txt_documents(s, data_dir)]
     if whole:
         names = ", ".join(f"'{n}'" for n in whole)
-        advice.append(f"cut its txt files into documents: sample_by = \"paragraph\" (or \"line\") on source {names}")
-    return LmforgeError(f"no validation documents: at data.val_fraction = {data.val_fraction:g} a source needs at "
-                        f"least {need} documents, and the largest, '{most['name']}', has {most['docs']}; "
-                        f"{', or '.join(advice)}")
+        advice.append(f'cut its txt files into documents: sample_by = "paragraph" (or "line") on source {names}')
+    return LmforgeError(
+        f"no validation documents: at data.val_fraction = {data.val_fraction:g} a source needs at "
+        f"least {need} documents, and the largest, '{most['name']}', has {most['docs']}; "
+        f"{', or '.join(advice)}"
+    )
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
@@ -117,8 +119,10 @@ def open_shard(path: Path, dtype: np.dtype, tokens: int) -> np.memmap:
         raise LmforgeError(f"{path}: shard missing; {_prepare_again(path)}")
     size, expected = path.stat().st_size, tokens * dtype.itemsize
     if size != expected:
-        raise LmforgeError(f"{path}: damaged shard ({size:,} bytes, the manifest says {tokens:,} tokens = "
-                           f"{expected:,} bytes); {_prepare_again(path)}")
+        raise LmforgeError(
+            f"{path}: damaged shard ({size:,} bytes, the manifest says {tokens:,} tokens = "
+            f"{expected:,} bytes); {_prepare_again(path)}"
+        )
     return np.memmap(path, dtype=dtype, mode="r")
 
 
@@ -159,8 +163,12 @@ class ShardWriter:
         index["source"] = self.source_id
         atomic_write(self.folder / self.name(".idx.npy"), lambda p: np.save(open(p, "wb"), index, allow_pickle=False))
         (self.folder / self.name(".bin.tmp")).replace(self.folder / self.name(".bin"))
-        entry = {"file": f"{self.folder.name}/{self.name('.bin')}", "index": f"{self.folder.name}/{self.name('.idx.npy')}",
-                 "tokens": self.tokens, "docs": len(self.offsets)}
+        entry = {
+            "file": f"{self.folder.name}/{self.name('.bin')}",
+            "index": f"{self.folder.name}/{self.name('.idx.npy')}",
+            "tokens": self.tokens,
+            "docs": len(self.offsets),
+        }
         self.number += 1
         self._reset()
         return entry
@@ -199,15 +207,25 @@ def _file_identity(path: Path, data_dir: Path | None) -> tuple[str, int, int]:
     return name, st.st_size, st.st_mtime_ns
 
 
-def _source_key(src: SourceConfig, source_id: int, data: DataConfig, data_dir: Path | None, tok_hash: str,
-                previous: str) -> str:
+def _source_key(
+    src: SourceConfig, source_id: int, data: DataConfig, data_dir: Path | None, tok_hash: str, previous: str
+) -> str:
     """Changes whenever the source's shards would: its config and local files, its position (the index records
     it), the split, the tokenizer, and, with deduplication (which drops the documents earlier sources had),
     the key of the source before it."""
     cfg = {k: v for k, v in dataclasses.asdict(src).items() if k not in ("weight", "optional")}
     files = [_file_identity(f, data_dir) for f in local_files(src, data_dir)]
-    parts = [cfg, source_id, files, data.val_fraction, data.shard_tokens, data.dedup, tok_hash,
-             previous if data.dedup else "", FORMAT]
+    parts = [
+        cfg,
+        source_id,
+        files,
+        data.val_fraction,
+        data.shard_tokens,
+        data.dedup,
+        tok_hash,
+        previous if data.dedup else "",
+        FORMAT,
+    ]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -230,8 +248,16 @@ def _remove_tree(folder: Path, root: Path) -> None:
 
 
 def _fresh_progress(key: str) -> dict:
-    return {"key": key, "done": False, "stream_pos": 0, "next_index": 0, "duplicates": 0, "bytes": 0,
-            "shards": {s: [] for s in SPLITS}, "entry": None}
+    return {
+        "key": key,
+        "done": False,
+        "stream_pos": 0,
+        "next_index": 0,
+        "duplicates": 0,
+        "bytes": 0,
+        "shards": {s: [] for s in SPLITS},
+        "entry": None,
+    }
 
 
 def _read_progress(folder: Path) -> dict | None:
@@ -252,8 +278,12 @@ def _shard_files(progress: dict) -> set[str]:
 def _is_prepared(folder: Path, key: str) -> bool:
     """The folder holds this source, finished with this key, all its shards present."""
     progress = _read_progress(folder)
-    return (progress is not None and progress.get("key") == key and bool(progress.get("done"))
-            and all((folder / name).is_file() for name in _shard_files(progress)))
+    return (
+        progress is not None
+        and progress.get("key") == key
+        and bool(progress.get("done"))
+        and all((folder / name).is_file() for name in _shard_files(progress))
+    )
 
 
 def changed_sources(data: DataConfig, tok_hash: str, data_dir: Path | None, out_dir: Path) -> list[str]:
@@ -297,18 +327,33 @@ def _seen_hashes(folder: Path, progress: dict) -> Iterator[int]:
 def _source_entry(src: SourceConfig, source_id: int, progress: dict, stats: Counter) -> dict:
     shards = progress["shards"]
     # no weight: the mixture is the recipe's (it may change without the shards changing)
-    entry = {"name": src.name, "id": source_id, "key": progress["key"],
-             "docs": sum(s["docs"] for split in SPLITS for s in shards[split]),
-             "bytes": progress["bytes"], "duplicates": progress["duplicates"],
-             "dropped": {k: stats[k] for k in DROP_REASONS if stats.get(k)}, "shards": shards}
+    entry = {
+        "name": src.name,
+        "id": source_id,
+        "key": progress["key"],
+        "docs": sum(s["docs"] for split in SPLITS for s in shards[split]),
+        "bytes": progress["bytes"],
+        "duplicates": progress["duplicates"],
+        "dropped": {k: stats[k] for k in DROP_REASONS if stats.get(k)},
+        "shards": shards,
+    }
     for split in SPLITS:
         entry[f"{split}_tokens"] = sum(s["tokens"] for s in shards[split])
         entry[f"{split}_docs"] = sum(s["docs"] for s in shards[split])
     return entry
 
 
-def shard_source(src: SourceConfig, source_id: int, data: DataConfig, tokenizer: Tokenizer, data_dir: Path | None,
-                 out_dir: Path, seen: set[int], key: str, encoder: EncoderPool) -> tuple[dict | None, bool]:
+def shard_source(
+    src: SourceConfig,
+    source_id: int,
+    data: DataConfig,
+    tokenizer: Tokenizer,
+    data_dir: Path | None,
+    out_dir: Path,
+    seen: set[int],
+    key: str,
+    encoder: EncoderPool,
+) -> tuple[dict | None, bool]:
     """The source's shards: its folder when they are already made with this key, else made (or an interrupted
     making resumed) in its staging folder. Returns its manifest entry (None for an optional source that is not
     available) and whether it is staged (to be moved into place when every source is done)."""
@@ -326,8 +371,12 @@ def shard_source(src: SourceConfig, source_id: int, data: DataConfig, tokenizer:
         log.info("%s: already prepared (%d docs)", src.name, progress["entry"]["docs"])
         return progress["entry"], staged
     if progress["stream_pos"]:
-        log.info("%s: resuming after document %d (%d train shards done)", src.name, progress["stream_pos"],
-                 len(progress["shards"]["train"]))
+        log.info(
+            "%s: resuming after document %d (%d train shards done)",
+            src.name,
+            progress["stream_pos"],
+            len(progress["shards"]["train"]),
+        )
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: ShardWriter(folder, s, source_id, dtype, len(progress["shards"][s])) for s in SPLITS}
     stats: Counter = Counter()
@@ -354,8 +403,9 @@ def shard_source(src: SourceConfig, source_id: int, data: DataConfig, tokenizer:
             n_bytes += batch.nbytes
             elapsed = max(time.time() - start, 1e-9)
             bar.update(len(batch.lengths))
-            bar.set_postfix_str(f"{n_bytes / 1e6 / elapsed:.1f} MB/s, {n_docs / elapsed:,.0f} docs/s, "
-                                f"{tokens:,} tokens")
+            bar.set_postfix_str(
+                f"{n_bytes / 1e6 / elapsed:.1f} MB/s, {n_docs / elapsed:,.0f} docs/s, {tokens:,} tokens"
+            )
             if src.max_tokens and tokens >= src.max_tokens:
                 log.info("%s: reached max_tokens=%d", src.name, src.max_tokens)
                 break
@@ -372,8 +422,15 @@ def shard_source(src: SourceConfig, source_id: int, data: DataConfig, tokenizer:
     return entry, staged
 
 
-def _write_batch(batch: EncodedBatch, writers: dict[str, ShardWriter], progress: dict, seen: set[int],
-                 data: DataConfig, save_point, budget: int | None = None) -> int:
+def _write_batch(
+    batch: EncodedBatch,
+    writers: dict[str, ShardWriter],
+    progress: dict,
+    seen: set[int],
+    data: DataConfig,
+    save_point,
+    budget: int | None = None,
+) -> int:
     """Route each document of an encoded batch to its split (dropping exact duplicates), saving a resume point
     whenever a train shard fills; stops once `budget` tokens are written. Returns the tokens written."""
     written = 0
@@ -409,8 +466,9 @@ def prepare_shards(data: DataConfig, tokenizer: Tokenizer, data_dir: Path | None
     seen: set[int] = set()
     entries, staged = [], []
     keys = source_keys(data, tok_hash, data_dir)
-    with EncoderPool(tokenizer.hf.to_str(), token_dtype(tokenizer.vocab_size).name, tokenizer.eot_id,
-                     workers) as encoder:
+    with EncoderPool(
+        tokenizer.hf.to_str(), token_dtype(tokenizer.vocab_size).name, tokenizer.eot_id, workers
+    ) as encoder:
         for source_id, (src, key) in enumerate(zip(data.sources, keys, strict=True)):
             entry, is_staged = shard_source(src, source_id, data, tokenizer, data_dir, out_dir, seen, key, encoder)
             if is_staged:
@@ -418,8 +476,14 @@ def prepare_shards(data: DataConfig, tokenizer: Tokenizer, data_dir: Path | None
             if entry is None:
                 continue
             entry = {k: v for k, v in entry.items() if k != "weight"}  # an entry made before weights left it
-            log.info("%s: %d docs, %d train tokens, %d val tokens, %d duplicates dropped", src.name, entry["docs"],
-                     entry["train_tokens"], entry["val_tokens"], entry["duplicates"])
+            log.info(
+                "%s: %d docs, %d train tokens, %d val tokens, %d duplicates dropped",
+                src.name,
+                entry["docs"],
+                entry["train_tokens"],
+                entry["val_tokens"],
+                entry["duplicates"],
+            )
             entries.append(entry)
     if not any(e["val_tokens"] for e in entries):
         raise _no_validation_error(data, entries, data_dir)
@@ -448,8 +512,11 @@ def prepare_shards(data: DataConfig, tokenizer: Tokenizer, data_dir: Path | None
 def shards_fingerprint(manifest: dict) -> str:
     """The identity of the token shards a manifest describes (recorded in pretraining checkpoints): their
     sources' keys, positions and files."""
-    parts = [manifest["dtype"], manifest["tokenizer_hash"],
-             [(e["name"], e["id"], e.get("key"), e["shards"]) for e in manifest["sources"]]]
+    parts = [
+        manifest["dtype"],
+        manifest["tokenizer_hash"],
+        [(e["name"], e["id"], e.get("key"), e["shards"]) for e in manifest["sources"]],
+    ]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

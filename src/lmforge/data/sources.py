@@ -67,7 +67,9 @@ def file_format(path: Path, declared: str) -> str:
     base, _ = _strip_compression(path.name)
     suffix = Path(base).suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
-        raise LmforgeError(f"{path}: unsupported file type (supported: {', '.join(SUPPORTED_SUFFIXES)}, optionally .gz/.zst)")
+        raise LmforgeError(
+            f"{path}: unsupported file type (supported: {', '.join(SUPPORTED_SUFFIXES)}, optionally .gz/.zst)"
+        )
     return suffix[1:]
 
 
@@ -95,8 +97,9 @@ def local_files(src: SourceConfig, data_dir: Path | None) -> list[Path]:
         if matched:
             return matched
         if any(Path(h).is_dir() for h in glob.glob(pattern)):
-            raise LmforgeError(f"source '{src.name}': directory {pattern} has no supported files "
-                               f"({', '.join(SUPPORTED_SUFFIXES)})")
+            raise LmforgeError(
+                f"source '{src.name}': directory {pattern} has no supported files ({', '.join(SUPPORTED_SUFFIXES)})"
+            )
     return []
 
 
@@ -233,8 +236,13 @@ def _squad_records(obj: Any, path: Path, skipped_count: Counter | None = None) -
                 )
     if skipped:
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-        log.warning("%s: skipped %d malformed SQuAD entries (missing context, question or answers): %s%s", path,
-                    len(skipped), ", ".join(skipped[:5]), more)
+        log.warning(
+            "%s: skipped %d malformed SQuAD entries (missing context, question or answers): %s%s",
+            path,
+            len(skipped),
+            ", ".join(skipped[:5]),
+            more,
+        )
 
 
 # --------------------------------------------------------------------------- records: one dict per document
@@ -358,7 +366,9 @@ def _datasets_records(ds: Any, where: str, on_error: str) -> Iterator[tuple[str,
         raise
     except Exception as exc:  # datasets/pyarrow/fsspec raise many types for a broken file or a dropped connection
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise LmforgeError(f"{where}: reading failed at row {i} ({type(exc).__name__}: {first_line}){on_error}") from None
+        raise LmforgeError(
+            f"{where}: reading failed at row {i} ({type(exc).__name__}: {first_line}){on_error}"
+        ) from None
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[str, Record]]:
@@ -468,20 +478,34 @@ def source_records(src: SourceConfig, data_dir: Path | None, stats: Counter) -> 
     raise _missing_error(src, data_dir)
 
 
-DROP_REASONS = ("bad_json", "not_object", "missing_field", "empty", "too_short", "too_long", "low_score",
-                "other_language")
+DROP_REASONS = (
+    "bad_json",
+    "not_object",
+    "missing_field",
+    "empty",
+    "too_short",
+    "too_long",
+    "low_score",
+    "other_language",
+)
 
 
 def _log_summary(src: SourceConfig, stats: Counter) -> None:
     dropped = {k: stats[k] for k in DROP_REASONS if stats.get(k)}
     if dropped:
-        log.warning("source '%s': %d records dropped (%s); %d documents kept", src.name, sum(dropped.values()),
-                    ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in dropped.items()), stats["docs"])
+        log.warning(
+            "source '%s': %d records dropped (%s); %d documents kept",
+            src.name,
+            sum(dropped.values()),
+            ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in dropped.items()),
+            stats["docs"],
+        )
     if stats.get("replaced"):
         log.warning("source '%s': %d records had invalid UTF-8 (replaced with U+FFFD)", src.name, stats["replaced"])
     if stats.get("surrogates"):
-        log.warning("source '%s': %d records had lone surrogate escapes (replaced with U+FFFD)", src.name,
-                    stats["surrogates"])
+        log.warning(
+            "source '%s': %d records had lone surrogate escapes (replaced with U+FFFD)", src.name, stats["surrogates"]
+        )
     for kind, column in (("unscored", src.score_field), ("unlabelled", src.language_field)):
         if stats.get(kind):
             log.warning("source '%s': %d records have no '%s' column; kept unfiltered", src.name, stats[kind], column)
@@ -517,8 +541,10 @@ def iter_documents(src: SourceConfig, data_dir: Path | None, stats: Counter | No
     _log_summary(src, stats)
     if n == 0:
         where = src.hub if not local_files(src, data_dir) else src.local
-        raise LmforgeError(f"source '{src.name}': no documents in {where} ({stats['records']} records read, "
-                           "none passed the text field and filters)")
+        raise LmforgeError(
+            f"source '{src.name}': no documents in {where} ({stats['records']} records read, "
+            "none passed the text field and filters)"
+        )
 
 
 # --------------------------------------------------------------------------- the Hub
@@ -555,8 +581,14 @@ def iter_qa_examples(src: SourceConfig, data_dir: Path | None, skipped: Counter 
     elif src.hub:
         ds = _hub_dataset(src, f" and no local copy matches '{src.local}'" if src.local else "")
         examples = (
-            QAExample(id=str(r["id"]), question=r["question"], context=r["context"], title=r.get("title", ""),
-                      answers=list(r["answers"]["text"]), answer_starts=list(r["answers"]["answer_start"]))
+            QAExample(
+                id=str(r["id"]),
+                question=r["question"],
+                context=r["context"],
+                title=r.get("title", ""),
+                answers=list(r["answers"]["text"]),
+                answer_starts=list(r["answers"]["answer_start"]),
+            )
             for r in ds
         )
     else:
@@ -572,8 +604,13 @@ def iter_qa_examples(src: SourceConfig, data_dir: Path | None, skipped: Counter 
             break
     if repaired:
         more = f" and {len(repaired) - 5} more" if len(repaired) > 5 else ""
-        log.warning("QA source '%s': %d example(s) had lone surrogate escapes (\\ud800-\\udfff), replaced with "
-                    "U+FFFD: %s%s", src.name, len(repaired), ", ".join(repaired[:5]), more)
+        log.warning(
+            "QA source '%s': %d example(s) had lone surrogate escapes (\\ud800-\\udfff), replaced with U+FFFD: %s%s",
+            src.name,
+            len(repaired),
+            ", ".join(repaired[:5]),
+            more,
+        )
     if n == 0:
         raise LmforgeError(f"QA source '{src.name}': no examples found")
 

@@ -71,8 +71,9 @@ class InternalErrors:
                 await JSONResponse(body, status_code=500)(scope, receive, send)
 
 
-def create_app(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig | None = None,
-               answering: AnswerSettings | None = None) -> FastAPI:
+def create_app(
+    host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig | None = None, answering: AnswerSettings | None = None
+) -> FastAPI:
     defaults = defaults or GenerateConfig()
     answering = answering or AnswerSettings()
     admission = Admission(cfg.max_concurrent, cfg.max_queue)
@@ -106,13 +107,20 @@ def create_app(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig | Non
     @app.get("/api/info")
     async def info():
         m = host.model()
-        return {"run": host.name, "active": host.active, "checkpoints": host.checkpoints(),
-                "model": {**m.cfg.__dict__, "parameters": m.num_parameters()},
-                "limits": {"max_tokens": min(cfg.max_tokens, m.cfg.block_size - 1),
-                           "max_attention_tokens": min(cfg.max_attention_tokens, m.cfg.block_size),
-                           "max_concurrent": cfg.max_concurrent, "max_queue": cfg.max_queue},
-                "defaults": {k: v for k, v in defaults.__dict__.items() if k != "seed"},
-                "answering": dataclasses.asdict(answering)}
+        return {
+            "run": host.name,
+            "active": host.active,
+            "checkpoints": host.checkpoints(),
+            "model": {**m.cfg.__dict__, "parameters": m.num_parameters()},
+            "limits": {
+                "max_tokens": min(cfg.max_tokens, m.cfg.block_size - 1),
+                "max_attention_tokens": min(cfg.max_attention_tokens, m.cfg.block_size),
+                "max_concurrent": cfg.max_concurrent,
+                "max_queue": cfg.max_queue,
+            },
+            "defaults": {k: v for k, v in defaults.__dict__.items() if k != "seed"},
+            "answering": dataclasses.asdict(answering),
+        }
 
     @app.post("/api/checkpoint")
     async def switch_checkpoint(req: CheckpointRequest):
@@ -127,15 +135,25 @@ def create_app(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig | Non
         text = req.text
         if req.question is not None:  # the prompt the chat route answers from (a long context: the same window)
             context = (req.context or "").strip() or None
-            ids = host.qa_prompt(model, req.question.strip(), context, req.decoding,
-                                 req.max_tokens or defaults.max_new_tokens, answering)
+            ids = host.qa_prompt(
+                model, req.question.strip(), context, req.decoding, req.max_tokens or defaults.max_new_tokens, answering
+            )
             text = host.tokenizer.decode(ids, skip_special=False)
         ticket = admission.admit()
         try:
             async with ticket.slot():
                 return await anyio.to_thread.run_sync(
-                    lambda: host.attention(model, text, req.completion, cfg.max_attention_tokens, req.discount_first,
-                                           req.log_scale, req.normalize, answer=req.question is not None))
+                    lambda: host.attention(
+                        model,
+                        text,
+                        req.completion,
+                        cfg.max_attention_tokens,
+                        req.discount_first,
+                        req.log_scale,
+                        req.normalize,
+                        answer=req.question is not None,
+                    )
+                )
         finally:
             ticket.release()
 

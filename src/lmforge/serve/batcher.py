@@ -163,7 +163,7 @@ class Batcher:
         block = self.model.cfg.block_size
         device = self.model.tok_emb.weight.device
         job.limit = min(job.params.max_new_tokens, block - 1)
-        prompt = job.prompt[-(block - job.limit):]
+        prompt = job.prompt[-(block - job.limit) :]
         job.history = torch.tensor([prompt], dtype=torch.long, device=device)
         if job.params.seed is not None:
             job.generator = torch.Generator(device=device).manual_seed(job.params.seed)
@@ -212,4 +212,3 @@ class Batcher:
                     self._emit(job, logits[row : row + 1])
                 except Exception as exc:  # noqa: BLE001 - sampling for this request failed: only it ends
                     self._fail(job, exc)
-

@@ -61,8 +61,14 @@ class AnswerSettings:
     @classmethod
     def of(cls, recipe) -> AnswerSettings:
         e = recipe.eval
-        return cls(e.decoding, e.max_new_tokens, recipe.answer_context_tokens, SpanOptions.of(e), e.dtype,
-                   recipe.qa.mode == "context")
+        return cls(
+            e.decoding,
+            e.max_new_tokens,
+            recipe.answer_context_tokens,
+            SpanOptions.of(e),
+            e.dtype,
+            recipe.qa.mode == "context",
+        )
 
 
 class ModelHost:
@@ -154,28 +160,36 @@ class ModelHost:
         if not ids:
             raise RequestError("prompt is empty", "prompt")
         if len(ids) + max_tokens > model.cfg.block_size:
-            raise RequestError(f"prompt is {len(ids)} tokens: with max_tokens={max_tokens} it does not fit the "
-                               f"model's {model.cfg.block_size}-token block (shorten it or lower max_tokens)", "prompt")
+            raise RequestError(
+                f"prompt is {len(ids)} tokens: with max_tokens={max_tokens} it does not fit the "
+                f"model's {model.cfg.block_size}-token block (shorten it or lower max_tokens)",
+                "prompt",
+            )
         return ids
 
     def chat_ids(self, model: GPT, question: str, context: str | None, max_tokens: int) -> list[int]:
         built = build_prompt(self.tokenizer, question, context or None, model.cfg.block_size - max_tokens)
         if built is None:
-            raise RequestError(f"the question does not fit the model's {model.cfg.block_size}-token block with "
-                               f"max_tokens={max_tokens}", "messages")
+            raise RequestError(
+                f"the question does not fit the model's {model.cfg.block_size}-token block with "
+                f"max_tokens={max_tokens}",
+                "messages",
+            )
         return built[0]
 
     def span_prompt(self, model: GPT, question: str, context: str, settings: AnswerSettings) -> list[int]:
         """The prompt `lmforge eval` builds for a span answer (a long context cut to its window most like the
         question)."""
-        enc = encode_for_inference(self.tokenizer, question, context, model.cfg.block_size, settings.max_new_tokens,
-                                   settings.context_tokens)
+        enc = encode_for_inference(
+            self.tokenizer, question, context, model.cfg.block_size, settings.max_new_tokens, settings.context_tokens
+        )
         if enc is None:
             raise RequestError(f"the question does not fit the model's {model.cfg.block_size}-token block", "messages")
         return enc.ids
 
-    def qa_prompt(self, model: GPT, question: str, context: str | None, decoding: str, max_tokens: int,
-                  settings: AnswerSettings) -> list[int]:
+    def qa_prompt(
+        self, model: GPT, question: str, context: str | None, decoding: str, max_tokens: int, settings: AnswerSettings
+    ) -> list[int]:
         """The prompt a chat request is answered from: eval's span prompt (`decoding` "span", with a context),
         else the generation prompt leaving room for `max_tokens`. A closed-book run's prompt has no context."""
         context = context if settings.with_context else None
@@ -221,8 +235,17 @@ class ModelHost:
 
     # ----------------------------------------------------------------- attention
 
-    def attention(self, model: GPT, text: str, completion: str | None, max_tokens: int, discount_first: bool,
-                  log: bool, normalize: bool, answer: bool = False) -> dict:
+    def attention(
+        self,
+        model: GPT,
+        text: str,
+        completion: str | None,
+        max_tokens: int,
+        discount_first: bool,
+        log: bool,
+        normalize: bool,
+        answer: bool = False,
+    ) -> dict:
         """Word attention of `text` (all layers and heads) and, with a completion, its input focus. `answer`:
         the text is a QA prompt and the completion an answer, made of the tokens the model gives (" Paris")."""
         ids, words = tokenize_words(self.tokenizer, text)
@@ -260,8 +283,9 @@ class ModelHost:
             out["focus"] = self._focus(attn, words, len(ids), new_ids, discount_first)
         return out
 
-    def _focus(self, attn: torch.Tensor, words: list[Word], prompt_len: int, new_ids: list[int],
-               discount_first: bool) -> dict:
+    def _focus(
+        self, attn: torch.Tensor, words: list[Word], prompt_len: int, new_ids: list[int], discount_first: bool
+    ) -> dict:
         focus = input_focus(attn, words, prompt_len, len(new_ids), discount_first).mean(1)  # mean over heads
         return {
             "tokens": [self.tokenizer.decode([i]) for i in new_ids],

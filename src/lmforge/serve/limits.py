@@ -26,8 +26,9 @@ class Admission:
 
     def admit(self) -> Ticket:
         if self.admitted >= self.capacity:
-            raise RequestError(f"server busy: {self.admitted} requests in flight (limit {self.capacity}); retry later",
-                               None, 429)
+            raise RequestError(
+                f"server busy: {self.admitted} requests in flight (limit {self.capacity}); retry later", None, 429
+            )
         self.admitted += 1
         return Ticket(self)
 
@@ -115,8 +116,21 @@ class BodyLimit:
                 await self._refuse(tracked_send)
 
     async def _refuse(self, send):
-        body = json.dumps({"error": {"message": f"request body larger than {self.limit} bytes",
-                                     "type": "invalid_request_error", "param": "body", "code": "request_too_large"}})
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"request body larger than {self.limit} bytes",
+                    "type": "invalid_request_error",
+                    "param": "body",
+                    "code": "request_too_large",
+                }
+            }
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body.encode()})

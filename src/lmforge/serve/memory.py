@@ -22,8 +22,13 @@ def model_stats(model: GPT) -> dict:
     buffers = sum(_tensor_bytes(b) for b in model.buffers())
     cfg = model.cfg
     kv_bytes = 2 * cfg.n_layer * cfg.n_head * cfg.block_size * cfg.head_dim * model.tok_emb.weight.element_size()
-    return {"parameters": model.num_parameters(), "bytes": params + buffers, "dtype": str(model.tok_emb.weight.dtype),
-            "device": str(model.tok_emb.weight.device), "kv_cache_bytes_per_request": kv_bytes}
+    return {
+        "parameters": model.num_parameters(),
+        "bytes": params + buffers,
+        "dtype": str(model.tok_emb.weight.dtype),
+        "device": str(model.tok_emb.weight.device),
+        "kv_cache_bytes_per_request": kv_bytes,
+    }
 
 
 def live_tensors() -> dict:
@@ -54,14 +59,20 @@ def memory_report(models: dict[str, GPT]) -> dict:
     report = {
         "process": {"rss_bytes": mem.rss, "vms_bytes": mem.vms, "threads": proc.num_threads()},
         "system": {"total_bytes": vm.total, "available_bytes": vm.available, "percent_used": vm.percent},
-        "python": {"allocated_blocks": sys.getallocatedblocks(), "gc_objects": len(gc.get_objects()),
-                   "gc_counts": list(gc.get_count())},
+        "python": {
+            "allocated_blocks": sys.getallocatedblocks(),
+            "gc_objects": len(gc.get_objects()),
+            "gc_counts": list(gc.get_count()),
+        },
         "torch": {"tensors": live_tensors(), "threads": torch.get_num_threads()},
         "models": {name: model_stats(m) for name, m in models.items()},
     }
     if torch.cuda.is_available():
-        report["cuda"] = {"allocated_bytes": torch.cuda.memory_allocated(), "reserved_bytes": torch.cuda.memory_reserved(),
-                          "max_allocated_bytes": torch.cuda.max_memory_allocated()}
+        report["cuda"] = {
+            "allocated_bytes": torch.cuda.memory_allocated(),
+            "reserved_bytes": torch.cuda.memory_reserved(),
+            "max_allocated_bytes": torch.cuda.max_memory_allocated(),
+        }
     return report
 
 
@@ -84,5 +95,10 @@ def free_memory() -> dict:
         torch.cuda.empty_cache()
     trimmed = _malloc_trim()
     after = psutil.Process().memory_info().rss
-    return {"gc_collected": collected, "malloc_trim": trimmed, "rss_before_bytes": before, "rss_after_bytes": after,
-            "freed_bytes": max(0, before - after)}
+    return {
+        "gc_collected": collected,
+        "malloc_trim": trimmed,
+        "rss_before_bytes": before,
+        "rss_after_bytes": after,
+        "freed_bytes": max(0, before - after),
+    }

@@ -23,8 +23,9 @@ from lmforge.serve.limits import Admission, Ticket
 from lmforge.serve.schemas import ChatRequest, CompletionRequest, RequestError, SamplingFields
 
 
-def sampling_params(req: SamplingFields, max_tokens: int | None, defaults: GenerateConfig, cfg: ServeConfig,
-                    model: GPT) -> SamplingParams:
+def sampling_params(
+    req: SamplingFields, max_tokens: int | None, defaults: GenerateConfig, cfg: ServeConfig, model: GPT
+) -> SamplingParams:
     """The request's sampling settings; unset ones come from the run's [generate] recipe section."""
     max_new = max_tokens or defaults.max_new_tokens
     if max_new > cfg.max_tokens:
@@ -50,12 +51,16 @@ def _sse(obj: dict | str) -> str:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-async def _pieces(ticket: Ticket, host: ModelHost, name: str, ids: list[int], params: SamplingParams,
-                  stop: list[str]) -> AsyncIterator[Piece]:
+async def _pieces(
+    ticket: Ticket, host: ModelHost, name: str, ids: list[int], params: SamplingParams, stop: list[str]
+) -> AsyncIterator[Piece]:
     """Generate in a worker thread, one piece at a time, holding a generation slot throughout."""
     try:
         async with ticket.slot():
@@ -66,8 +71,9 @@ async def _pieces(ticket: Ticket, host: ModelHost, name: str, ids: list[int], pa
         ticket.release()
 
 
-async def _span_piece(ticket: Ticket, host: ModelHost, name: str, ids: list[int],
-                      settings: AnswerSettings) -> AsyncIterator[Piece]:
+async def _span_piece(
+    ticket: Ticket, host: ModelHost, name: str, ids: list[int], settings: AnswerSettings
+) -> AsyncIterator[Piece]:
     """The span answer as one piece (it is chosen whole, not token by token), made in a worker thread."""
     try:
         async with ticket.slot():
@@ -91,14 +97,25 @@ async def _answer_pieces(pieces: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
         await pieces.aclose()
 
 
-def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, admission: Admission,
-                  answering: AnswerSettings | None = None) -> APIRouter:
+def openai_router(
+    host: ModelHost,
+    cfg: ServeConfig,
+    defaults: GenerateConfig,
+    admission: Admission,
+    answering: AnswerSettings | None = None,
+) -> APIRouter:
     router = APIRouter(prefix="/v1")
     answering = answering or AnswerSettings()
 
-    async def respond(req: SamplingFields, model_name: str, prompt_tokens: int,
-                      pieces_for: Callable[[Ticket], AsyncIterator[Piece]], kind: str,
-                      chunk: Callable[[str, str | None, dict], dict], whole: Callable[[str, str, dict], dict]):
+    async def respond(
+        req: SamplingFields,
+        model_name: str,
+        prompt_tokens: int,
+        pieces_for: Callable[[Ticket], AsyncIterator[Piece]],
+        kind: str,
+        chunk: Callable[[str, str | None, dict], dict],
+        whole: Callable[[str, str, dict], dict],
+    ):
         """`pieces_for(ticket)` yields the completion's pieces, for a prompt of `prompt_tokens` tokens."""
         ticket = admission.admit()
         pieces = pieces_for(ticket)
@@ -117,8 +134,14 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
                         yield _sse(chunk(piece.text, piece.finish_reason, meta, first=first))
                         first = False
                     if piece.finish_reason and req.include_usage():
-                        yield _sse({**meta, "object": chunk("", None, meta)["object"], "choices": [],
-                                    "usage": _usage(prompt_tokens, piece.tokens)})
+                        yield _sse(
+                            {
+                                **meta,
+                                "object": chunk("", None, meta)["object"],
+                                "choices": [],
+                                "usage": _usage(prompt_tokens, piece.tokens),
+                            }
+                        )
                 yield _sse("[DONE]")
             except Exception as exc:  # noqa: BLE001 - the response has started: report in-band, as OpenAI does
                 yield _sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
@@ -128,8 +151,14 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def model_object(checkpoint: dict) -> dict:
-        return {"id": checkpoint["id"], "object": "model", "created": int(time.time()), "owned_by": "lmforge",
-                "stage": checkpoint["stage"], "active": checkpoint["active"]}
+        return {
+            "id": checkpoint["id"],
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "lmforge",
+            "stage": checkpoint["stage"],
+            "active": checkpoint["active"],
+        }
 
     @router.get("/models")
     async def models():
@@ -152,12 +181,18 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
         ids = host.completion_ids(model, req.prompt, params.max_new_tokens)
 
         def chunk(text, finish, meta, first=False):
-            return {**meta, "object": "text_completion",
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            return {
+                **meta,
+                "object": "text_completion",
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            }
 
         def whole(text, finish, meta):
-            return {**meta, "object": "text_completion",
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            return {
+                **meta,
+                "object": "text_completion",
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            }
 
         source = lambda ticket: _pieces(ticket, host, name, ids, params, req.stop_list())  # noqa: E731
         return await respond(req, name, len(ids), source, "cmpl", chunk, whole)
@@ -170,8 +205,9 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
         if req.decoding == "span":
             if context is None or not answering.with_context:
                 why = "give one" if answering.with_context else "this run was fine-tuned closed-book (qa.mode)"
-                raise RequestError(f"decoding: span answers are taken from a context; {why} (or use decoding "
-                                   "'sample')", "decoding")
+                raise RequestError(
+                    f"decoding: span answers are taken from a context; {why} (or use decoding 'sample')", "decoding"
+                )
             ids = host.qa_prompt(model, question, context, "span", 0, answering)
             source = lambda ticket: _span_piece(ticket, host, name, ids, answering)  # noqa: E731
         else:
@@ -181,13 +217,25 @@ def openai_router(host: ModelHost, cfg: ServeConfig, defaults: GenerateConfig, a
 
         def chunk(text, finish, meta, first=False):
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            return {**meta, "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            return {
+                **meta,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
 
         def whole(text, finish, meta):
-            return {**meta, "object": "chat.completion",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": None, "finish_reason": finish}]}
+            return {
+                **meta,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                ],
+            }
 
         return await respond(req, name, len(ids), source, "chatcmpl", chunk, whole)
 

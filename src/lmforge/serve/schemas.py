@@ -100,8 +100,9 @@ class SamplingFields(Strict):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
     echo: Annotated[bool | None, unsupported("echo is not supported")] = False
-    suffix: Annotated[str | None, unsupported("suffix (text to insert before) is not supported: the model only "
-                                              "continues text")] = None
+    suffix: Annotated[
+        str | None, unsupported("suffix (text to insert before) is not supported: the model only continues text")
+    ] = None
 
     @field_validator("prompt")
     @classmethod
@@ -113,7 +114,6 @@ class CompletionRequest(SamplingFields):
         if not v:
             raise ValueError("prompt is empty")
         return v
-
 
 
 class TextPart(Strict):

@@ -26,17 +26,29 @@ def run_recipe_for(run_dir: str | Path, overrides: dict[str, str] | None = None)
     return load_recipe(config, overrides)
 
 
-def build_app(run_dir: str | Path, checkpoint: str | None = None, serve_cfg: ServeConfig | None = None,
-              overrides: dict[str, str] | None = None, device: str = "cpu") -> FastAPI:
+def build_app(
+    run_dir: str | Path,
+    checkpoint: str | None = None,
+    serve_cfg: ServeConfig | None = None,
+    overrides: dict[str, str] | None = None,
+    device: str = "cpu",
+) -> FastAPI:
     recipe = run_recipe_for(run_dir, overrides)
     cfg = serve_cfg or recipe.serve
-    host = ModelHost(run_dir, checkpoint or cfg.checkpoint, device=device,
-                     batch_rows=cfg.max_concurrent if cfg.batching else 0)
+    host = ModelHost(
+        run_dir, checkpoint or cfg.checkpoint, device=device, batch_rows=cfg.max_concurrent if cfg.batching else 0
+    )
     return create_app(host, cfg, recipe.generate, AnswerSettings.of(recipe))
 
 
-def serve(run_dir: str | Path, checkpoint: str | None = None, host: str | None = None, port: int | None = None,
-          overrides: dict[str, str] | None = None, device: str = "cpu") -> None:
+def serve(
+    run_dir: str | Path,
+    checkpoint: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    overrides: dict[str, str] | None = None,
+    device: str = "cpu",
+) -> None:
     """Serve a run in the foreground until Ctrl-C."""
     cfg = run_recipe_for(run_dir, overrides).serve
     cfg.host = host or cfg.host
@@ -44,8 +56,9 @@ def serve(run_dir: str | Path, checkpoint: str | None = None, host: str | None =
     app = build_app(run_dir, checkpoint, cfg, overrides, device)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines, and the API has no authentication", cfg.host)
-    log.info("serving %s (checkpoint %s) at http://%s:%d/", app.state.host.name, app.state.host.active, cfg.host,
-             cfg.port)
+    log.info(
+        "serving %s (checkpoint %s) at http://%s:%d/", app.state.host.name, app.state.host.active, cfg.host, cfg.port
+    )
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=2)
     except SystemExit as exc:  # uvicorn exits when it cannot bind; say so in one line
@@ -59,8 +72,9 @@ class ServerThread:
     """
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    timeout_graceful_shutdown=1))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = ""
 

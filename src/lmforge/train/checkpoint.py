@@ -102,8 +102,14 @@ def _remove_dead_staging(path: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def save_checkpoint(path: Path, model: GPT, state: dict[str, Any], trainer: dict[str, Any] | None = None,
-                    weights: dict[str, torch.Tensor] | None = None, sharded_optimizer: Path | None = None) -> None:
+def save_checkpoint(
+    path: Path,
+    model: GPT,
+    state: dict[str, Any],
+    trainer: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    sharded_optimizer: Path | None = None,
+) -> None:
     """Write checkpoint `path` atomically. `state` must be JSON-able apart from tensors inside `trainer`.
 
     `weights` are the model's full weights when they were gathered elsewhere (FSDP shards); by default
@@ -150,9 +156,14 @@ def list_checkpoints(checkpoints: Path) -> list[Path]:
     """The checkpoint directories in `checkpoints` (best, last, pretrained, snapshots), sorted by name."""
     if not checkpoints.is_dir():
         return []
-    return sorted(p for p in checkpoints.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and not p.name.endswith(".old")
-                  and (p / "model.safetensors").is_file())
+    return sorted(
+        p
+        for p in checkpoints.iterdir()
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and not p.name.endswith(".old")
+        and (p / "model.safetensors").is_file()
+    )
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -185,8 +196,10 @@ def load_weights(model: GPT, path: Path) -> None:
         if key not in weights:
             raise LmforgeError(f"{file}: missing tensor '{key}' (checkpoint from another model shape?)")
         if tuple(weights[key].shape) != tuple(shape):
-            raise LmforgeError(f"{file}: tensor '{key}' has shape {tuple(weights[key].shape)}, the model expects "
-                               f"{tuple(shape)} (checkpoint from another model shape)")
+            raise LmforgeError(
+                f"{file}: tensor '{key}' has shape {tuple(weights[key].shape)}, the model expects "
+                f"{tuple(shape)} (checkpoint from another model shape)"
+            )
     extra = set(weights) - set(expected)
     if extra:
         raise LmforgeError(f"{file}: unexpected tensors {sorted(extra)[:3]} (checkpoint from another model shape)")
@@ -235,8 +248,11 @@ def keep_recent(checkpoints: Path, stage: str, step: int, keep: int) -> None:
     if keep <= 0:
         return
     copy_checkpoint(checkpoints / "last", checkpoints / snapshot_name(stage, step), link=True)
-    steps = {p: int(p.name.rsplit("-", 1)[1]) for p in checkpoints.glob(f"{stage}-step-*")
-             if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()}
+    steps = {
+        p: int(p.name.rsplit("-", 1)[1])
+        for p in checkpoints.glob(f"{stage}-step-*")
+        if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()
+    }
     stale = [p for p, s in steps.items() if s > step]
     current = sorted((p for p, s in steps.items() if s <= step), key=steps.get)
     for old in stale + current[:-keep]:

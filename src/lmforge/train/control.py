@@ -135,8 +135,9 @@ class LiveControl:
         changes = self._apply(values)
         if changes:
             log.info("%s step %d: control change %s", stage, step, describe(changes))
-            metrics.log({"event": "control", "stage": stage, "step": step, "label": describe(changes),
-                         "changes": changes})
+            metrics.log(
+                {"event": "control", "stage": stage, "step": step, "label": describe(changes), "changes": changes}
+            )
         return changes
 
     def _apply(self, values: dict[str, Any]) -> dict[str, Any]:

@@ -59,8 +59,10 @@ def join_torchrun(*modes: str) -> None:
     its own, writing the same files."""
     processes = torchrun_processes()
     if processes > 1 and "none" in modes:
-        raise LmforgeError(f"launched by torchrun with {processes} processes but distributed = none: add "
-                           "--distributed ddp or --distributed fsdp (otherwise every process trains the run on its own)")
+        raise LmforgeError(
+            f"launched by torchrun with {processes} processes but distributed = none: add "
+            "--distributed ddp or --distributed fsdp (otherwise every process trains the run on its own)"
+        )
     init_distributed(next((m for m in modes if m != "none"), "none"))
 
 
@@ -75,15 +77,19 @@ def init_distributed(mode: str) -> None:
     if mode == "none" or dist.is_initialized():
         return
     if not launched_by_torchrun():
-        raise LmforgeError(f"--distributed {mode} needs the torchrun launcher, e.g. "
-                           f"torchrun --nproc-per-node 2 -m lmforge.cli pretrain --distributed {mode} --run-dir RUN")
+        raise LmforgeError(
+            f"--distributed {mode} needs the torchrun launcher, e.g. "
+            f"torchrun --nproc-per-node 2 -m lmforge.cli pretrain --distributed {mode} --run-dir RUN"
+        )
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # on GPUs, NCCL carries the CUDA tensors (gradients, shards) and gloo the small CPU ones (loss sums,
     # the per-step control/stop flags), which NCCL would reject
     timeout = os.environ.get("LMFORGE_DIST_TIMEOUT_S")
-    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
-                            timeout=timedelta(seconds=float(timeout)) if timeout else None)
+    dist.init_process_group(
+        "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+        timeout=timedelta(seconds=float(timeout)) if timeout else None,
+    )
     _WAIT_GROUP = dist.new_group(backend="gloo", timeout=LONG_WAIT)
     log.info("distributed (%s): rank %d of %d", mode, dist.get_rank(), dist.get_world_size())
 
@@ -143,8 +149,7 @@ class Parallel:
     def for_config(cls, cfg: TrainConfig) -> Parallel:
         if cfg.distributed != "none" and not launched_by_torchrun():
             # e.g. resuming a torchrun run's checkpoint on one machine: its config says ddp/fsdp
-            log.warning("distributed = %s but not launched by torchrun: training in this one process",
-                        cfg.distributed)
+            log.warning("distributed = %s but not launched by torchrun: training in this one process", cfg.distributed)
             return cls()
         join_torchrun(cfg.distributed)
         if cfg.distributed == "none" or not dist.is_initialized():
@@ -259,8 +264,9 @@ class Parallel:
         dist.gather_object(value, out, dst=0)
         return out
 
-    def between_steps(self, control: LiveControl, changes: dict[str, Any],
-                      stop: str | None) -> tuple[dict[str, Any], str | None]:
+    def between_steps(
+        self, control: LiveControl, changes: dict[str, Any], stop: str | None
+    ) -> tuple[dict[str, Any], str | None]:
         """Share what decides the next step: rank 0's control-file `changes` and any rank's `stop` request.
 
         Returns (the changes this rank applies, the stop reason every rank agrees on). One small tensor

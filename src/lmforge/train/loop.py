@@ -154,16 +154,21 @@ def step_shares(micro: list[MicroBatch], parallel: Parallel, uneven: bool) -> St
     reads as many tokens: pretraining) that is 1/grad_accum, with no collective."""
     if not uneven:
         n = len(micro)
-        return StepShares([1.0 / n] * n, sum(m.read for m in micro) * parallel.world_size,
-                          sum(m.outputs for m in micro) * parallel.world_size)
-    scored, read, outputs = parallel.sum(float(sum(m.scored for m in micro)), float(sum(m.read for m in micro)),
-                                         float(sum(m.outputs for m in micro)))
+        return StepShares(
+            [1.0 / n] * n,
+            sum(m.read for m in micro) * parallel.world_size,
+            sum(m.outputs for m in micro) * parallel.world_size,
+        )
+    scored, read, outputs = parallel.sum(
+        float(sum(m.scored for m in micro)), float(sum(m.read for m in micro)), float(sum(m.outputs for m in micro))
+    )
     return StepShares([m.scored * parallel.world_size / max(scored, 1.0) for m in micro], int(read), int(outputs))
 
 
 @torch.no_grad()
-def validation_loss(model: GPT, batches: list[Batch], device: torch.device, dtype: torch.dtype,
-                    parallel: Parallel | None = None) -> float:
+def validation_loss(
+    model: GPT, batches: list[Batch], device: torch.device, dtype: torch.dtype, parallel: Parallel | None = None
+) -> float:
     """Token-weighted mean loss over a fixed list of batches (each rank takes its rows; sums are reduced)."""
     parallel = parallel or Parallel()
     was_training = model.training
@@ -212,8 +217,10 @@ class StopRequest:
         if self.reason == "interrupted":
             raise KeyboardInterrupt
         self.reason = "interrupted"
-        log.warning("stop requested (%s): finishing this step and saving a checkpoint; press Ctrl-C again to abort",
-                    signal.Signals(signum).name)
+        log.warning(
+            "stop requested (%s): finishing this step and saving a checkpoint; press Ctrl-C again to abort",
+            signal.Signals(signum).name,
+        )
 
     def check(self) -> str | None:
         if self.reason is None and self.run.stop_file.exists():
@@ -252,19 +259,32 @@ def train_stage(
     """
     writes = int(os.environ.get("RANK", "0")) == 0
     with run_lock(run, stage) if writes else contextlib.nullcontext():
-        return _train_stage(model, train_data, val_data, cfg, run, stage, total_steps, resume, seed, on_start,
-                            checkpoint_info)
+        return _train_stage(
+            model, train_data, val_data, cfg, run, stage, total_steps, resume, seed, on_start, checkpoint_info
+        )
 
 
-def _train_stage(model: GPT, train_data: BatchSource, val_data: BatchSource, cfg: TrainConfig, run: RunDir, stage: str,
-                 total_steps: int, resume: bool, seed: int, on_start: Callable[[], None] | None,
-                 checkpoint_info: dict[str, Any] | None) -> StageResult:
+def _train_stage(
+    model: GPT,
+    train_data: BatchSource,
+    val_data: BatchSource,
+    cfg: TrainConfig,
+    run: RunDir,
+    stage: str,
+    total_steps: int,
+    resume: bool,
+    seed: int,
+    on_start: Callable[[], None] | None,
+    checkpoint_info: dict[str, Any] | None,
+) -> StageResult:
     control = LiveControl(run, cfg)
     cfg = control.cfg  # a copy that control.toml changes in place
     parallel = Parallel.for_config(cfg)
     if cfg.batch_size % parallel.world_size:
-        raise LmforgeError(f"{stage}.batch_size {cfg.batch_size} is not a multiple of the {parallel.world_size} "
-                           "processes: each trains an equal share of the global batch")
+        raise LmforgeError(
+            f"{stage}.batch_size {cfg.batch_size} is not a multiple of the {parallel.world_size} "
+            "processes: each trains an equal share of the global batch"
+        )
     device = parallel.device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     precision = str(dtype).removeprefix("torch.")  # what `auto` resolved to here: recorded in checkpoints and metrics
@@ -283,8 +303,10 @@ def _train_stage(model: GPT, train_data: BatchSource, val_data: BatchSource, cfg
     optimizer = make_optimizer(model, cfg, device)
     if resume:
         if state.get("optimizer", cfg.optimizer) != cfg.optimizer:
-            raise LmforgeError(f"{last_ckpt}: trained with optimizer '{state['optimizer']}', the recipe says "
-                               f"{stage}.optimizer = '{cfg.optimizer}' (resume with the same optimizer)")
+            raise LmforgeError(
+                f"{last_ckpt}: trained with optimizer '{state['optimizer']}', the recipe says "
+                f"{stage}.optimizer = '{cfg.optimizer}' (resume with the same optimizer)"
+            )
         trainer = load_trainer_state(last_ckpt, state)
         try:
             if state.get("optimizer_format") == "sharded":
@@ -297,15 +319,21 @@ def _train_stage(model: GPT, train_data: BatchSource, val_data: BatchSource, cfg
             best, bad_evals = state["best_val_loss"], state["bad_evals"]
             last_val = state.get("val_loss", math.nan)  # shown until the next evaluation
         except (KeyError, ValueError, TypeError) as exc:  # a checkpoint of another lmforge version
-            raise LmforgeError(f"{last_ckpt}: cannot resume from this checkpoint ({type(exc).__name__}: {exc}); it "
-                               "was written by another lmforge version (start a new run)") from None
+            raise LmforgeError(
+                f"{last_ckpt}: cannot resume from this checkpoint ({type(exc).__name__}: {exc}); it "
+                "was written by another lmforge version (start a new run)"
+            ) from None
         log.info("%s: resumed from %s at step %d", stage, last_ckpt, step)
         if saved_ranks != parallel.world_size and parallel.is_main:
-            log.warning("%s: the checkpoint holds the RNG (dropout) streams of %d rank(s), resuming on %d: %s", stage,
-                        saved_ranks, parallel.world_size,
-                        f"rank(s) {saved_ranks}..{parallel.world_size - 1} start new streams seeded from "
-                        "(seed, rank, step)" if saved_ranks < parallel.world_size else
-                        f"the streams of rank(s) {parallel.world_size}..{saved_ranks - 1} are not continued")
+            log.warning(
+                "%s: the checkpoint holds the RNG (dropout) streams of %d rank(s), resuming on %d: %s",
+                stage,
+                saved_ranks,
+                parallel.world_size,
+                f"rank(s) {saved_ranks}..{parallel.world_size - 1} start new streams seeded from (seed, rank, step)"
+                if saved_ranks < parallel.world_size
+                else f"the streams of rank(s) {parallel.world_size}..{saved_ranks - 1} are not continued",
+            )
         if restored := control.restore(state.get("control", {})):
             log.info("%s: control values in effect: %s", stage, describe(restored))
     if cfg.dropout >= 0:
@@ -335,10 +363,20 @@ def _train_stage(model: GPT, train_data: BatchSource, val_data: BatchSource, cfg
                 trainer["optimizer"] = optimizer.state_dict()
         if not parallel.is_main:  # rank 0 alone writes the run directory
             return
-        state = {"stage": stage, "step": step, "tokens": tokens, "best_val_loss": best, "bad_evals": bad_evals,
-                 "total_steps": total_steps, "val_loss": last_val, "control": control.overrides,
-                 "optimizer": cfg.optimizer, "optimizer_format": "sharded" if shards else "full", "dtype": precision,
-                 **(checkpoint_info or {})}
+        state = {
+            "stage": stage,
+            "step": step,
+            "tokens": tokens,
+            "best_val_loss": best,
+            "bad_evals": bad_evals,
+            "total_steps": total_steps,
+            "val_loss": last_val,
+            "control": control.overrides,
+            "optimizer": cfg.optimizer,
+            "optimizer_format": "sharded" if shards else "full",
+            "dtype": precision,
+            **(checkpoint_info or {}),
+        }
         save_checkpoint(run.checkpoint(name), model, state, trainer, weights=weights, sharded_optimizer=shards)
         if with_trainer:  # ranks read the same stream in step: one deleter is enough
             _data_hook(train_data, "checkpoint_saved")  # e.g. shards consumed before this point may go
@@ -358,8 +396,17 @@ def _train_stage(model: GPT, train_data: BatchSource, val_data: BatchSource, cfg
             checkpoint("best", with_trainer=False)
         if counts_for_patience:
             bad_evals = 0 if improved else bad_evals + 1
-        metrics.log({"stage": stage, "step": step, "split": "val", "loss": last_val, "tokens": tokens,
-                     "perplexity": math.exp(min(last_val, 50)), "best": best})
+        metrics.log(
+            {
+                "stage": stage,
+                "step": step,
+                "split": "val",
+                "loss": last_val,
+                "tokens": tokens,
+                "perplexity": math.exp(min(last_val, 50)),
+                "best": best,
+            }
+        )
         return cfg.patience > 0 and bad_evals >= cfg.patience
 
     def between_steps(requested: str | None) -> tuple[dict[str, Any], str | None]:
@@ -372,8 +419,9 @@ def _train_stage(model: GPT, train_data: BatchSource, val_data: BatchSource, cfg
 
     model.train()
     stop_reason = "completed"
-    bar = tqdm(total=total_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True,
-               disable=not parallel.is_main)
+    bar = tqdm(
+        total=total_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True, disable=not parallel.is_main
+    )
     window_tokens, window_outputs, window_start = 0, 0, time.time()
     # padded batches (fine-tuning) count only their real tokens in tokens, tokens/s and MFU
     pad_id = getattr(train_data, "pad_id", None)
@@ -391,8 +439,9 @@ def _train_stage(model: GPT, train_data: BatchSource, val_data: BatchSource, cfg
                 lr = lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
                 optimizer.set_lr(cfg, lr / cfg.lr)
                 loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per micro-step
-                micro = [MicroBatch.of(parallel.local_rows(train_data.next_batch()), pad_id)
-                         for _ in range(cfg.grad_accum)]
+                micro = [
+                    MicroBatch.of(parallel.local_rows(train_data.next_batch()), pad_id) for _ in range(cfg.grad_accum)
+                ]
                 # padded QA batches score and read different numbers of tokens: weigh and count them by token
                 shares = step_shares(micro, parallel, uneven=pad_id is not None)
                 for i, (mb, weight) in enumerate(zip(micro, shares.weights, strict=True)):
@@ -418,9 +467,17 @@ def _train_stage(model: GPT, train_data: BatchSource, val_data: BatchSource, cfg
                 if step % cfg.log_interval == 0 or step == total_steps:
                     elapsed = max(time.time() - window_start, 1e-9)
                     tok_s = window_tokens / elapsed
-                    record = {"stage": stage, "step": step, "split": "train", "loss": loss_sum, "tokens": tokens,
-                              "lr": lr, "tokens_per_s": round(tok_s, 1), "memory_mb": memory_mb(device),
-                              "dtype": precision}
+                    record = {
+                        "stage": stage,
+                        "step": step,
+                        "split": "train",
+                        "loss": loss_sum,
+                        "tokens": tokens,
+                        "lr": lr,
+                        "tokens_per_s": round(tok_s, 1),
+                        "memory_mb": memory_mb(device),
+                        "dtype": precision,
+                    }
                     if optimizer.kind == "muon":
                         record["muon_lr"] = lr / cfg.lr * cfg.muon_lr
                     mfu = mfu_meter.mfu(tok_s / parallel.world_size, window_outputs / max(window_tokens, 1))
@@ -429,16 +486,25 @@ def _train_stage(model: GPT, train_data: BatchSource, val_data: BatchSource, cfg
                     if grad_norm is not None:
                         record["grad_norm"] = float(grad_norm)
                     metrics.log(record)
-                    bar.set_postfix(loss=f"{loss_sum:.3f}", val=f"{last_val:.3f}", lr=f"{lr:.1e}",
-                                    tok_s=f"{tok_s:,.0f}", **({"mfu": f"{mfu:.0%}"} if mfu is not None else {}))
+                    bar.set_postfix(
+                        loss=f"{loss_sum:.3f}",
+                        val=f"{last_val:.3f}",
+                        lr=f"{lr:.1e}",
+                        tok_s=f"{tok_s:,.0f}",
+                        **({"mfu": f"{mfu:.0%}"} if mfu is not None else {}),
+                    )
                     window_tokens, window_outputs, window_start = 0, 0, time.time()
                 bar.update(1)
                 paused = time.time()  # evaluation and checkpoints stay out of the tokens/s window
                 if step % cfg.eval_interval == 0 or step == total_steps:
                     if evaluate_now():
                         stop_reason = "early_stopping"
-                        log.info("%s: early stopping at step %d (no improvement in %d evaluations)", stage, step,
-                                 cfg.patience)
+                        log.info(
+                            "%s: early stopping at step %d (no improvement in %d evaluations)",
+                            stage,
+                            step,
+                            cfg.patience,
+                        )
                 if step % cfg.checkpoint_interval == 0:
                     checkpoint("last", with_trainer=True)
                 window_start += time.time() - paused

@@ -40,8 +40,9 @@ class MetricsLogger:
                 if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
             if "event" in record:  # stage changes, control changes, resizes: readable in TensorBoard's text tab
-                self.writer.add_text(f"{record.get('stage', 'run')}/events", record.get("label", record["event"]),
-                                     record["step"])
+                self.writer.add_text(
+                    f"{record.get('stage', 'run')}/events", record.get("label", record["event"]), record["step"]
+                )
 
     def close(self) -> None:
         self.fh.close()
@@ -123,11 +124,20 @@ def _draw_run(ax, records: list[dict[str, Any]], prefix: str = "", color: str | 
     losses = _latest_per_step(records)
     for stage, offset in offsets.items():
         for split, style in (("train", "-"), ("val", "o-")):
-            pts = [(offset + r["step"], r["loss"]) for r in losses if r.get("stage") == stage and r.get("split") == split]
+            pts = [
+                (offset + r["step"], r["loss"]) for r in losses if r.get("stage") == stage and r.get("split") == split
+            ]
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, style, label=f"{prefix}{stage} {split}", markersize=3, linewidth=1.2,
-                        **({"color": color} if color else {}))
+                ax.plot(
+                    xs,
+                    ys,
+                    style,
+                    label=f"{prefix}{stage} {split}",
+                    markersize=3,
+                    linewidth=1.2,
+                    **({"color": color} if color else {}),
+                )
     markers: dict[int, list[str]] = {}  # events at the same step share one line and one label
     for rec in records:
         event = rec.get("event")
@@ -138,8 +148,16 @@ def _draw_run(ax, records: list[dict[str, Any]], prefix: str = "", color: str | 
                 markers[x].append(label)
     for x, labels in markers.items():
         ax.axvline(x, color=color or "gray", linestyle="--", linewidth=0.8, alpha=0.7)
-        ax.annotate(prefix + " | ".join(labels), (x, 1), xycoords=("data", "axes fraction"), rotation=90,
-                    va="top", ha="right", fontsize=7, color=color or "gray")
+        ax.annotate(
+            prefix + " | ".join(labels),
+            (x, 1),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=7,
+            color=color or "gray",
+        )
 
 
 def _save_figure(fig, out_path: Path) -> Path:

@@ -128,8 +128,10 @@ class Optimizers:
         state = dict(state)
         kind = state.pop("kind", "adamw")
         if kind != self.kind:
-            raise LmforgeError(f"checkpoint optimizer is '{kind}' but the recipe asks for '{self.kind}' "
-                               "(resume with the same optimizer, or start a new stage)")
+            raise LmforgeError(
+                f"checkpoint optimizer is '{kind}' but the recipe asks for '{self.kind}' "
+                "(resume with the same optimizer, or start a new stage)"
+            )
         set_optimizer_state_dict(self.model, self.optimizers, state, options=StateDictOptions(full_state_dict=True))
 
 
@@ -150,8 +152,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     adamw_groups = [{"params": rest + other_matrices, "weight_decay": 0.0, "lr_field": "lr"}]
     optimizers: list[torch.optim.Optimizer] = []
     if cfg.optimizer == "muon":
-        muon = torch.optim.Muon([{"params": hidden, "lr_field": "muon_lr"}], lr=cfg.muon_lr,
-                                weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+        muon = torch.optim.Muon(
+            [{"params": hidden, "lr_field": "muon_lr"}],
+            lr=cfg.muon_lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.muon_momentum,
+        )
         optimizers.append(muon)
     else:
         adamw_groups.insert(0, {"params": hidden, "weight_decay": cfg.weight_decay, "lr_field": "lr"})

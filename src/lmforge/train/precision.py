@@ -152,8 +152,12 @@ class MFUMeter:
         if self.peak is None:
             log.info("MFU not reported: %s", self.source)
         else:
-            log.info("MFU against %.4g GFLOP/s (%s); %.3g FLOPs per token", self.peak / 1e9, self.source,
-                     self.flops_per_token)
+            log.info(
+                "MFU against %.4g GFLOP/s (%s); %.3g FLOPs per token",
+                self.peak / 1e9,
+                self.source,
+                self.flops_per_token,
+            )
 
     def mfu(self, tokens_per_s: float, output_fraction: float = 1.0) -> float | None:
         """`output_fraction`: the share of positions whose output layer ran (fine-tuning computes logits
