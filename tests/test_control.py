@@ -253,6 +253,35 @@ def test_a_directory_that_is_not_a_run_is_one_clear_line(tmp_path, capsys, argv)
     assert not (tmp_path / "control.toml").exists() and not (tmp_path / "STOP").exists()
 
 
+def test_tensorboard_shows_the_newest_attempt_of_each_step(tmp_path):
+    """A stage resumed from its checkpoint at step 6 after dying at step 9 redoes steps 7-9: TensorBoard shows
+    them once, with the new values (purge_step); a stage started over hides all of its earlier attempt; the
+    other stages are left alone (one TensorBoard run per stage)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lmforge.train.metrics import MetricsLogger
+
+    def attempt(stage: str, steps: range, loss: float, purge: int | None) -> None:
+        logger = MetricsLogger(tmp_path / "metrics.jsonl", tmp_path / "tb", {stage: purge} if purge is not None else {})
+        for step in steps:
+            logger.log({"stage": stage, "split": "train", "step": step, "loss": loss})
+        logger.close()
+
+    def scalars(stage: str) -> list[tuple[int, float]]:
+        board = EventAccumulator(str(tmp_path / "tb" / stage))
+        board.Reload()
+        return [(e.step, e.value) for e in board.Scalars(f"{stage}/train/loss")]
+
+    attempt("pretrain", range(1, 13), 1.0, 0)
+    attempt("finetune", range(1, 10), 1.0, 0)  # killed after step 9; its last checkpoint is step 6
+    attempt("finetune", range(7, 13), 2.0, 7)  # resumed
+    assert scalars("finetune") == [(s, 1.0) for s in range(1, 7)] + [(s, 2.0) for s in range(7, 13)]
+    assert scalars("pretrain") == [(s, 1.0) for s in range(1, 13)]
+    attempt("pretrain", range(1, 4), 3.0, 0)  # started over
+    assert scalars("pretrain") == [(s, 3.0) for s in range(1, 4)]
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 12 + 9 + 6 + 3  # the log keeps every attempt
+
+
 def test_metrics_tensorboard_and_plots_with_markers(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -260,7 +289,7 @@ def test_metrics_tensorboard_and_plots_with_markers(tmp_path, capsys):
     train(run, cfg(max_steps=6), {3: lambda: write_controls(run, {"lr": 5e-3})})
     rec = train_records(run)[6]
     assert rec["memory_mb"] > 0 and rec["tokens_per_s"] > 0 and rec["grad_norm"] > 0
-    acc = EventAccumulator(str(run.tensorboard))
+    acc = EventAccumulator(str(run.tensorboard / "pretrain"))  # one TensorBoard run per stage
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for name in ("loss", "lr", "grad_norm", "tokens_per_s", "memory_mb"):

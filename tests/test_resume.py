@@ -131,6 +131,12 @@ def test_kill_9_between_checkpoints_then_resume_matches_an_uninterrupted_run(sta
     # both attempts' steps 7-9 are in the log (the plot keeps the resumed ones)
     steps = [r["step"] for r in read_metrics(killed / "metrics.jsonl") if r.get("split") == "train"]
     assert steps.count(8) == 2 and steps.count(10) == 1
+    # TensorBoard shows each step once: the resumed attempt purges the killed one's steps after the checkpoint
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(killed / "tensorboard" / stage))
+    board.Reload()
+    assert [e.step for e in board.Scalars(f"{stage}/train/loss")] == list(range(1, 17))
     assert read_state(killed / "checkpoints" / "last")["stage"] == stage
 
 

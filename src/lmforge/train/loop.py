@@ -342,7 +342,9 @@ def _train_stage(
         on_start()
 
     val_batches = val_data.fixed_batches(cfg.eval_batches)
-    metrics = MetricsLogger(run.metrics, run.tensorboard) if parallel.is_main else NullMetrics()
+    # TensorBoard hides what an earlier attempt logged from here on: a resume redoes the steps after its checkpoint
+    purge = {stage: step + 1 if resume else 0}
+    metrics = MetricsLogger(run.metrics, run.tensorboard, purge) if parallel.is_main else NullMetrics()
     mfu_meter = MFUMeter(model.cfg, model.num_parameters(), device, dtype, quiet=not parallel.is_main)
     if step == 0:
         metrics.log({"event": f"{stage}_start", "stage": stage, "step": 0, "label": f"{stage} start"})

@@ -15,39 +15,54 @@ log = logging.getLogger("lmforge")
 
 class MetricsLogger:
     """Appends records to metrics.jsonl (flushed per line, so a crash loses nothing written) and
-    mirrors numeric fields to TensorBoard as `<stage>/<split>/<name>`."""
+    mirrors numeric fields to TensorBoard as `<stage>/<split>/<name>`, one TensorBoard run per stage
+    (`tensorboard_dir/<stage>`).
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+    `purge` ({stage: step}) hides from TensorBoard what earlier attempts logged for that stage from `step` on
+    (its `purge_step`): the steps a resumed stage redoes after a kill, or all of a stage started over.
+    metrics.jsonl keeps every attempt's records; `plot` draws the newest.
+    """
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, purge: dict[str, int] | None = None):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fh = open(path, "a", encoding="utf-8")
-        self.writer = None
+        self.tensorboard_dir = tensorboard_dir
+        self.purge = dict(purge or {})
+        self.writers: dict[str, Any] = {}
         if tensorboard_dir is not None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(tensorboard_dir))
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError:  # TensorBoard is optional at run time; metrics.jsonl is the record
                 log.warning("tensorboard is not installed; writing metrics.jsonl only")
+                self.tensorboard_dir = None
+
+    def _writer(self, stage: str):
+        if stage not in self.writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writers[stage] = SummaryWriter(str(self.tensorboard_dir / stage), purge_step=self.purge.get(stage))
+        return self.writers[stage]
 
     def log(self, record: dict[str, Any]) -> None:
         record = {"time": round(time.time(), 3), **record}
         self.fh.write(json.dumps(record) + "\n")
         self.fh.flush()
-        if self.writer is not None and "step" in record:
-            prefix = f"{record.get('stage', 'run')}/{record.get('split', record.get('event', 'event'))}"
-            for key, value in record.items():
-                if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
-            if "event" in record:  # stage changes, control changes, resizes: readable in TensorBoard's text tab
-                self.writer.add_text(
-                    f"{record.get('stage', 'run')}/events", record.get("label", record["event"]), record["step"]
-                )
+        if self.tensorboard_dir is None or "step" not in record:
+            return
+        stage = str(record.get("stage", "run"))
+        writer = self._writer(stage)
+        prefix = f"{stage}/{record.get('split', record.get('event', 'event'))}"
+        for key, value in record.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+        if "event" in record:  # stage changes, control changes, resizes: readable in TensorBoard's text tab
+            writer.add_text(f"{stage}/events", record.get("label", record["event"]), record["step"])
 
     def close(self) -> None:
         self.fh.close()
-        if self.writer is not None:
-            self.writer.close()
+        for writer in self.writers.values():
+            writer.close()
 
 
 def memory_mb(device) -> float:
