@@ -108,8 +108,10 @@ def batch_loss(model, x: torch.Tensor, y: torch.Tensor, sparse_targets: bool) ->
         return model(x, targets=y)  # the loss inside forward: compiled with the model when train.compile
     scored = y != -100
     targets = y[scored]
-    loss = F.cross_entropy(model(x, output_mask=scored).float(), targets, reduction="sum")
-    return loss / max(targets.numel(), 1)
+    logits = model(x, output_mask=scored).float()
+    if targets.numel() == 0:  # every parameter stays in the graph (as DDP needs), with zero gradients
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, targets)
 
 
 def scored_positions(y: torch.Tensor) -> tuple[int, bool]:
