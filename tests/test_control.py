@@ -257,11 +257,18 @@ def test_tensorboard_shows_the_newest_attempt_of_each_step(tmp_path):
     """A stage resumed from its checkpoint at step 6 after dying at step 9 redoes steps 7-9: TensorBoard shows
     them once, with the new values (purge_step); a stage started over hides all of its earlier attempt; the
     other stages are left alone (one TensorBoard run per stage)."""
+    import time
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from lmforge.train.metrics import MetricsLogger
 
     def attempt(stage: str, steps: range, loss: float, purge: int | None) -> None:
+        # TensorBoard reads a run's event files in name order: the time in whole seconds, then a per-process
+        # counter that is not zero-padded. Attempts are processes seconds apart; here, a new second each.
+        started = int(time.time())
+        while int(time.time()) == started:
+            time.sleep(0.02)
         logger = MetricsLogger(tmp_path / "metrics.jsonl", tmp_path / "tb", {stage: purge} if purge is not None else {})
         for step in steps:
             logger.log({"stage": stage, "split": "train", "step": step, "loss": loss})
