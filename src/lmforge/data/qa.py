@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.data.sources import QAExample
+from lmforge.data.sources import QAExample, some_ids
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger("lmforge")
@@ -36,8 +36,6 @@ class EncodedQA:
 
 
 # --------------------------------------------------------------------------- checking examples
-
-MAX_NAMED = 5  # ids named one by one in warnings; the rest are counted
 
 
 def example_problem(ex: QAExample) -> str | None:
@@ -78,10 +76,7 @@ def clean_examples(examples: list[QAExample], what: str) -> tuple[list[QAExample
             ex = QAExample(ex.id, ex.question, ex.context, [a for a, _ in pairs], [s for _, s in pairs], ex.title)
         kept.append(ex)
     for problem, ids in named.items():
-        more = f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else ""
-        log.warning(
-            "%s: skipped %d example(s) with %s: %s%s", what, len(ids), problem, ", ".join(ids[:MAX_NAMED]), more
-        )
+        log.warning("%s: skipped %d example(s) with %s: %s", what, len(ids), problem, some_ids(ids))
     return kept, dropped
 
 

@@ -197,6 +197,15 @@ def _answer_start(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
 
+MAX_NAMED = 5  # ids named one by one in warnings; the rest are counted
+
+
+def some_ids(ids: list[str]) -> str:
+    """The first MAX_NAMED ids for a warning, and how many more there are."""
+    more = f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else ""
+    return ", ".join(ids[:MAX_NAMED]) + more
+
+
 MALFORMED = "malformed entry (no context, question or answers)"  # how skipped entries are counted
 
 
@@ -235,13 +244,11 @@ def _squad_records(obj: Any, path: Path, skipped_count: Counter | None = None) -
                     title=title,
                 )
     if skipped:
-        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         log.warning(
-            "%s: skipped %d malformed SQuAD entries (missing context, question or answers): %s%s",
+            "%s: skipped %d malformed SQuAD entries (missing context, question or answers): %s",
             path,
             len(skipped),
-            ", ".join(skipped[:5]),
-            more,
+            some_ids(skipped),
         )
 
 
@@ -603,13 +610,11 @@ def iter_qa_examples(src: SourceConfig, data_dir: Path | None, skipped: Counter 
         if src.max_docs and n >= src.max_docs:
             break
     if repaired:
-        more = f" and {len(repaired) - 5} more" if len(repaired) > 5 else ""
         log.warning(
-            "QA source '%s': %d example(s) had lone surrogate escapes (\\ud800-\\udfff), replaced with U+FFFD: %s%s",
+            "QA source '%s': %d example(s) had lone surrogate escapes (\\ud800-\\udfff), replaced with U+FFFD: %s",
             src.name,
             len(repaired),
-            ", ".join(repaired[:5]),
-            more,
+            some_ids(repaired),
         )
     if n == 0:
         raise LmforgeError(f"QA source '{src.name}': no examples found")
