@@ -414,8 +414,9 @@ def training_overrides(args, overrides: dict[str, str]) -> dict[str, str]:
 def distributed_session(mode: str | None):
     """Join torchrun's process group for the command, and leave it at the end, also when the recipe's
     `distributed` keys joined it (torch is imported only under torchrun or when asked for)."""
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if (not mode or mode == "none") and not under_torchrun:
+    from lmforge.torchrun_env import launched_by_torchrun
+
+    if (not mode or mode == "none") and not launched_by_torchrun():
         yield
         return
     from lmforge.train.distributed import init_distributed, shutdown_distributed

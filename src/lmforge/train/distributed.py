@@ -28,6 +28,7 @@ from torch import nn
 from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
 from lmforge.model import Block
+from lmforge.torchrun_env import launched_by_torchrun, torchrun_processes
 from lmforge.train.control import CONTROL_KEYS, LiveControl
 
 log = logging.getLogger("lmforge")
@@ -42,15 +43,6 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 def stop_code(reason: str | None) -> int:
     """A stop reason as a number for the per-step all_reduce; an unknown reason counts as an interruption."""
     return STOP_REASONS.index(reason) if reason in STOP_REASONS else STOP_REASONS.index("interrupted")
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def torchrun_processes() -> int:
-    """How many processes torchrun started for this job (1 when not launched by torchrun)."""
-    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
 
 
 def join_torchrun(*modes: str) -> None:

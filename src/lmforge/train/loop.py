@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -28,6 +27,7 @@ from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
 from lmforge.rundir import RunDir, run_lock
+from lmforge.torchrun_env import torchrun_rank
 from lmforge.train.checkpoint import (
     SHARDED_OPTIMIZER,
     checkpoint_dir,
@@ -259,8 +259,7 @@ def train_stage(
     torchrun's RANK, known before the process group is joined) holds the run's lock meanwhile, so a second
     trainer of the same run directory is refused.
     """
-    writes = int(os.environ.get("RANK", "0")) == 0
-    with run_lock(run, stage) if writes else contextlib.nullcontext():
+    with run_lock(run, stage) if torchrun_rank() == 0 else contextlib.nullcontext():
         return _train_stage(
             model, train_data, val_data, cfg, run, stage, total_steps, resume, seed, on_start, checkpoint_info
         )
