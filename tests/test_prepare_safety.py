@@ -4,7 +4,6 @@ preparation leaves the previous shards in place, and shards under trained checkp
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +14,9 @@ from lmforge.config import DataConfig, SourceConfig
 from lmforge.data import shards as shards_mod
 from lmforge.errors import LmforgeError
 
+from .test_data_shards import make_docs, write_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
-WORDS = (
-    "the river runs past old mill where children play and birds sing in tall green trees while "
-    "a quiet farmer counts his sheep under bright morning light"
-).split()
-
-
-def make_docs(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) + "." for _ in range(n)]
-
-
-def write_jsonl(path: Path, texts: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return path
 
 
 def recipe(path: Path, sources: str) -> Path:
