@@ -2,7 +2,9 @@
 # The GPU figures in the README, in one script sized for a short lease of one H100:
 #   1. the seed-67m chain: pretrain, fine-tune on SQuAD with context, evaluate on 1,000 dev questions
 #      (greedy decoding, span decoding, and span decoding from the 2 likeliest first words);
-#   2. gpt2-124m pretraining throughput: a few hundred steps with bf16 + torch.compile (tokens/s, MFU).
+#   2. gpt2-124m pretraining throughput: a few hundred steps with bf16 + torch.compile (tokens/s, MFU);
+#   3. when NCCL_RUN names a prepared tiny run (tokenizer and shards, like the seed-67m one): a few steps of
+#      DDP and of FSDP under torchrun on the GPU, so the NCCL path runs (one process: one GPU is lent).
 # The seed-67m run directory must already hold its tokenizer and prepared shards, which a CPU makes:
 #   lmforge tokenizer train recipes/seed-67m.toml --run-dir WORK/s67 --data-dir ../shared/data
 #   lmforge prepare --run-dir WORK/s67 --data-dir ../shared/data
@@ -10,7 +12,7 @@
 # gpt2-124m reuses those shards with its model's 50,304-row vocabulary (the tokenizer's 12,856 used): the
 # throughput does not depend on which tokens flow. Each stage has a time cap; a stage that reaches it stops
 # gracefully (SIGTERM: finish the step, save, go on), so the chain still ends with an evaluation.
-# Knobs (environment): G124_STEPS, S67_PRETRAIN_STEPS, S67_FINETUNE_STEPS, S67_PHASE1_TOKENS, QUESTIONS, SUBSET,
+# Knobs (environment): DECODINGS (which evaluations, default all three), NCCL_RUN, G124_STEPS, S67_PRETRAIN_STEPS, S67_FINETUNE_STEPS, S67_PHASE1_TOKENS, QUESTIONS, SUBSET,
 # *_SECONDS caps, FINETUNE_COMPILE (true: torch.compile fine-tuning too; unmeasured on a GPU, off by default),
 # and EXTRA (overrides added to every training stage, e.g. a small batch for a CPU dry run).
 set -uo pipefail
@@ -31,6 +33,9 @@ FINETUNE_SECONDS=${FINETUNE_SECONDS:-190}
 EVAL_SECONDS=${EVAL_SECONDS:-50}
 FINETUNE_COMPILE=${FINETUNE_COMPILE:-false}
 EXTRA=${EXTRA:-}
+DECODINGS=${DECODINGS:-greedy span span-2-starts}
+NCCL_RUN=${NCCL_RUN:-}
+NCCL_SECONDS=${NCCL_SECONDS:-60}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=${TQDM_MININTERVAL:-15} PYTHONPATH="$HERE/src${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -60,7 +65,7 @@ capped "$FINETUNE_SECONDS" "${LMFORGE[@]}" finetune --run-dir "$WORK/s67" --data
   --finetune.log_interval 20 $EXTRA
 cp "$WORK/s67/metrics.jsonl" "$OUT/s67-metrics.jsonl"
 
-for decoding in greedy span span-2-starts; do  # the last: span answers from the 2 likeliest first words
+for decoding in $DECODINGS; do  # the last: span answers from the 2 likeliest first words
   stamp "seed-67m: eval, $decoding decoding, $QUESTIONS questions"
   starts=0; [ "$decoding" = span-2-starts ] && starts=2
   capped "$EVAL_SECONDS" "${LMFORGE[@]}" eval --run-dir "$WORK/s67" --data-dir "$DATA" --eval.squad_questions "$QUESTIONS" \
@@ -70,11 +75,23 @@ done
 
 # 2. gpt2-124m throughput: its recipe, one micro-batch of 32 x 1024 tokens per step, bf16 + compile.
 stamp "gpt2-124m: $G124_STEPS steps, bf16 + compile"
-rm -rf "$WORK/g124" && mkdir -p "$WORK/g124" && cp -r "$WORK/s67/"{tokenizer.json,data,progress.json} "$WORK/g124/"
+rm -rf "$WORK/g124" && mkdir -p "$WORK/g124" && cp -r "$WORK/s67/"{config.toml,tokenizer.json,data,progress.json} "$WORK/g124/"
 capped "$G124_SECONDS" "${LMFORGE[@]}" pretrain "$HERE/recipes/gpt2-124m.toml" --run-dir "$WORK/g124" \
   --model.vocab_size 50304 --pretrain.max_steps "$G124_STEPS" --pretrain.grad_accum 1 --pretrain.warmup_steps 100 \
   --pretrain.compile true --pretrain.eval_interval "$G124_STEPS" --pretrain.eval_batches 5 \
   --pretrain.checkpoint_interval 100000 --pretrain.log_interval 10 $EXTRA
 cp "$WORK/g124/metrics.jsonl" "$OUT/g124-metrics.jsonl"
 rm -rf "$WORK/g124"
+
+# 3. NCCL: DDP, then FSDP, each training a copy of the tiny run for a few steps under torchrun.
+if [ -n "$NCCL_RUN" ]; then
+  for engine in ddp fsdp; do
+    stamp "tiny: $engine under torchrun (NCCL), 20 steps"
+    rm -rf "$WORK/nccl-$engine" && cp -r "$NCCL_RUN" "$WORK/nccl-$engine"
+    capped "$NCCL_SECONDS" python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m lmforge.cli pretrain \
+      --run-dir "$WORK/nccl-$engine" --distributed "$engine" --pretrain.max_steps 20 --pretrain.eval_interval 10 \
+      --pretrain.checkpoint_interval 10 --pretrain.log_interval 5
+    cp "$WORK/nccl-$engine/metrics.jsonl" "$OUT/nccl-$engine-metrics.jsonl"
+  done
+fi
 stamp "done"
