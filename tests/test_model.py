@@ -3,7 +3,7 @@ import torch
 
 from lmforge.config import load_recipe
 from lmforge.generate import SamplingParams, filter_logits, generate, greedy_batch, sample_next
-from lmforge.model import GPT, GPTConfig
+from lmforge.model import GPT, GPTConfig, apply_rope
 
 from .conftest import REPO
 
@@ -79,8 +79,9 @@ def test_varying_lengths_compile_without_a_graph_break_per_block(model):
 
 
 def test_rotary_tables_are_made_once_and_not_saved(model):
-    """cos/sin come from tables made at construction (row p = position p, HF Llama's layout); they follow
-    the model to its device but stay out of the weights, so checkpoints keep their format."""
+    """cos/sin come from tables made at construction (row p = position p, HF Llama's layout, sin's first half
+    negated); they follow the model to its device but stay out of the weights, so checkpoints keep their
+    format."""
     cfg = model.cfg
     d = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2).float() / d)
@@ -88,11 +89,41 @@ def test_rotary_tables_are_made_once_and_not_saved(model):
     expected = torch.cat([angles, angles], -1)
     assert model.rope_cos.shape == (cfg.block_size, d)
     assert torch.allclose(model.rope_cos[[0, 5, 47]], expected.cos()) and torch.allclose(
-        model.rope_sin[[0, 5, 47]], expected.sin()
+        model.rope_signed_sin[[0, 5, 47]], expected.sin() * torch.tensor([-1.0] * (d // 2) + [1.0] * (d // 2))
     )
     assert not any(k.startswith("rope_") for k in model.state_dict())
     with pytest.raises(ValueError, match="exceeds the model's block size"):
         model.new_cache(1, cfg.block_size + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_embedding_is_llamas_bit_for_bit(model, dtype):
+    """apply_rope's roll and signed sin give exactly Llama's x * cos + rotate_half(x) * sin."""
+    cfg = model.cfg
+    x = torch.randn(2, cfg.n_head, 9, cfg.head_dim).to(dtype)
+    cos, signed_sin = (t[:9].to(dtype) for t in (model.rope_cos, model.rope_signed_sin))
+    half = cfg.head_dim // 2
+    sin = torch.cat([-signed_sin[:, :half], signed_sin[:, half:]], -1)
+    x1, x2 = x[..., :half], x[..., half:]
+    llama = x * cos + torch.cat([-x2, x1], -1) * sin
+    assert torch.equal(apply_rope(x, cos, signed_sin), llama)
+
+
+def test_compiled_bf16_training_with_attention_dropout_has_finite_gradients():
+    """On CPU, PyTorch 2.13's inductor gave NaN key-projection gradients for rotary embeddings written with
+    torch.cat, under bf16 autocast with attention dropout (seed-67m's dropout 0.1 failed at step 2 with
+    --pretrain.compile true). apply_rope swaps the halves with a roll instead."""
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=64, vocab_size=97, dropout=0.1))
+    x = torch.randint(0, 97, (2, 64))
+    dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.compile(gpt)(x, targets=x)
+    loss.backward()
+    dynamo.reset()
+    assert not [n for n, p in gpt.named_parameters() if not torch.isfinite(p.grad).all()]
 
 
 def test_kv_cache_matches_full_forward(model):

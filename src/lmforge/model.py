@@ -48,24 +48,25 @@ class GPTConfig:
 
 
 def rope_tables(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of every position 0..block_size-1, each (block_size, head_dim) in fp32, in the layout of
-    Hugging Face Llama. Made once per model: computed inside forward, torch.compile fuses the cos/sin into
-    every rotary product and recomputes them per head and layer (11-15% of the kernel time of a gpt2-124m
-    step in an H100 profile)."""
+    """cos and signed sin of every position 0..block_size-1, each (block_size, head_dim) in fp32: row p holds
+    Hugging Face Llama's cos/sin of position p, with the first half of sin negated (the sign that Llama's
+    rotate_half puts on the halves it swaps; see `apply_rope`). Made once per model: computed inside forward,
+    torch.compile fuses the cos/sin into every rotary product and recomputes them per head and layer (11-15% of
+    the kernel time of a gpt2-124m step in an H100 profile)."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     freqs = torch.arange(cfg.block_size, dtype=torch.float32)[:, None] * inv_freq  # (T, d/2)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    sign = torch.cat([-torch.ones(d // 2), torch.ones(d // 2)])
+    return emb.cos(), emb.sin() * sign
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotary embedding, x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1) for the halves
+    x1, x2 of the last dim, written as x * cos + (x2, x1) * signed_sin: the same numbers, bit for bit. The
+    halves are swapped by a roll, not by concatenating them: with torch.cat, PyTorch 2.13's inductor gives NaN
+    key gradients on CPU under bf16 autocast when attention dropout is on."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 # --------------------------------------------------------------------------- KV cache
@@ -191,9 +192,9 @@ class GPT(nn.Module):
         self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied input/output embeddings
-        cos, sin = rope_tables(cfg)  # buffers follow .to(device); not saved with the weights
+        cos, signed_sin = rope_tables(cfg)  # buffers follow .to(device); not saved with the weights
         self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_signed_sin", signed_sin, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: shrink residual-path projections with depth
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -254,9 +255,9 @@ class GPT(nn.Module):
         positions, mask = self._positions_and_mask(idx, cache, attention_mask)
         x = self.emb_dropout(self.tok_emb(idx))
         if positions is None:  # (1, 1, T, d): one table broadcast over rows and heads
-            cos, sin = self.rope_cos[None, None, : idx.shape[1]], self.rope_sin[None, None, : idx.shape[1]]
+            cos, sin = self.rope_cos[None, None, : idx.shape[1]], self.rope_signed_sin[None, None, : idx.shape[1]]
         else:  # (B, 1, T, d)
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+            cos, sin = self.rope_cos[positions][:, None], self.rope_signed_sin[positions][:, None]
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, cache, i, capture)
