@@ -245,6 +245,38 @@ def test_compiled_model_trains_like_eager():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("varying_shapes", [True, False])
+def test_fine_tuning_compiles_the_blocks_once_for_every_batch_shape(varying_shapes):
+    """Fine-tuning's batches change length every step and row count at an epoch's end: wrapped with
+    varying_shapes, the compiled blocks take them all without compiling again; without it (pretraining's
+    fixed windows) a new shape recompiles them. (The output layer after the scored-position graph break
+    compiles once more, cheaply, when the number of scored tokens first changes: here it stays 12.)"""
+    import torch._dynamo as dynamo
+
+    from lmforge.train.loop import batch_loss
+
+    def qa_batch(rows: int, length: int, answer_tokens: int):
+        ids = torch.randint(0, 96, (rows, length))
+        targets = torch.full_like(ids, -100)
+        targets[:, -answer_tokens:] = ids[:, -answer_tokens:]
+        return ids, targets
+
+    dynamo.reset()
+    engine = Parallel().wrap(small_model(), TrainConfig(compile=True), varying_shapes=varying_shapes)
+    batch_loss(engine, *qa_batch(4, 12, 3), sparse_targets=True).backward()  # compiles
+    recompiled = False
+    try:
+        with dynamo.config.patch(error_on_recompile=True):
+            for rows, length, answer_tokens in [(4, 9, 3), (6, 14, 2)]:
+                batch_loss(engine, *qa_batch(rows, length, answer_tokens), sparse_targets=True).backward()
+    except Exception as error:  # dynamo's RecompileError, raised through the compiled call
+        assert "Recompil" in type(error).__name__ + str(error), error
+        recompiled = True
+    finally:
+        dynamo.reset()
+    assert recompiled is not varying_shapes
+
+
 def test_fp32_and_distributed_flags_set_both_training_stages():
     from lmforge.cli import build_parser, training_overrides
 

@@ -300,7 +300,7 @@ def _train_stage(
         if state.get("stage") != stage:
             raise LmforgeError(f"{last_ckpt}: last checkpoint is from stage '{state.get('stage')}', not '{stage}'")
         load_weights(model, last_ckpt)  # full weights, before any sharding
-    engine = parallel.wrap(model, cfg)
+    engine = parallel.wrap(model, cfg, varying_shapes=getattr(train_data, "pad_id", None) is not None)
     optimizer = make_optimizer(model, cfg, device)
     if resume:
         if state.get("optimizer", cfg.optimizer) != cfg.optimizer:
