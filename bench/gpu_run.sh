@@ -73,15 +73,17 @@ for decoding in $DECODINGS; do  # the last: span answers from the 2 likeliest fi
   cp "$WORK/s67/eval/report.json" "$OUT/s67-eval-$decoding.json"
 done
 
-# 2. gpt2-124m throughput: its recipe, one micro-batch of 32 x 1024 tokens per step, bf16 + compile.
-stamp "gpt2-124m: $G124_STEPS steps, bf16 + compile"
-rm -rf "$WORK/g124" && mkdir -p "$WORK/g124" && cp -r "$WORK/s67/"{config.toml,tokenizer.json,data,progress.json} "$WORK/g124/"
-capped "$G124_SECONDS" "${LMFORGE[@]}" pretrain "$HERE/recipes/gpt2-124m.toml" --run-dir "$WORK/g124" \
-  --model.vocab_size 50304 --pretrain.max_steps "$G124_STEPS" --pretrain.grad_accum 1 --pretrain.warmup_steps 100 \
-  --pretrain.compile true --pretrain.eval_interval "$G124_STEPS" --pretrain.eval_batches 5 \
-  --pretrain.checkpoint_interval 100000 --pretrain.log_interval 10 $EXTRA
-cp "$WORK/g124/metrics.jsonl" "$OUT/g124-metrics.jsonl"
-rm -rf "$WORK/g124"
+# 2. gpt2-124m throughput: its recipe, one micro-batch of 32 x 1024 tokens per step, bf16 + compile (G124_STEPS=0 skips it).
+if [ "$G124_STEPS" -gt 0 ]; then
+  stamp "gpt2-124m: $G124_STEPS steps, bf16 + compile"
+  rm -rf "$WORK/g124" && mkdir -p "$WORK/g124" && cp -r "$WORK/s67/"{config.toml,tokenizer.json,data,progress.json} "$WORK/g124/"
+  capped "$G124_SECONDS" "${LMFORGE[@]}" pretrain "$HERE/recipes/gpt2-124m.toml" --run-dir "$WORK/g124" \
+    --model.vocab_size 50304 --pretrain.max_steps "$G124_STEPS" --pretrain.grad_accum 1 --pretrain.warmup_steps 100 \
+    --pretrain.compile true --pretrain.eval_interval "$G124_STEPS" --pretrain.eval_batches 5 \
+    --pretrain.checkpoint_interval 100000 --pretrain.log_interval 10 $EXTRA
+  cp "$WORK/g124/metrics.jsonl" "$OUT/g124-metrics.jsonl"
+  rm -rf "$WORK/g124"
+fi
 
 # 3. NCCL: DDP, then FSDP, each training a copy of the tiny run for a few steps under torchrun.
 if [ -n "$NCCL_RUN" ]; then

@@ -98,7 +98,7 @@ def time_variant(
         "tokens_per_s": tokens_per_s,
         "step_ms": 1000 * elapsed / steps,
         "warmup_s": warmup_s,
-        "loss": float(loss),
+        "loss": float(loss.detach()),
         "params_M": n_params / 1e6,
         "mfu": tokens_per_s * flops_per_token(cfg, n_params) / peak if peak else None,
         "memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
