@@ -12,9 +12,11 @@
 # gpt2-124m reuses those shards with its model's 50,304-row vocabulary (the tokenizer's 12,856 used): the
 # throughput does not depend on which tokens flow. Each stage has a time cap; a stage that reaches it stops
 # gracefully (SIGTERM: finish the step, save, go on), so the chain still ends with an evaluation.
-# Knobs (environment): DECODINGS (which evaluations, default all three), NCCL_RUN, G124_STEPS, S67_PRETRAIN_STEPS, S67_FINETUNE_STEPS, S67_PHASE1_TOKENS, QUESTIONS, SUBSET,
-# *_SECONDS caps, FINETUNE_COMPILE (true: torch.compile fine-tuning too; unmeasured on a GPU, off by default),
-# and EXTRA (overrides added to every training stage, e.g. a small batch for a CPU dry run).
+# Knobs (environment): DECODINGS (which evaluations, default all three), NCCL_RUN, G124_STEPS (0 skips it),
+# S67_PRETRAIN_STEPS, S67_FINETUNE_STEPS, S67_PHASE1_TOKENS, QUESTIONS, SUBSET, *_SECONDS caps, FINETUNE_COMPILE
+# (true: torch.compile fine-tuning too; off by default: compiling took ~2 of 4.6 minutes on an H100 before the
+# recompiles were removed, README), and EXTRA (overrides added to every training stage, e.g. a small batch for
+# a CPU dry run).
 set -uo pipefail
 
 WORK=${1:?usage: gpu_run.sh WORK DATA_DIR OUT}
@@ -73,7 +75,7 @@ for decoding in $DECODINGS; do  # the last: span answers from the 2 likeliest fi
   cp "$WORK/s67/eval/report.json" "$OUT/s67-eval-$decoding.json"
 done
 
-# 2. gpt2-124m throughput: its recipe, one micro-batch of 32 x 1024 tokens per step, bf16 + compile (G124_STEPS=0 skips it).
+# 2. gpt2-124m throughput: its recipe, one micro-batch of 32 x 1024 tokens per step, bf16 + compile.
 if [ "$G124_STEPS" -gt 0 ]; then
   stamp "gpt2-124m: $G124_STEPS steps, bf16 + compile"
   rm -rf "$WORK/g124" && mkdir -p "$WORK/g124" && cp -r "$WORK/s67/"{config.toml,tokenizer.json,data,progress.json} "$WORK/g124/"

@@ -118,10 +118,10 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.cfg.n_head, self.cfg.head_dim).transpose(1, 2)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, capture: list | None):
+    def forward(self, x, cos, signed_sin, mask, cache: KVCache | None, layer: int, capture: list | None):
         b, t, c = x.shape
-        q = apply_rope(self._heads(self.q_proj(x)), cos, sin)
-        k = apply_rope(self._heads(self.k_proj(x)), cos, sin)
+        q = apply_rope(self._heads(self.q_proj(x)), cos, signed_sin)
+        k = apply_rope(self._heads(self.k_proj(x)), cos, signed_sin)
         v = self._heads(self.v_proj(x))
         if cache is not None:
             start = cache.length
@@ -169,8 +169,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, layer, capture):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, capture)
+    def forward(self, x, cos, signed_sin, mask, cache, layer, capture):
+        x = x + self.attn(self.attn_norm(x), cos, signed_sin, mask, cache, layer, capture)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -255,12 +255,13 @@ class GPT(nn.Module):
         positions, mask = self._positions_and_mask(idx, cache, attention_mask)
         x = self.emb_dropout(self.tok_emb(idx))
         if positions is None:  # (1, 1, T, d): one table broadcast over rows and heads
-            cos, sin = self.rope_cos[None, None, : idx.shape[1]], self.rope_signed_sin[None, None, : idx.shape[1]]
+            t = idx.shape[1]
+            cos, signed_sin = self.rope_cos[None, None, :t], self.rope_signed_sin[None, None, :t]
         else:  # (B, 1, T, d)
-            cos, sin = self.rope_cos[positions][:, None], self.rope_signed_sin[positions][:, None]
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+            cos, signed_sin = self.rope_cos[positions][:, None], self.rope_signed_sin[positions][:, None]
+        cos, signed_sin = cos.to(x.dtype), signed_sin.to(x.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, cache, i, capture)
+            x = block(x, cos, signed_sin, mask, cache, i, capture)
         if cache is not None:
             cache.length += idx.shape[1]
         if last_only:
