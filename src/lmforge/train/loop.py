@@ -300,7 +300,10 @@ def _train_stage(
         if state.get("stage") != stage:
             raise LmforgeError(f"{last_ckpt}: last checkpoint is from stage '{state.get('stage')}', not '{stage}'")
         load_weights(model, last_ckpt)  # full weights, before any sharding
-    engine = parallel.wrap(model, cfg, varying_shapes=getattr(train_data, "pad_id", None) is not None)
+    # padded QA batches (fine-tuning): their shapes vary from step to step, and only their real tokens count
+    # in tokens, tokens/s and MFU
+    pad_id = getattr(train_data, "pad_id", None)
+    engine = parallel.wrap(model, cfg, varying_shapes=pad_id is not None)
     optimizer = make_optimizer(model, cfg, device)
     if resume:
         if state.get("optimizer", cfg.optimizer) != cfg.optimizer:
@@ -426,8 +429,6 @@ def _train_stage(
         total=total_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True, disable=not parallel.is_main
     )
     window_tokens, window_outputs, window_start = 0, 0, time.time()
-    # padded batches (fine-tuning) count only their real tokens in tokens, tokens/s and MFU
-    pad_id = getattr(train_data, "pad_id", None)
     try:
         with StopRequest(run) as stop:
             if step == 0:
