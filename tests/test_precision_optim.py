@@ -98,6 +98,39 @@ def test_bf16_autocast_is_used_for_training_matmuls():
         assert model.layers[0].mlp.up_proj(model.tok_emb(x)).dtype == torch.float32
 
 
+def test_bf16_forward_casts_each_normed_input_once_and_rotates_q_k_in_bf16(monkeypatch):
+    """Under bf16 autocast the rotary tables are bf16, so attention gets bf16 q and k (no fp32 rotation for
+    autocast to cast back), and each block casts its two normed inputs once, not once per projection: a
+    2-layer model makes 2 x 2 + 1 (output layer) activation casts in its forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import lmforge.model as model_module
+
+    attention_dtypes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        attention_dtypes.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+
+    class ActivationCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].dim() == 3:  # (B, T, C); weights are 2-D
+                ActivationCasts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model = small_model()
+    x, _ = batch()
+    with ActivationCasts(), precision.autocast(CPU, torch.bfloat16):
+        model(x)
+    assert attention_dtypes == [(torch.bfloat16,) * 3] * 2
+    assert ActivationCasts.count == 2 * 2 + 1
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: on a shared, oversubscribed CPU, OpenMP barriers make 2 threads many times slower."""

@@ -103,6 +103,12 @@ class KVCache:
 # --------------------------------------------------------------------------- layers
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype linear layers compute in for input `x`: autocast's (bf16) when it is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -170,8 +176,11 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x, cos, signed_sin, mask, cache, layer, capture):
-        x = x + self.attn(self.attn_norm(x), cos, signed_sin, mask, cache, layer, capture)
-        return x + self.mlp(self.mlp_norm(x))
+        # the residual stream stays in x's dtype (fp32); each normed input is cast once to the dtype the
+        # projections compute in (bf16 under autocast), not once per projection by autocast
+        h = self.attn_norm(x).to(cos.dtype)
+        x = x + self.attn(h, cos, signed_sin, mask, cache, layer, capture)
+        return x + self.mlp(self.mlp_norm(x).to(cos.dtype))
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -259,7 +268,10 @@ class GPT(nn.Module):
             cos, signed_sin = self.rope_cos[None, None, :t], self.rope_signed_sin[None, None, :t]
         else:  # (B, 1, T, d)
             cos, signed_sin = self.rope_cos[positions][:, None], self.rope_signed_sin[positions][:, None]
-        cos, signed_sin = cos.to(x.dtype), signed_sin.to(x.dtype)
+        # the rotary tables in the dtype q and k are computed in (bf16 under autocast, as nanochat's), so the
+        # rotation does not turn them back into fp32 and autocast need not cast them again for attention
+        dtype = compute_dtype(x)
+        cos, signed_sin = cos.to(dtype), signed_sin.to(dtype)
         for i, block in enumerate(self.layers):
             x = block(x, cos, signed_sin, mask, cache, i, capture)
         if cache is not None:
