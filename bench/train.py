@@ -8,18 +8,26 @@ Precisions: fp32, bf16 autocast, and lmforge's default (`dtype = "auto"`: bf16 w
 native bf16) against HF in fp32. MFU is lmforge's default-precision throughput against this machine's
 matmul peak, measured in the same run in the same dtype (lmforge.train.precision).
 
+This process sets malloc up as `lmforge pretrain` does (precision.keep_freed_memory), so every model in it,
+the HF ones included, runs with that setting. One more HF fp32 model trains in a second, plain Python
+process with the C library's default malloc, as a script of its own would run it; its steps take turns
+with the others (one process runs at a time). "default/hf-fp32" compares lmforge as it trains by default
+with that plain process; "same process" compares it with the HF fp32 model beside it.
+
     python bench/train.py                 # tiny, cpu-small, seed-67m (a few minutes on 2 cores)
     python bench/train.py --rounds 5      # more timed steps per variant: steadier figures
     python bench/train.py --compile       # also both models under torch.compile (train.compile = true)
 
 Ends with the contract line:
     train: cpu-small lmforge/hf tokens/s X.XX, default/hf-fp32 X.XX, seed-67m X.XX, mfu X%
-("lmforge/hf" at lmforge's default precision; "seed-67m" likewise; mfu is seed-67m's).
+("lmforge/hf" at lmforge's default precision, same process; "seed-67m" likewise; "default/hf-fp32" against
+the plain process; mfu is seed-67m's).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import time
@@ -33,7 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lmforge.config import TrainConfig, load_recipe  # noqa: E402
 from lmforge.model import GPT, GPTConfig, lm_loss  # noqa: E402
 from lmforge.train.optim import make_optimizer  # noqa: E402
-from lmforge.train.precision import autocast, flops_per_token, measured_matmul_peak, resolve_dtype  # noqa: E402
+from lmforge.train.precision import (  # noqa: E402
+    autocast,
+    flops_per_token,
+    keep_freed_memory,
+    measured_matmul_peak,
+    resolve_dtype,
+)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 CPU = torch.device("cpu")
@@ -95,14 +109,51 @@ def make_variant(name: str, cfg: GPTConfig, hf: bool, dtype: torch.dtype, compil
     return Variant(name, model, optimizer, dtype, hf, [])
 
 
+PLAIN_HF = "hf fp32, plain process"
+
+
+def plain_process_worker(conn, recipe: str, threads: int) -> None:
+    """Trains the HF fp32 model in a fresh interpreter (spawned: nothing of the parent's malloc setting),
+    one step per (x, y) received, and sends back each step's time; None ends it."""
+    torch.set_num_threads(threads)
+    variant = make_variant(PLAIN_HF, gpt_config(recipe), True, torch.float32)
+    conn.send("ready")
+    while (batch := conn.recv()) is not None:
+        conn.send(variant.step(*batch))
+
+
+class PlainProcessVariant:
+    """The HF fp32 model of plain_process_worker, timed like an in-process Variant."""
+
+    def __init__(self, recipe: str):
+        self.name, self.times = PLAIN_HF, []
+        context = multiprocessing.get_context("spawn")
+        self.conn, child_conn = context.Pipe()
+        self.process = context.Process(
+            target=plain_process_worker, args=(child_conn, recipe, torch.get_num_threads()), daemon=True
+        )
+        self.process.start()
+        assert self.conn.recv() == "ready"
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.conn.send((x, y))  # this process waits while the other one steps: they never run at once
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join()
+
+
 def bench_shape(recipe: str, batch: int, rounds: int, compiled: bool = False) -> dict[str, float]:
     cfg = gpt_config(recipe)
     f32, bf16 = torch.float32, torch.bfloat16
+    plain = PlainProcessVariant(recipe)
     variants = [
         make_variant("lmforge fp32", cfg, False, f32),
         make_variant("hf fp32", cfg, True, f32),
         make_variant("lmforge bf16", cfg, False, bf16),
         make_variant("hf bf16", cfg, True, bf16),
+        plain,
     ]
     if compiled:
         variants += [
@@ -123,6 +174,7 @@ def bench_shape(recipe: str, batch: int, rounds: int, compiled: bool = False) ->
             t = v.step(x, y)
             if r > 0:
                 v.times.append(t)
+    plain.close()
     tok_s = {v.name: tokens / statistics.median(v.times) for v in variants}
     times = {v.name: v.times for v in variants}
 
@@ -144,7 +196,9 @@ def bench_shape(recipe: str, batch: int, rounds: int, compiled: bool = False) ->
         "ratio_fp32": ratio("lmforge fp32", "hf fp32"),
         "ratio_bf16": ratio("lmforge bf16", "hf bf16"),
         "ratio_same": ratio(f"lmforge {default_name}", f"hf {default_name}"),
-        "default_vs_hf_fp32": ratio(f"lmforge {default_name}", "hf fp32"),
+        "default_vs_hf_fp32_same_process": ratio(f"lmforge {default_name}", "hf fp32"),
+        "hf_fp32_plain": tok_s[PLAIN_HF],
+        "default_vs_hf_fp32": ratio(f"lmforge {default_name}", PLAIN_HF),
         "mfu": tok_s[f"lmforge {default_name}"] * fpt / peak,
         "peak_gflops": peak / 1e9,
     }
@@ -175,6 +229,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="timed steps per variant and recipe (default 4)")
     parser.add_argument("--only", nargs="*", help="recipes to run (default: tiny cpu-small seed-67m)")
     parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave this process's malloc as the C library sets it (as LMFORGE_SYSTEM_MALLOC=1 does for lmforge)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="also time both models under torch.compile (bf16; adds a compilation of each model per recipe)",
@@ -182,8 +241,12 @@ def main() -> None:
     add_threads_option(parser)
     args = parser.parse_args()
     apply_threads_option(args)
+    kept = False if args.system_malloc else keep_freed_memory()  # as lmforge pretrain does
     default = resolve_dtype("auto", CPU)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, default dtype here: {default}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, default dtype here: {default}, "
+        f"malloc keeps freed memory: {kept}"
+    )
     results = {}
     for recipe, batch in SHAPES:
         if args.only and recipe not in args.only:
@@ -194,8 +257,9 @@ def main() -> None:
             f"{recipe:10s} {r['params_M']:.1f}M params, batch {batch} x {r['tokens'] // batch}: tokens/s "
             f"lmforge fp32 {r['lm_fp32']:,.0f} / hf fp32 {r['hf_fp32']:,.0f} = {r['ratio_fp32']:.2f}x | "
             f"lmforge bf16 {r['lm_bf16']:,.0f} / hf bf16 {r['hf_bf16']:,.0f} = {r['ratio_bf16']:.2f}x | "
-            f"default/hf-fp32 {r['default_vs_hf_fp32']:.2f}x | MFU {r['mfu']:.0%} of measured "
-            f"{r['peak_gflops']:.0f} GFLOP/s",
+            f"default/hf-fp32 {r['default_vs_hf_fp32_same_process']:.2f}x same process, "
+            f"{r['default_vs_hf_fp32']:.2f}x plain process ({r['hf_fp32_plain']:,.0f}) | MFU {r['mfu']:.0%} of "
+            f"measured {r['peak_gflops']:.0f} GFLOP/s",
             flush=True,
         )
         if args.compile:

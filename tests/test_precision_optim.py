@@ -329,3 +329,67 @@ def test_seed_flag_sets_the_recipe_seed_but_not_generate_sampling():
     assert tiny_recipe(**training_overrides(args, {})).seed == 7
     args, _ = build_parser().parse_known_args(["generate", "--run-dir", "r", "hello", "--seed", "7"])
     assert training_overrides(args, {}) == {} and args.seed == 7  # generate's own sampling seed
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+from lmforge.train import precision
+kept = precision.keep_freed_memory() if sys.argv[1] == "keep" else None
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(16 << 20)  # 64 MiB, freed at once: as a step's logits are
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults(), faults()  # the heap grows to hold the block before it can keep it
+print(kept, faults())
+"""
+
+
+def page_faults(mode: str, **env: str) -> tuple[str, int]:
+    import os
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if k not in ("LMFORGE_SYSTEM_MALLOC", "GLIBC_TUNABLES")}
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS_SCRIPT, mode],
+        env={**environment, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    kept, faults = out.stdout.split()
+    return kept, int(faults)
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="tunes glibc's malloc only")
+def test_keeping_freed_memory_stops_repeated_allocations_faulting_pages_in_again():
+    """glibc gives a freed 64 MiB block back to the kernel, so the next one page-faults all 16,384 pages in
+    again; with keep_freed_memory the heap reuses it. LMFORGE_SYSTEM_MALLOC=1 leaves malloc alone."""
+    kept, faults_default = page_faults("default")
+    assert faults_default > 5 * 16_000  # every allocation faulted in afresh
+    kept, faults_kept = page_faults("keep")
+    assert kept == "True" and faults_kept < 1_000
+    kept, faults_opted_out = page_faults("keep", LMFORGE_SYSTEM_MALLOC="1")
+    assert kept == "False" and faults_opted_out > 5 * 16_000
+
+
+def test_training_and_evaluation_keep_freed_memory(monkeypatch, tmp_path):
+    from lmforge import pipeline
+    from lmforge.data.qa import EncodedQA, QABatcher
+    from lmforge.rundir import RunDir
+    from lmforge.train import loop
+
+    calls = []
+    monkeypatch.setattr(loop, "keep_freed_memory", lambda: calls.append("train"))
+    items = [EncodedQA(list(range(1, n + 1)), prompt_len=n - 2) for n in (5, 9, 14, 16)]
+    run = RunDir(tmp_path / "qa")
+    run.root.mkdir()
+    cfg = TrainConfig(max_steps=1, batch_size=4, warmup_steps=1, eval_interval=100, checkpoint_interval=100)
+    batches = QABatcher(items, batch_size=4, pad_id=0, seed=1)
+    loop.train_stage(small_model(), batches, QABatcher(items, 4, 0, seed=2), cfg, run, "finetune", 1, seed=5)
+    assert calls == ["train"]
+    monkeypatch.setattr(pipeline, "keep_freed_memory", lambda: calls.append("eval"))
+    with pytest.raises(LmforgeError):  # no checkpoint to evaluate: it fails after keeping memory
+        pipeline.eval_stage(tiny_recipe(), run)
+    assert calls == ["train", "eval"]

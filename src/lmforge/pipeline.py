@@ -53,7 +53,7 @@ from lmforge.train.distributed import (
     on_main,
 )
 from lmforge.train.loop import StageResult, resolve_device, train_stage
-from lmforge.train.precision import autocast, model_autocast, resolve_dtype
+from lmforge.train.precision import autocast, keep_freed_memory, model_autocast, resolve_dtype
 
 log = logging.getLogger("lmforge")
 
@@ -617,6 +617,7 @@ def held_out_text_metrics(recipe: Recipe, run: RunDir, model: GPT, tok: Tokenize
 
 def eval_stage(recipe: Recipe, run: RunDir, data_dir: str | Path | None = None, checkpoint: str = "best") -> dict:
     device = resolve_device(recipe.pretrain.device)
+    keep_freed_memory()
     model, tok = load(run.root, checkpoint, device=str(device))
     e = recipe.eval
     dtype = resolve_dtype(e.dtype, device)

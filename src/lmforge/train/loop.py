@@ -43,7 +43,7 @@ from lmforge.train.control import LiveControl, describe
 from lmforge.train.distributed import Parallel, clip_grad_norm
 from lmforge.train.metrics import MetricsLogger, NullMetrics, memory_mb, plot_losses
 from lmforge.train.optim import make_optimizer
-from lmforge.train.precision import MFUMeter, autocast, enable_tf32, resolve_dtype
+from lmforge.train.precision import MFUMeter, autocast, enable_tf32, keep_freed_memory, resolve_dtype
 from lmforge.train.schedule import lr_at
 
 log = logging.getLogger("lmforge")
@@ -287,6 +287,7 @@ def _train_stage(
             "processes: each trains an equal share of the global batch"
         )
     device = parallel.device(resolve_device(cfg.device))
+    keep_freed_memory()  # every step reallocates the same tensors: keep the memory rather than fault it in again
     dtype = resolve_dtype(cfg.dtype, device)
     precision = str(dtype).removeprefix("torch.")  # what `auto` resolved to here: recorded in checkpoints and metrics
     enable_tf32(device)

@@ -9,13 +9,19 @@ and nanoGPT: 6·N for the matmuls of forward + backward (N counts the tied outpu
 embedding lookup costs no FLOPs) plus 12·L·d·T for attention scores and values. The peak is the GPU's
 datasheet dense bf16 figure on CUDA and, on CPU, a matmul peak measured once per process in the dtype
 the run uses (a CPU's datasheet figure says little about a shared or throttled machine).
+
+On Linux with glibc, training and evaluation first make malloc keep freed memory for reuse
+(`keep_freed_memory`), as the jemalloc/tcmalloc that PyTorch's CPU launcher preloads do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -56,6 +62,37 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+KEEP_FREED_BYTES = 1 << 30  # blocks up to 1 GiB come from the heap, and up to 1 GiB free at its top stays
+HEAP_GROWTH_BYTES = 64 << 20
+MALLOC_OPT_OUT = "LMFORGE_SYSTEM_MALLOC"  # set to 1 to leave glibc's malloc as it is
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the heap for the next allocation; True when it was set.
+
+    By default glibc hands every block over 128 KiB-32 MiB (a dynamic threshold) to the kernel with mmap and
+    gives it back on free, and trims the heap's free top. A training step frees and reallocates the same
+    activations, gradients and logits every step, so each step page-faults its way through fresh memory
+    again: a 64 MiB copy took 4 ms warm and 20-35 ms fresh here, and a cpu-small training step ran about
+    1.2x faster with the memory kept. The price is that a process keeps its peak heap until it exits.
+    A no-op on other C libraries and operating systems, or when LMFORGE_SYSTEM_MALLOC=1."""
+    if os.environ.get(MALLOC_OPT_OUT, "") not in ("", "0") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = (
+        (M_MMAP_THRESHOLD, KEEP_FREED_BYTES),
+        (M_TRIM_THRESHOLD, KEEP_FREED_BYTES),
+        (M_TOP_PAD, HEAP_GROWTH_BYTES),
+    )
+    return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
