@@ -109,6 +109,57 @@ def test_rotary_embedding_is_llamas_bit_for_bit(model, dtype):
     assert torch.equal(apply_rope(x, cos, signed_sin), llama)
 
 
+def flash_attention_calls(gpt: GPT, x: torch.Tensor) -> int:
+    """How many times a forward (and, with gradients on, a backward) of `gpt` on `x` ran the CPU
+    flash-attention kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    flash = (
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+    )
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func in flash
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        loss = gpt(x, targets=x)
+        if loss.requires_grad:
+            loss.backward()
+    return Count.calls
+
+
+def test_cpu_training_runs_short_sequences_in_the_math_attention_kernel():
+    """Training on CPU, sequences up to CPU_MATH_ATTENTION_MAX_LEN take PyTorch's math kernel (its backward is
+    2-4x faster there than the flash kernel's); longer ones, and inference, the flash kernel. The gradients
+    are the same either way."""
+    import lmforge.model as model_module
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=256, vocab_size=97))
+    short, long = torch.randint(0, 97, (2, 64)), torch.randint(0, 97, (2, 256))
+    assert model_module.CPU_MATH_ATTENTION_MAX_LEN < 256
+    assert flash_attention_calls(gpt, short) == 0
+    assert flash_attention_calls(gpt, long) == 2 * 2  # forward and backward of each layer
+    with torch.no_grad():
+        assert flash_attention_calls(gpt.eval(), short) == 2  # inference: the flash forward, faster there
+    gpt.train().zero_grad()
+    gpt(short, targets=short).backward()
+    math_grads = [p.grad.clone() for p in gpt.parameters()]
+    gpt.zero_grad()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_module, "CPU_MATH_ATTENTION_MAX_LEN", 0)
+        assert flash_attention_calls(gpt, short) == 2 * 2
+        gpt.zero_grad()
+        gpt(short, targets=short).backward()
+    for math_grad, p in zip(math_grads, gpt.parameters(), strict=True):
+        torch.testing.assert_close(math_grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_compiled_bf16_training_with_attention_dropout_has_finite_gradients():
     """On CPU, PyTorch 2.13's inductor gave NaN key-projection gradients for rotary embeddings written with
     torch.cat, under bf16 autocast with attention dropout (seed-67m's dropout 0.1 failed at step 2 with
