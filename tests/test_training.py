@@ -273,7 +273,9 @@ def test_every_answer_token_of_a_step_weighs_the_same_across_micro_batches(tmp_p
         )
     one, accumulated = models[1].state_dict(), models[2].state_dict()
     for key, value in one.items():
-        torch.testing.assert_close(accumulated[key], value, rtol=0, atol=2e-6, msg=key)
+        # rounding only: the math attention kernel of CPU training rounds the two batch widths differently
+        # (up to 3e-6 after Adam's normalisation); weighing micro-batches equally moves weights by ~lr
+        torch.testing.assert_close(accumulated[key], value, rtol=0, atol=1e-5, msg=key)
 
 
 def test_a_distributed_step_weighs_and_counts_every_rank_s_tokens():
